@@ -1,0 +1,435 @@
+"""Knowledge-distillation losses: pure functions of tensors, no state, no I/O.
+
+Conventions (design.md §4), shared by every function here:
+
+- student logits ``s`` and teacher logits ``t`` have shape ``[..., V]``;
+  ``mask`` has shape ``[...]`` (True = position counts), ``None`` = all count;
+- each loss is summed over the vocabulary, then averaged over the counted
+  positions; with no counted position the loss is 0 (not NaN);
+- the maths runs in float32 (float64 stays float64) in log space
+  (``log_softmax``/``logaddexp``), whatever the input dtype, with no ``+ eps``
+  inside a log, so bf16/fp16 logits of magnitude 1e4 give finite values;
+- divergences are scaled by T² (Hinton et al.), so their gradients keep the
+  same size when the temperature changes.
+
+Memory: over V = 50,257 and thousands of positions, each ``[N, V]`` float32
+temporary is hundreds of MB. The vocabulary-sized losses therefore run through
+``_RowMean``, which processes ``chunk_size`` positions at a time in the forward
+pass and recomputes each chunk in the backward pass. Its only full-size
+allocation is the gradient itself (one ``[N, V]`` tensor in the input's
+dtype). ``chunk_size=None`` runs the same row formula densely through plain
+autograd: the reference the chunked path is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import KdlibError, choices
+
+ChunkSize = Union[int, str, None]
+AUTO = "auto"
+# Elements in one [rows, V] temporary of a chunk: 2**24 float32 = 64 MiB, so a
+# chunk's handful of temporaries stay small next to one [8192, 50257] tensor.
+_CHUNK_ELEMENTS = 2**24
+_LN2 = math.log(2.0)
+
+DIVERGENCES = ("kl", "rkl", "js", "tvd", "gjsd", "skl", "srkl")
+# Divergences that take a mixing parameter in [0, 1], written after the name
+# in experiment names (``gjsd0.3``, ``skl0.1``).
+PARAMETRIC = ("gjsd", "skl", "srkl")
+LAYER_MAPS = ("layerwise", "last2last", "last2all", "study")
+NORMS = ("layer", "none")
+
+
+# --------------------------------------------------------------------------
+# argument checks
+
+
+def check_temperature(temperature) -> float:
+    """Return ``temperature`` as a float, or raise if it is not finite and > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise KdlibError(f"temperature must be a number > 0, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise KdlibError(f"temperature must be finite and > 0, got {temperature!r}; "
+                         "1.0 leaves the distributions as they are, the study used 2.0")
+    return float(temperature)
+
+
+def check_unit_interval(value, what: str) -> float:
+    """Return ``value`` as a float in [0, 1], or raise naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise KdlibError(f"{what} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _compute_dtype(*xs: Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _flat(s: Tensor, t: Optional[Tensor], mask: Optional[Tensor]):
+    """``[..., V]`` logits and ``[...]`` mask -> ``[N, V]`` and ``[N]`` views."""
+    if s.dim() < 1:
+        raise KdlibError(f"logits need a vocabulary dimension, got shape {tuple(s.shape)}")
+    if t is not None and t.shape != s.shape:
+        raise KdlibError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} "
+                         "must have the same shape; a vocabulary mismatch means the student "
+                         "was not built with the teacher's tokenizer")
+    V = s.shape[-1]
+    if mask is not None:
+        if mask.shape != s.shape[:-1]:
+            raise KdlibError(f"mask shape {tuple(mask.shape)} must equal the logits' shape "
+                             f"without the vocabulary dimension, {tuple(s.shape[:-1])}")
+        mask = mask.reshape(-1).bool()
+    return s.reshape(-1, V), (None if t is None else t.reshape(-1, V)), mask
+
+
+def _chunk_rows(chunk_size: ChunkSize, V: int) -> Optional[int]:
+    if chunk_size is None:
+        return None
+    if chunk_size == AUTO:
+        return max(1, _CHUNK_ELEMENTS // max(V, 1))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise KdlibError(f"chunk_size must be 'auto', None (dense) or an integer >= 1, got {chunk_size!r}")
+    return chunk_size
+
+
+# --------------------------------------------------------------------------
+# masked mean of a per-row quantity, chunked over rows
+
+
+def _select(parts, mask: Optional[Tensor]):
+    return parts if mask is None else [p[mask] for p in parts]
+
+
+class _RowMean(torch.autograd.Function):
+    """mean over masked rows of ``rows_fn(*tensors)``, chunked, recomputed in backward.
+
+    ``tensors`` all have N rows; ``rows_fn`` maps row-slices of them to a ``[n]``
+    tensor. Tensors that need no gradient (teacher outputs, labels) are kept on
+    ``ctx`` directly: they may be inference-mode tensors, which
+    ``save_for_backward`` refuses.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_fn, chunk, mask, *tensors):
+        n = tensors[0].shape[0]
+        values = [rows_fn(*_select([x[a:a + chunk] for x in tensors],
+                                   None if mask is None else mask[a:a + chunk]))
+                  for a in range(0, n, chunk)]
+        values = torch.cat(values) if values else tensors[0].new_zeros(0, dtype=torch.float32)
+        count = values.numel()
+        needs = ctx.needs_input_grad[3:]
+        ctx.save_for_backward(*[x if need else None for x, need in zip(tensors, needs)])
+        ctx.constants = [None if need else x for x, need in zip(tensors, needs)]
+        ctx.rows_fn, ctx.chunk, ctx.mask, ctx.count = rows_fn, chunk, mask, count
+        return values.sum() / max(count, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tensors = [c if c is not None else s for c, s in zip(ctx.constants, ctx.saved_tensors)]
+        needs = ctx.needs_input_grad[3:]
+        grads = [torch.zeros_like(x) if need else None for x, need in zip(tensors, needs)]
+        scale = grad_out / max(ctx.count, 1)
+        n, chunk, mask = tensors[0].shape[0], ctx.chunk, ctx.mask
+        with torch.enable_grad():
+            for a in range(0, n, chunk):
+                parts = [x[a:a + chunk].detach().requires_grad_(need) for x, need in zip(tensors, needs)]
+                values = ctx.rows_fn(*_select(parts, None if mask is None else mask[a:a + chunk]))
+                leaves = [p for p, need in zip(parts, needs) if need]
+                if values.numel() == 0:
+                    continue
+                got = torch.autograd.grad(values, leaves, scale.expand_as(values))
+                for g_full, g in zip([g for g in grads if g is not None], got):
+                    g_full[a:a + chunk] = g
+        return (None, None, None, *grads)
+
+
+def _row_mean(rows_fn: Callable[..., Tensor], tensors: Sequence[Tensor], mask: Optional[Tensor],
+              chunk_size: ChunkSize) -> Tensor:
+    chunk = _chunk_rows(chunk_size, tensors[0].shape[-1])
+    if chunk is None:  # dense reference: one autograd graph over all rows
+        values = rows_fn(*_select(list(tensors), mask))
+        return values.sum() / max(values.numel(), 1)
+    return _RowMean.apply(rows_fn, chunk, mask, *tensors)
+
+
+# --------------------------------------------------------------------------
+# row formulas (inputs: [n, V] logits slices; output: [n])
+
+
+def _log_probs(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    return F.log_softmax(x.to(dtype) / temperature, dim=-1)  # [n, V]
+
+
+def _kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a‖b) per row from log-probabilities. exp(log_a) underflows to 0, never NaN."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
+    """log(w·a + (1−w)·b) in log space; the endpoints return an input exactly."""
+    if w == 0.0:
+        return log_b
+    if w == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+def _divergence_rows(name: str, temperature: float, param: Optional[float]):
+    """The per-row formula of divergence ``name`` between teacher p and student q."""
+    T = temperature
+
+    def rows(s: Tensor, t: Tensor) -> Tensor:
+        dtype = _compute_dtype(s, t)
+        log_q, log_p = _log_probs(s, T, dtype), _log_probs(t, T, dtype)
+        if name == "kl":
+            return _kl_rows(log_p, log_q)
+        if name == "rkl":
+            return _kl_rows(log_q, log_p)
+        if name == "js":
+            log_m = torch.logaddexp(log_p, log_q) - _LN2
+            return 0.5 * _kl_rows(log_p, log_m) + 0.5 * _kl_rows(log_q, log_m)
+        if name == "tvd":
+            return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+        if name == "gjsd":
+            if param == 0.0:  # TRL's GKD convention: the endpoints are the two KLs
+                return _kl_rows(log_p, log_q)
+            if param == 1.0:
+                return _kl_rows(log_q, log_p)
+            log_m = _log_mix(log_p, log_q, param)
+            return param * _kl_rows(log_p, log_m) + (1.0 - param) * _kl_rows(log_q, log_m)
+        if name == "skl":
+            return _kl_rows(log_p, _log_mix(log_p, log_q, param))
+        if name == "srkl":
+            return _kl_rows(log_q, _log_mix(log_q, log_p, param))
+        raise AssertionError(name)
+
+    return rows
+
+
+def divergence(name: str, s: Tensor, t: Tensor, temperature: float = 1.0,
+               mask: Optional[Tensor] = None, param: Optional[float] = None,
+               chunk_size: ChunkSize = AUTO) -> Tensor:
+    """T² · D(p‖q) for divergence ``name`` (one of ``DIVERGENCES``), masked mean over positions.
+
+    ``param`` is the mixing weight of ``gjsd`` (β), ``skl`` and ``srkl`` (α), in [0, 1].
+    """
+    if name not in DIVERGENCES:
+        raise KdlibError(f"unknown divergence {name!r}; choose one of: {choices(DIVERGENCES)}")
+    T = check_temperature(temperature)
+    if name in PARAMETRIC:
+        param = check_unit_interval(param, f"the {name} weight")
+    elif param is not None:
+        raise KdlibError(f"divergence {name!r} takes no parameter (got {param!r}); "
+                         f"only {choices(PARAMETRIC)} do")
+    s2, t2, m = _flat(s, t, mask)
+    return (T * T) * _row_mean(_divergence_rows(name, T, param), [s2, t2], m, chunk_size)
+
+
+def kl_divergence(s: Tensor, t: Tensor, temperature: float = 1.0, mask: Optional[Tensor] = None,
+                  chunk_size: ChunkSize = AUTO) -> Tensor:
+    """Forward KL, T² · KL(p‖q), p = softmax(t/T) teacher, q = softmax(s/T) student.
+
+    s, t: [..., V]; mask: [...] or None. Returns a float32 scalar (float64 for float64 input).
+    """
+    return divergence("kl", s, t, temperature, mask, chunk_size=chunk_size)
+
+
+def reverse_kl(s: Tensor, t: Tensor, temperature: float = 1.0, mask: Optional[Tensor] = None,
+               chunk_size: ChunkSize = AUTO) -> Tensor:
+    """Reverse KL, T² · KL(q‖p) (mode-seeking). Shapes as ``kl_divergence``."""
+    return divergence("rkl", s, t, temperature, mask, chunk_size=chunk_size)
+
+
+def js_divergence(s: Tensor, t: Tensor, temperature: float = 1.0, mask: Optional[Tensor] = None,
+                  chunk_size: ChunkSize = AUTO) -> Tensor:
+    """Jensen–Shannon, T² · [½KL(p‖m) + ½KL(q‖m)], m = ½(p+q); at most T²·ln 2."""
+    return divergence("js", s, t, temperature, mask, chunk_size=chunk_size)
+
+
+def generalized_jsd(s: Tensor, t: Tensor, beta: float = 0.5, temperature: float = 1.0,
+                    mask: Optional[Tensor] = None, chunk_size: ChunkSize = AUTO) -> Tensor:
+    """T² · [β·KL(p‖m) + (1−β)·KL(q‖m)], m = β·p + (1−β)·q (TRL's GKD convention).
+
+    β = ½ is ``js_divergence``. At the endpoints the mixture formula degenerates
+    to 0, so, as in TRL, β = 0 is defined as forward KL(p‖q) and β = 1 as KL(q‖p).
+    """
+    return divergence("gjsd", s, t, temperature, mask, param=beta, chunk_size=chunk_size)
+
+
+def skew_kl(s: Tensor, t: Tensor, alpha: float = 0.1, temperature: float = 1.0,
+            mask: Optional[Tensor] = None, chunk_size: ChunkSize = AUTO) -> Tensor:
+    """Skew KL (DistiLLM), T² · KL(p ‖ α·p + (1−α)·q); α = 0 is forward KL."""
+    return divergence("skl", s, t, temperature, mask, param=alpha, chunk_size=chunk_size)
+
+
+def skew_reverse_kl(s: Tensor, t: Tensor, alpha: float = 0.1, temperature: float = 1.0,
+                    mask: Optional[Tensor] = None, chunk_size: ChunkSize = AUTO) -> Tensor:
+    """Skew reverse KL (DistiLLM), T² · KL(q ‖ α·q + (1−α)·p); α = 0 is reverse KL."""
+    return divergence("srkl", s, t, temperature, mask, param=alpha, chunk_size=chunk_size)
+
+
+def total_variation(s: Tensor, t: Tensor, temperature: float = 1.0, mask: Optional[Tensor] = None,
+                    chunk_size: ChunkSize = AUTO) -> Tensor:
+    """Total variation distance, T² · ½Σ|p − q| (scaled like the other divergences)."""
+    return divergence("tvd", s, t, temperature, mask, chunk_size=chunk_size)
+
+
+def cosine_loss(s: Tensor, t: Tensor, mask: Optional[Tensor] = None,
+                chunk_size: ChunkSize = AUTO) -> Tensor:
+    """1 − cos(s, t) over the vocabulary on raw logits (no temperature), masked mean."""
+    s2, t2, m = _flat(s, t, mask)
+
+    def rows(sc: Tensor, tc: Tensor) -> Tensor:
+        dtype = _compute_dtype(sc, tc)
+        return 1.0 - F.cosine_similarity(sc.to(dtype), tc.to(dtype), dim=-1)
+
+    return _row_mean(rows, [s2, t2], m, chunk_size)
+
+
+def cross_entropy(s: Tensor, labels: Tensor, label_smoothing: float = 0.0,
+                  ignore_index: int = -100, chunk_size: ChunkSize = AUTO) -> Tensor:
+    """Cross-entropy of logits ``s`` [..., V] against ``labels`` [...] (``ignore_index`` skipped).
+
+    Same definition as ``torch.nn.functional.cross_entropy`` (label smoothing
+    mixes in the uniform distribution), computed in float32 chunk by chunk.
+    """
+    smoothing = check_unit_interval(label_smoothing, "label_smoothing")
+    if labels.shape != s.shape[:-1]:
+        raise KdlibError(f"labels shape {tuple(labels.shape)} must equal the logits' shape "
+                         f"without the vocabulary dimension, {tuple(s.shape[:-1])}")
+    s2, _, m = _flat(s, None, labels != ignore_index)
+
+    def rows(sc: Tensor, yc: Tensor) -> Tensor:
+        log_q = F.log_softmax(sc.to(_compute_dtype(sc)), dim=-1)  # [n, V]
+        nll = -log_q.gather(-1, yc[:, None]).squeeze(-1)
+        if smoothing == 0.0:
+            return nll
+        return (1.0 - smoothing) * nll - smoothing * log_q.mean(-1)
+
+    return _row_mean(rows, [s2, labels.reshape(-1)], m, chunk_size)
+
+
+# --------------------------------------------------------------------------
+# feature losses
+
+
+def layer_pairs(name: str, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """(student block, teacher block) pairs, 0-based, for layer map ``name``.
+
+    - ``layerwise``: student block i ↔ teacher block ceil((i+1)·Lt/Ls) − 1,
+      spreading the student evenly over the teacher and ending on both last blocks;
+    - ``last2last``: the last student block ↔ the last teacher block;
+    - ``last2all``: every student block ↔ the last teacher block;
+    - ``study``: the original study's hand-picked map, 8 student blocks ↔
+      teacher blocks 1, 3, 5, 7, 8, 9, 10, 11 (defined for 8 → 12 only).
+    """
+    for what, n in (("n_student", n_student), ("n_teacher", n_teacher)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise KdlibError(f"{what} must be a whole number of blocks >= 1, got {n!r}")
+    if name == "layerwise":
+        return [(i, -(-(i + 1) * n_teacher // n_student) - 1) for i in range(n_student)]
+    if name == "last2last":
+        return [(n_student - 1, n_teacher - 1)]
+    if name == "last2all":
+        return [(i, n_teacher - 1) for i in range(n_student)]
+    if name == "study":
+        if (n_student, n_teacher) != (8, 12):
+            raise KdlibError(f"layer map 'study' is the original study's 8 -> 12 map; this pair of "
+                             f"models has {n_student} -> {n_teacher} blocks: use 'layerwise'")
+        return list(enumerate([1, 3, 5, 7, 8, 9, 10, 11]))
+    raise KdlibError(f"unknown layer map {name!r}; choose one of: {choices(LAYER_MAPS)}")
+
+
+def make_projectors(pairs: Sequence[tuple[int, int]], d_student: int, d_teacher: int) -> nn.ModuleList:
+    """One learned ``Linear(d_student, d_teacher)`` per layer pair, trained with the student."""
+    return nn.ModuleList(nn.Linear(d_student, d_teacher) for _ in pairs)
+
+
+def _check_layers(pairs, n_student_states: int, n_teacher_states: int, what: str) -> None:
+    for i, j in pairs:
+        if not 0 <= i < n_student_states:
+            raise KdlibError(f"layer pair ({i}, {j}) asks for student block {i}, but the student "
+                             f"returned {what} for {n_student_states} blocks (0..{n_student_states - 1})")
+        if not 0 <= j < n_teacher_states:
+            raise KdlibError(f"layer pair ({i}, {j}) asks for teacher block {j}, but the teacher "
+                             f"returned {what} for {n_teacher_states} blocks (0..{n_teacher_states - 1}); "
+                             "choose a layer map that fits the teacher")
+
+
+def _masked_sq_mean(diff: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Mean of diff² over masked positions and the last dim(s); diff: [B, T, ...], mask: [B, T]."""
+    if mask is not None:
+        diff = diff[mask.bool()]  # [M, ...]
+    return diff.pow(2).sum() / max(diff.numel(), 1)
+
+
+def hidden_mse(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor],
+               pairs: Sequence[tuple[int, int]], projectors: Optional[Sequence[nn.Module]] = None,
+               mask: Optional[Tensor] = None, norm: str = "layer") -> Tensor:
+    """Mean over layer pairs of MSE(norm(P_ij(h_s[i])), norm(h_t[j])).
+
+    States follow Hugging Face's convention: ``states[k]`` for k = 1..L is the
+    output of block k−1 (the last one after the final layer norm), so pair
+    (i, j) compares ``student_states[i+1]`` [B, T, Ds] with ``teacher_states[j+1]``
+    [B, T, Dt]. ``norm="layer"`` applies a parameter-free layer norm to both
+    sides: GPT-2's residual stream has a few dimensions hundreds of times larger
+    than the rest, which would otherwise dominate the MSE. ``projectors=None``
+    compares the states directly (Ds must equal Dt). Mean over masked positions
+    and feature dims, then over pairs.
+    """
+    if norm not in NORMS:
+        raise KdlibError(f"unknown feature norm {norm!r}; choose one of: {choices(NORMS)}")
+    if not pairs:
+        raise KdlibError("hidden_mse needs at least one layer pair")
+    if projectors is not None and len(projectors) != len(pairs):
+        raise KdlibError(f"{len(projectors)} projectors for {len(pairs)} layer pairs; build them "
+                         "with make_projectors(pairs, d_student, d_teacher)")
+    _check_layers(pairs, len(student_states) - 1, len(teacher_states) - 1, "hidden states")
+    losses = []
+    for k, (i, j) in enumerate(pairs):
+        h_s, h_t = student_states[i + 1], teacher_states[j + 1]  # [B, T, Ds], [B, T, Dt]
+        if projectors is not None:
+            h_s = projectors[k](h_s)  # [B, T, Dt]
+        if h_s.shape != h_t.shape:
+            raise KdlibError(f"student features {tuple(h_s.shape)} and teacher features "
+                             f"{tuple(h_t.shape)} differ for layer pair ({i}, {j}); pass projectors "
+                             "that map the student's width to the teacher's")
+        dtype = _compute_dtype(h_s, h_t)
+        h_s, h_t = h_s.to(dtype), h_t.to(dtype)
+        if norm == "layer":
+            h_s, h_t = F.layer_norm(h_s, h_s.shape[-1:]), F.layer_norm(h_t, h_t.shape[-1:])
+        # Written out rather than F.mse_loss: that saves the teacher tensor for
+        # backward, which inference-mode teacher outputs do not allow.
+        losses.append(_masked_sq_mean(h_s - h_t, mask))
+    return torch.stack(losses).mean()
+
+
+def attention_mse(student_attn: Sequence[Tensor], teacher_attn: Sequence[Tensor],
+                  pairs: Sequence[tuple[int, int]], mask: Optional[Tensor] = None) -> Tensor:
+    """Mean over layer pairs of MSE between head-averaged attention maps.
+
+    ``attn[k]`` is block k's attention probabilities [B, H, T, T] (Hugging Face's
+    ``attentions``); heads are averaged to [B, T, T], so student and teacher may
+    have different head counts. ``mask`` [B, T] selects query positions. This is
+    what the original study's notebook computed under the name "hidden MSE".
+    """
+    if not pairs:
+        raise KdlibError("attention_mse needs at least one layer pair")
+    _check_layers(pairs, len(student_attn), len(teacher_attn), "attention maps")
+    losses = []
+    for i, j in pairs:
+        a_s, a_t = student_attn[i], teacher_attn[j]  # [B, Hs, T, T], [B, Ht, T, T]
+        if a_s.shape[-2:] != a_t.shape[-2:] or a_s.shape[0] != a_t.shape[0]:
+            raise KdlibError(f"attention maps {tuple(a_s.shape)} and {tuple(a_t.shape)} differ in "
+                             f"batch or sequence length for layer pair ({i}, {j})")
+        dtype = _compute_dtype(a_s, a_t)
+        diff = a_s.to(dtype).mean(1) - a_t.to(dtype).mean(1)  # [B, T, T]
+        losses.append(_masked_sq_mean(diff, mask))
+    return torch.stack(losses).mean()

@@ -1,0 +1,111 @@
+"""The composed distillation objective of one experiment.
+
+``DistillationLoss`` turns a ``LossConfig`` (an experiment's components plus
+the preset's weights) into the total loss and its named parts. It owns the
+hidden-MSE projectors, which train with the student: give ``loss.parameters()``
+to the optimizer next to the student's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import losses
+from .config import LossConfig, TinyGPTConfig
+from .errors import KdlibError
+from .models import supports_output, teacher_shape
+
+
+@dataclass
+class LossOutput:
+    total: Tensor  # scalar, with grad: what to backpropagate
+    parts: dict  # name -> detached scalar tensor, unweighted (ce, kl/js/..., cos, feat)
+
+
+class DistillationLoss(nn.Module):
+    """w_ce·CE + w_div·divergence + w_cos·cosine + w_feat·feature, for one experiment.
+
+    Arguments:
+        config: the experiment's loss config (``ExperimentConfig.loss``).
+        student: the student's ``TinyGPTConfig`` (layers and width for the feature maps).
+        teacher: the teacher model, or its (n_layer, hidden size); needed when
+            the experiment has a feature loss, else may be None.
+    """
+
+    def __init__(self, config: LossConfig, student: TinyGPTConfig,
+                 teacher: Union[nn.Module, tuple[int, int], None] = None):
+        super().__init__()
+        config.validate()
+        self.config = config.effective()
+        self.pairs: list[tuple[int, int]] = []
+        self.projectors: Optional[nn.ModuleList] = None
+        if self.config.feature_map is not None:
+            if teacher is None:
+                raise KdlibError(f"feature map {self.config.feature_map!r} needs the teacher's shape: "
+                                 "pass the teacher model or (n_layer, hidden size)")
+            if isinstance(teacher, nn.Module):
+                what = "hidden_states" if self.config.feature == "hidden" else "attentions"
+                if not supports_output(teacher, what):
+                    raise KdlibError(f"the teacher ({type(teacher).__name__}) cannot return {what}, "
+                                     f"which feature={self.config.feature!r} needs; use an output-only "
+                                     "experiment (kl, js, ...) or a Hugging Face causal LM teacher")
+                n_teacher, d_teacher = teacher_shape(teacher)
+            else:
+                n_teacher, d_teacher = teacher
+            self.pairs = losses.layer_pairs(self.config.layer_map_name, student.n_layer, n_teacher)
+            if self.config.feature == "hidden":
+                self.projectors = losses.make_projectors(self.pairs, student.n_embd, d_teacher)
+
+    @property
+    def needs_teacher(self) -> bool:
+        c = self.config
+        return c.divergence is not None or c.feature_map is not None or c.cosine
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.config.feature_map is not None and self.config.feature == "hidden"
+
+    @property
+    def needs_attentions(self) -> bool:
+        return self.config.feature_map is not None and self.config.feature == "attention"
+
+    def forward(self, student_out, teacher_out, labels: Tensor) -> LossOutput:
+        """student_out/teacher_out: ``.logits`` [B, T, V] (+ features if needed); labels [B, T], -100 = ignored."""
+        c = self.config
+        s = student_out.logits
+        mask = labels != -100  # [B, T]
+        parts = {"ce": losses.cross_entropy(s, labels, label_smoothing=c.label_smoothing)}
+        weights = {"ce": c.w_ce}
+        if self.needs_teacher and teacher_out is None:
+            raise KdlibError("this experiment distils from a teacher but no teacher outputs were given")
+        if c.divergence is not None:
+            parts[c.divergence] = losses.divergence(c.divergence, s, teacher_out.logits, c.temperature,
+                                                    mask, param=c.divergence_param)
+            weights[c.divergence] = c.w_div
+        if c.cosine:
+            parts["cos"] = losses.cosine_loss(s, teacher_out.logits, mask)
+            weights["cos"] = c.w_cos
+        if self.needs_hidden_states:
+            parts["feat"] = losses.hidden_mse(_states(student_out, "hidden_states", "student"),
+                                              _states(teacher_out, "hidden_states", "teacher"),
+                                              self.pairs, self.projectors, mask, c.feature_norm)
+            weights["feat"] = c.w_feat
+        elif self.needs_attentions:
+            parts["feat"] = losses.attention_mse(_states(student_out, "attentions", "student"),
+                                                 _states(teacher_out, "attentions", "teacher"),
+                                                 self.pairs, mask)
+            weights["feat"] = c.w_feat
+        total = sum(weights[k] * v for k, v in parts.items())
+        return LossOutput(total, {k: v.detach() for k, v in parts.items()})
+
+
+def _states(out, what: str, who: str):
+    states = getattr(out, what, None)
+    if not states:
+        raise KdlibError(f"the {who} returned no {what}; call it with output_{what}=True "
+                         "(DistillationLoss.needs_hidden_states / needs_attentions say which)")
+    return states

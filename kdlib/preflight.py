@@ -1,0 +1,114 @@
+"""Preflight: run each experiment for a couple of optimizer steps and check it is wired right.
+
+The original study's author learned that "checking is crucial": a missing
+``optimizer.step()``, a teacher that trains, a loss term that is silently
+zero. ``check_experiment`` catches those in seconds, before GPU hours are
+spent. It currently feeds seeded random token windows of the run's shape;
+the data pipeline's own checks live with the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ExperimentConfig
+from .errors import KdlibError
+from .grid import parse
+from .models import TinyGPT, load_teacher, teacher_forward
+from .objective import DistillationLoss
+
+
+@dataclass
+class CheckResult:
+    exp: str
+    problems: list = field(default_factory=list)  # empty = passed
+    parts: dict = field(default_factory=dict)  # last step's loss components
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        if self.ok:
+            return f"ok    {self.exp:<20} " + " ".join(f"{k}={v:.4g}" for k, v in self.parts.items())
+        return f"FAIL  {self.exp:<20} " + "; ".join(self.problems)
+
+
+def expected_parts(objective: DistillationLoss) -> list[str]:
+    c = objective.config
+    return ["ce"] + [p for p, on in ((c.divergence, c.divergence is not None), ("cos", c.cosine),
+                                     ("feat", c.feature_map is not None)) if on]
+
+
+def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None, steps: int = 2,
+                     batch_size: int = 2) -> CheckResult:
+    """Train ``cfg`` for ``steps`` AdamW steps on random windows; return what looks wrong."""
+    result = CheckResult(cfg.exp)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    student = TinyGPT(cfg.model)
+    objective = DistillationLoss(cfg.loss, cfg.model, teacher)
+    if objective.needs_teacher and teacher is None:
+        raise KdlibError(f"experiment {cfg.exp!r} distils from a teacher; pass one")
+    device = next(student.parameters()).device
+    trainable = dict(chain((("student." + n, p) for n, p in student.named_parameters()),
+                           (("loss." + n, p) for n, p in objective.named_parameters())))
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    teacher_before = [p.detach().clone() for p in teacher.parameters()] if teacher is not None else []
+    opt = torch.optim.AdamW(trainable.values(), lr=cfg.train.lr)
+    T = cfg.data.block_size
+    for step in range(steps):
+        window = torch.randint(cfg.model.vocab_size, (batch_size, T + 1), generator=gen).to(device)
+        ids, labels = window[:, :-1], window[:, 1:]  # [B, T] each
+        s_out = student(ids, output_hidden_states=objective.needs_hidden_states,
+                        output_attentions=objective.needs_attentions)
+        t_out = teacher_forward(teacher, ids, objective.needs_hidden_states,
+                                objective.needs_attentions) if objective.needs_teacher else None
+        out = objective(s_out, t_out, labels)
+        result.parts = {k: float(v) for k, v in out.parts.items()}
+        missing = set(expected_parts(objective)) - set(result.parts)
+        if missing:
+            result.problems.append(f"loss components missing: {', '.join(sorted(missing))}")
+        bad = [k for k, v in result.parts.items() if not math.isfinite(v)]
+        if bad or not torch.isfinite(out.total):
+            result.problems.append(f"step {step}: non-finite loss ({', '.join(bad) or 'total'})")
+            return result
+        opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        if step == 0:
+            no_grad = [n for n, p in trainable.items()
+                       if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()]
+            if no_grad:
+                result.problems.append(f"no (finite, non-zero) gradient for: {_few(no_grad)}")
+        if teacher is not None and any(p.grad is not None for p in teacher.parameters()):
+            result.problems.append("the teacher received gradients")
+        opt.step()
+    unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
+    if unchanged:
+        result.problems.append(f"the optimizer did not change: {_few(unchanged)}")
+    if any(not torch.equal(p, q) for p, q in zip(teacher.parameters() if teacher is not None else [],
+                                                   teacher_before)):
+        result.problems.append("the teacher's weights changed")
+    return result
+
+
+def _few(names: list, n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def run_checks(base: ExperimentConfig, exps, feature: Optional[str] = None, steps: int = 2):
+    """Check each experiment of ``exps`` under ``base``; yields CheckResults as they finish."""
+    cfgs = [base.with_experiment(e, feature=feature) for e in exps]
+    specs = [parse(c.exp, feature=c.loss.feature) for c in cfgs]
+    teacher = None
+    if any(s.needs_teacher for s in specs):
+        teacher = load_teacher(base.teacher, need_attentions=any(s.needs_attentions for s in specs),
+                               student_vocab_size=base.model.vocab_size)
+    for cfg in cfgs:
+        yield check_experiment(cfg, teacher, steps=steps)

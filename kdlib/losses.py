@@ -24,6 +24,7 @@ autograd: the reference the chunked path is tested against.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -34,9 +35,10 @@ from .errors import KdlibError, choices
 
 ChunkSize = Union[int, str, None]
 AUTO = "auto"
-# Elements in one [rows, V] temporary of a chunk: 2**24 float32 = 64 MiB, so a
-# chunk's handful of temporaries stay small next to one [8192, 50257] tensor.
-_CHUNK_ELEMENTS = 2**24
+# Elements in one [rows, V] temporary of a chunk: 2**22 float32 = 16 MiB (83
+# rows at V = 50,257). A chunk keeps up to ~10 such temporaries alive (JS), so
+# they add under 10% to the one [8192, V] gradient the backward pass must hold.
+_CHUNK_ELEMENTS = 2**22
 _LN2 = math.log(2.0)
 
 DIVERGENCES = ("kl", "rkl", "js", "tvd", "gjsd", "skl", "srkl")
@@ -53,7 +55,7 @@ NORMS = ("layer", "none")
 
 def check_temperature(temperature) -> float:
     """Return ``temperature`` as a float, or raise if it is not finite and > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise KdlibError(f"temperature must be a number > 0, got {temperature!r}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise KdlibError(f"temperature must be finite and > 0, got {temperature!r}; "
@@ -63,7 +65,7 @@ def check_temperature(temperature) -> float:
 
 def check_unit_interval(value, what: str) -> float:
     """Return ``value`` as a float in [0, 1], or raise naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise KdlibError(f"{what} must be a number in [0, 1], got {value!r}")
     return float(value)
 
@@ -73,7 +75,11 @@ def _compute_dtype(*xs: Tensor) -> torch.dtype:
 
 
 def _flat(s: Tensor, t: Optional[Tensor], mask: Optional[Tensor]):
-    """``[..., V]`` logits and ``[...]`` mask -> ``[N, V]`` and ``[N]`` views."""
+    """``[..., V]`` logits and ``[...]`` mask -> ``[N, V]`` and ``[N]`` views.
+
+    Non-contiguous logits (``logits[:, :-1]``) cannot be viewed and are copied
+    whole: shift the labels, not the logits.
+    """
     if s.dim() < 1:
         raise KdlibError(f"logits need a vocabulary dimension, got shape {tuple(s.shape)}")
     if t is not None and t.shape != s.shape:
@@ -122,7 +128,7 @@ class _RowMean(torch.autograd.Function):
         values = [rows_fn(*_select([x[a:a + chunk] for x in tensors],
                                    None if mask is None else mask[a:a + chunk]))
                   for a in range(0, n, chunk)]
-        values = torch.cat(values) if values else tensors[0].new_zeros(0, dtype=torch.float32)
+        values = torch.cat(values) if values else tensors[0].new_zeros(0, dtype=_compute_dtype(*tensors))
         count = values.numel()
         needs = ctx.needs_input_grad[3:]
         ctx.save_for_backward(*[x if need else None for x, need in zip(tensors, needs)])
@@ -224,7 +230,7 @@ def divergence(name: str, s: Tensor, t: Tensor, temperature: float = 1.0,
         raise KdlibError(f"unknown divergence {name!r}; choose one of: {choices(DIVERGENCES)}")
     T = check_temperature(temperature)
     if name in PARAMETRIC:
-        param = check_unit_interval(param, f"the {name} weight")
+        param = check_unit_interval(param, f"the {name} weight ({'beta' if name == 'gjsd' else 'alpha'})")
     elif param is not None:
         raise KdlibError(f"divergence {name!r} takes no parameter (got {param!r}); "
                          f"only {choices(PARAMETRIC)} do")

@@ -129,6 +129,9 @@ class TinyGPT(nn.Module):
     def forward(self, ids: Tensor, output_hidden_states: bool = False,
                 output_attentions: bool = False) -> CausalLMOutput:
         """ids: [B, T] token ids, T <= block_size."""
+        if ids.dim() != 2:
+            raise KdlibError(f"TinyGPT takes token ids of shape [batch, time], got {tuple(ids.shape)}; "
+                             "add a batch dimension with ids[None]")
         B, T = ids.shape
         if T > self.config.block_size:
             raise KdlibError(f"sequence of {T} tokens is longer than the model's block_size "
@@ -171,7 +174,7 @@ def _from_pretrained(name: str, dtype: torch.dtype, attn: str, revision: Optiona
     try:
         return AutoModelForCausalLM.from_pretrained(name, revision=revision, attn_implementation=attn,
                                                     **{dtype_kw: dtype})
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing files, no network, a folder without a model
         raise KdlibError(f"cannot load teacher {name!r}: {e}. Give a Hugging Face model id reachable "
                          "from here, or a folder written by save_pretrained") from None
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random models, built locally (no hub access, ever)."""
+
+from __future__ import annotations
+
+import os
+
+# No network here: make any accidental hub lookup fail fast instead of waiting
+# on connection timeouts. Set before transformers / huggingface_hub import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kdlib.config import TinyGPTConfig  # noqa: E402
+
+TEACHER_VOCAB = 97
+
+
+def build_teacher(n_layer: int = 4, n_embd: int = 24, n_head: int = 2, vocab_size: int = TEACHER_VOCAB,
+                  n_positions: int = 64, seed: int = 0, **kw):
+    """A tiny random GPT2LMHeadModel (dropout 0, sdpa attention as built)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=0, eos_token_id=0, **kw)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(cfg)
+
+
+def build_tiny_config(**overrides) -> TinyGPTConfig:
+    """A tiny TinyGPTConfig: vocab 97 (the tiny teacher's), 2 layers, width 16, dropout 0."""
+    base = TinyGPTConfig(vocab_size=TEACHER_VOCAB, block_size=32, n_layer=2, n_head=2, n_embd=16, d_ff=32,
+                         dropout=0.0, positions="learned")
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture
+def make_teacher():
+    """Factory: make_teacher(n_layer=4, n_embd=24, ...) -> fresh tiny random GPT2LMHeadModel."""
+    return build_teacher
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: tiny_config(**overrides) -> TinyGPTConfig."""
+    return build_tiny_config
+
+
+@pytest.fixture
+def ids():
+    """[2, 8] random token ids in the tiny vocabulary."""
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, TEACHER_VOCAB, (2, 8), generator=g)

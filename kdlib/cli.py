@@ -45,6 +45,47 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _data_dir(args: argparse.Namespace) -> str:
+    return args.data_dir or f"data/{args.preset}"
+
+
+def _prep(args: argparse.Namespace) -> int:
+    from .config import preset
+    from .data import prepare
+
+    folder = _data_dir(args)
+    prepare(preset(args.preset), folder)
+    print(f"token files in {folder}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .cache import build_cache
+    from .config import preset
+    from .grid import parse
+
+    cfg = preset(args.preset, args.exp)
+    if not parse(cfg.exp, cfg.loss.feature).output_only:
+        print(f"note: {cfg.exp} needs the teacher online (features or cosine); the cache serves output-only "
+              "experiments with the same temperature", file=sys.stderr)
+    folder = args.cache_dir or f"{_data_dir(args)}/cache"
+    for split in args.splits:
+        cache = build_cache(cfg, _data_dir(args), folder, split=split, device=args.device)
+        print(f"{split}: top-{cache.k} cache complete in {folder}")
+    return 0
+
+
+def _storage(args: argparse.Namespace) -> int:
+    from .checkpoint import MiB, StorageBudget, delete_weights
+
+    budget = StorageBudget(args.dir, int(args.limit_mib * MiB))
+    if args.delete_weights:
+        freed = delete_weights(budget, args.delete_weights)
+        print(f"deleted the weights of {', '.join(args.delete_weights)}: {freed / MiB:.2f} MiB freed")
+    print(budget.report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
@@ -77,6 +118,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature kind for the feature-map experiments (default: the preset's)")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per experiment (default: 2)")
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("prep", help="tokenize the preset's corpus into token files",
+                       description="Tokenize every split of the preset's corpus (no truncation) into flat "
+                                   "token files with manifests, print tokens per split, and refuse a split "
+                                   "with implausibly few tokens. Re-running with the same inputs reuses the "
+                                   "files.")
+    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="preset (default: smoke)")
+    p.add_argument("--data-dir", help="output folder (default: data/PRESET)")
+    p.set_defaults(func=_prep)
+
+    p = sub.add_parser("cache", help="build the teacher's top-k cache for output-only experiments",
+                       description="Run the teacher once over the prepared windows and keep, per position, "
+                                   "its top-k log-probabilities at the experiment's temperature, their ids "
+                                   "and the log tail mass. Resumable: run it again after an interruption.")
+    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="preset (default: smoke)")
+    p.add_argument("--exp", default="kl", help="experiment whose temperature the cache uses (default: kl)")
+    p.add_argument("--splits", nargs="+", default=["train"], choices=("train", "validation", "test"))
+    p.add_argument("--data-dir", help="prepared token folder (default: data/PRESET)")
+    p.add_argument("--cache-dir", help="cache folder (default: DATA_DIR/cache)")
+    p.add_argument("--device", help="device for the teacher (default: cpu)")
+    p.set_defaults(func=_cache)
+
+    p = sub.add_parser("storage", help="usage of a results folder per run, against its budget",
+                       description="Print the disk usage of each run in a results folder and the total "
+                                   "against the storage budget. Weights are deleted only when asked "
+                                   "with --delete-weights.")
+    p.add_argument("dir", nargs="?", default="runs", help="results folder (default: runs)")
+    p.add_argument("--limit-mib", type=float, default=100.0, help="budget in MiB (default: 100)")
+    p.add_argument("--delete-weights", nargs="+", metavar="RUN",
+                   help="delete the .safetensors files (weights, resume state) of these runs, "
+                        "keeping their config and metrics")
+    p.set_defaults(func=_storage)
     return parser
 
 

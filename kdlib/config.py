@@ -156,22 +156,59 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    """Where the text comes from and how it is cut into training windows."""
+    """Where the text comes from, how it is tokenized, and how it is cut into training windows."""
 
-    dataset: Optional[str] = "Salesforce/wikitext"  # Hugging Face dataset id; None = local files
+    # A Hugging Face dataset id (or a local dataset folder), "python-docs" (the
+    # documentation shipped with Python: real text, offline), or None for text_files.
+    dataset: Optional[str] = "Salesforce/wikitext"
     dataset_config: Optional[str] = "wikitext-103-raw-v1"
-    text_files: dict = field(default_factory=dict)  # {"train": path, ...} when dataset is None
-    tokenizer: Optional[str] = None  # None = the teacher's tokenizer
+    revision: Optional[str] = None  # dataset revision (commit, tag, branch); None = main
+    text_column: str = "text"
+    # {"train": path, "validation": path, "test": path}, or {"all": path} to split by ratio.
+    text_files: dict = field(default_factory=dict)
+    split_ratios: tuple = (0.9, 0.05, 0.05)  # train/validation/test, when one text is split
+    split_seed: int = 0  # seeded shuffle of documents before a ratio split
+    max_chars: Optional[int] = None  # keep about this many characters of a ratio-split text (smoke runs)
+    # None = the teacher's tokenizer; "bpe" = a byte-level BPE with model.vocab_size
+    # tokens trained on the train split (offline presets); or a tokenizer id/path.
+    tokenizer: Optional[str] = None
     block_size: int = 128  # tokens per training window (the study: 128, 127 predicted)
+    # A split with fewer tokens per character is refused: GPT-2 BPE gives about
+    # 0.2-0.3 on English; the study's truncation gave 0.003.
+    min_tokens_per_char: float = 0.05
 
     def validate(self) -> None:
         _positive(self, "block_size")
         if self.dataset is None and not self.text_files:
             raise KdlibError("data.dataset is None and data.text_files is empty; give a Hugging Face "
-                             "dataset id or local text files per split")
+                             "dataset id, 'python-docs', or local text files per split")
         for split, path in self.text_files.items():
-            if not isinstance(split, str) or not isinstance(path, str):
-                raise KdlibError(f"data.text_files must map split names to paths, got {split!r}: {path!r}")
+            if not isinstance(path, str) or split not in ("train", "validation", "test", "all"):
+                raise KdlibError(f"data.text_files must map train/validation/test (or 'all') to paths, "
+                                 f"got {split!r}: {path!r}")
+        if "all" in self.text_files and len(self.text_files) > 1:
+            raise KdlibError("data.text_files has 'all' and other splits; give either one file to split "
+                             "by data.split_ratios or one file per split")
+        r = self.split_ratios
+        if len(r) != 3 or not all(isinstance(x, (int, float)) and x > 0 for x in r) \
+                or abs(sum(r) - 1.0) > 1e-6:
+            raise KdlibError(f"data.split_ratios must be three positive numbers summing to 1, got {r!r}")
+        if self.max_chars is not None:
+            _positive(self, "max_chars")
+        _in_range(self, "min_tokens_per_char", 0.0, math.inf)
+
+
+@dataclass
+class CacheConfig:
+    """The teacher's top-k cache for output-only experiments (design.md §7)."""
+
+    top_k: int = 32  # log-probabilities kept per position, plus one tail bucket
+    batch_size: int = 16  # windows per teacher forward pass while building
+    chunk_windows: int = 256  # windows written between resume points
+
+    def validate(self) -> None:
+        for name in ("top_k", "batch_size", "chunk_windows"):
+            _positive(self, name)
 
 
 @dataclass
@@ -220,6 +257,7 @@ class ExperimentConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def with_experiment(self, name: str, feature: Optional[str] = None) -> "ExperimentConfig":
@@ -233,12 +271,14 @@ class ExperimentConfig:
         """Raise ``KdlibError`` on any out-of-range value; return self for chaining."""
         from .grid import parse
 
-        for part in (self.model, self.teacher, self.loss, self.data, self.train):
+        for part in (self.model, self.teacher, self.loss, self.data, self.cache, self.train):
             part.validate()
         spec = parse(self.exp, feature=self.loss.feature)
         if spec.apply(self.loss) != self.loss:
             raise KdlibError(f"the loss components in this config do not match experiment {self.exp!r}; "
                              "build it with config.with_experiment(name)")
+        if self.cache.top_k > self.model.vocab_size:
+            raise KdlibError(f"cache.top_k ({self.cache.top_k}) exceeds the vocabulary ({self.model.vocab_size})")
         if self.data.block_size > self.model.block_size:
             raise KdlibError(f"data.block_size ({self.data.block_size}) exceeds the model's "
                              f"block_size ({self.model.block_size})")
@@ -289,7 +329,8 @@ def _smoke() -> ExperimentConfig:
         teacher=TeacherConfig(name="random-gpt2", random_init=dict(
             n_layer=3, n_embd=48, n_head=2, vocab_size=512, n_positions=64)),
         loss=LossConfig(),
-        data=DataConfig(dataset=None, text_files={"train": "smoke"}, block_size=32),
+        data=DataConfig(dataset="python-docs", max_chars=100_000, tokenizer="bpe", block_size=32),
+        cache=CacheConfig(top_k=16, batch_size=8, chunk_windows=16),
         train=TrainConfig(lr=1e-3, batch_size=8, epochs=1, max_steps=20, warmup_frac=0.1,
                           precision="fp32", patience=3),
     )
@@ -303,7 +344,7 @@ def _demo() -> ExperimentConfig:
         model=TinyGPTConfig(vocab_size=2048, block_size=128, n_layer=4, n_head=4, n_embd=128, d_ff=512,
                             dropout=0.1, positions="learned"),
         loss=LossConfig(),
-        data=DataConfig(dataset=None, text_files={"train": "demo"}, block_size=64),
+        data=DataConfig(dataset="python-docs", tokenizer="bpe", block_size=64),
         train=TrainConfig(lr=1e-3, batch_size=16, epochs=2, warmup_frac=0.05, precision="fp32",
                           patience=3),
     )
@@ -380,8 +421,8 @@ def _one_of(obj, name: str, valid) -> None:
 
 
 def _where(obj) -> str:
-    return {TinyGPTConfig: "model", LossConfig: "loss", TeacherConfig: "teacher",
-            DataConfig: "data", TrainConfig: "train"}.get(type(obj), type(obj).__name__)
+    return {TinyGPTConfig: "model", LossConfig: "loss", TeacherConfig: "teacher", DataConfig: "data",
+            CacheConfig: "cache", TrainConfig: "train"}.get(type(obj), type(obj).__name__)
 
 
 def _check_value(value: Any, hint: Any, where: str) -> Any:

@@ -187,36 +187,52 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
+def _divergence_from_log_probs(name: str, log_p: Tensor, log_q: Tensor, param: Optional[float]) -> Tensor:
+    """Per-row divergence ``name`` between teacher log-probs ``log_p`` and student ``log_q`` [n, K]."""
+    if name == "kl":
+        return _kl_rows(log_p, log_q)
+    if name == "rkl":
+        return _kl_rows(log_q, log_p)
+    if name == "js":
+        log_m = torch.logaddexp(log_p, log_q) - _LN2
+        return 0.5 * _kl_rows(log_p, log_m) + 0.5 * _kl_rows(log_q, log_m)
+    if name == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if name == "gjsd":
+        if param == 0.0:  # TRL's GKD convention: the endpoints are the two KLs
+            return _kl_rows(log_p, log_q)
+        if param == 1.0:
+            return _kl_rows(log_q, log_p)
+        log_m = _log_mix(log_p, log_q, param)
+        return param * _kl_rows(log_p, log_m) + (1.0 - param) * _kl_rows(log_q, log_m)
+    if name == "skl":
+        return _kl_rows(log_p, _log_mix(log_p, log_q, param))
+    if name == "srkl":
+        return _kl_rows(log_q, _log_mix(log_q, log_p, param))
+    raise AssertionError(name)
+
+
 def _divergence_rows(name: str, temperature: float, param: Optional[float]):
-    """The per-row formula of divergence ``name`` between teacher p and student q."""
-    T = temperature
+    """The per-row formula of divergence ``name`` between teacher p and student q, from logits."""
 
     def rows(s: Tensor, t: Tensor) -> Tensor:
         dtype = _compute_dtype(s, t)
-        log_q, log_p = _log_probs(s, T, dtype), _log_probs(t, T, dtype)
-        if name == "kl":
-            return _kl_rows(log_p, log_q)
-        if name == "rkl":
-            return _kl_rows(log_q, log_p)
-        if name == "js":
-            log_m = torch.logaddexp(log_p, log_q) - _LN2
-            return 0.5 * _kl_rows(log_p, log_m) + 0.5 * _kl_rows(log_q, log_m)
-        if name == "tvd":
-            return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-        if name == "gjsd":
-            if param == 0.0:  # TRL's GKD convention: the endpoints are the two KLs
-                return _kl_rows(log_p, log_q)
-            if param == 1.0:
-                return _kl_rows(log_q, log_p)
-            log_m = _log_mix(log_p, log_q, param)
-            return param * _kl_rows(log_p, log_m) + (1.0 - param) * _kl_rows(log_q, log_m)
-        if name == "skl":
-            return _kl_rows(log_p, _log_mix(log_p, log_q, param))
-        if name == "srkl":
-            return _kl_rows(log_q, _log_mix(log_q, log_p, param))
-        raise AssertionError(name)
+        return _divergence_from_log_probs(name, _log_probs(t, temperature, dtype),
+                                          _log_probs(s, temperature, dtype), param)
 
     return rows
+
+
+def _check_divergence(name: str, temperature, param) -> tuple[float, Optional[float]]:
+    if name not in DIVERGENCES:
+        raise KdlibError(f"unknown divergence {name!r}; choose one of: {choices(DIVERGENCES)}")
+    T = check_temperature(temperature)
+    if name in PARAMETRIC:
+        param = check_unit_interval(param, f"the {name} weight ({'beta' if name == 'gjsd' else 'alpha'})")
+    elif param is not None:
+        raise KdlibError(f"divergence {name!r} takes no parameter (got {param!r}); "
+                         f"only {choices(PARAMETRIC)} do")
+    return T, param
 
 
 def divergence(name: str, s: Tensor, t: Tensor, temperature: float = 1.0,
@@ -226,14 +242,7 @@ def divergence(name: str, s: Tensor, t: Tensor, temperature: float = 1.0,
 
     ``param`` is the mixing weight of ``gjsd`` (β), ``skl`` and ``srkl`` (α), in [0, 1].
     """
-    if name not in DIVERGENCES:
-        raise KdlibError(f"unknown divergence {name!r}; choose one of: {choices(DIVERGENCES)}")
-    T = check_temperature(temperature)
-    if name in PARAMETRIC:
-        param = check_unit_interval(param, f"the {name} weight ({'beta' if name == 'gjsd' else 'alpha'})")
-    elif param is not None:
-        raise KdlibError(f"divergence {name!r} takes no parameter (got {param!r}); "
-                         f"only {choices(PARAMETRIC)} do")
+    T, param = _check_divergence(name, temperature, param)
     s2, t2, m = _flat(s, t, mask)
     return (T * T) * _row_mean(_divergence_rows(name, T, param), [s2, t2], m, chunk_size)
 
@@ -320,6 +329,86 @@ def cross_entropy(s: Tensor, labels: Tensor, label_smoothing: float = 0.0,
         return (1.0 - smoothing) * nll - smoothing * log_q.mean(-1)
 
     return _row_mean(rows, [s2, labels.reshape(-1)], m, chunk_size)
+
+
+# --------------------------------------------------------------------------
+# sparse divergences: the teacher's top-k cache (design.md §7)
+
+
+def sparse_divergence(name: str, s: Tensor, topk_log_probs: Tensor, topk_ids: Tensor,
+                      log_tail: Optional[Tensor], temperature: float = 1.0, mask: Optional[Tensor] = None,
+                      param: Optional[float] = None, chunk_size: ChunkSize = AUTO) -> Tensor:
+    """T² · D(P‖Q) over k+1 buckets: the teacher's top-k tokens and "everything else".
+
+    s: student logits [..., V]. topk_log_probs [..., k]: the teacher's
+    log-probabilities at temperature T of its top-k tokens ``topk_ids``
+    [..., k]; log_tail [...]: the log of the teacher's remaining mass (None
+    when k = V). The student's distribution is bucketed the same way. With
+    k = V this equals the dense divergence; for k < V merging buckets can only
+    lose information, so sparse KL <= dense KL (and likewise for JS).
+    """
+    T, param = _check_divergence(name, temperature, param)
+    V, k = s.shape[-1], topk_ids.shape[-1]
+    if topk_log_probs.shape != topk_ids.shape or topk_ids.shape[:-1] != s.shape[:-1]:
+        raise KdlibError(f"cache tensors {tuple(topk_log_probs.shape)} / {tuple(topk_ids.shape)} do not fit "
+                         f"student logits {tuple(s.shape)}: expected [..., k] with the logits' leading dims")
+    if k > V:
+        raise KdlibError(f"top-k of {k} exceeds the student's vocabulary of {V}")
+    with_tail = k < V
+    if with_tail and (log_tail is None or log_tail.shape != s.shape[:-1]):
+        raise KdlibError(f"k = {k} < V = {V} needs the teacher's log tail mass of shape {tuple(s.shape[:-1])}")
+    s2, _, m = _flat(s, None, mask)
+    tensors = [s2, topk_log_probs.reshape(-1, k), topk_ids.reshape(-1, k)]
+    if with_tail:
+        tensors.append(log_tail.reshape(-1))
+
+    def rows(sc: Tensor, lp_k: Tensor, ids: Tensor, tail: Optional[Tensor] = None) -> Tensor:
+        dtype = _compute_dtype(sc)
+        log_q = _log_probs(sc, T, dtype)  # [n, V]
+        ids = ids.long()
+        log_q_k = log_q.gather(-1, ids)  # [n, k]
+        # exp(-1e4) is exactly 0 in float32 and float64: an empty teacher bucket
+        # (log mass -inf) then contributes 0, where -inf would give 0·inf = NaN.
+        log_p = lp_k.to(dtype).clamp_min(-1e4)
+        if tail is None:
+            return _divergence_from_log_probs(name, log_p, log_q_k, param)
+        log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), dim=-1)  # [n]
+        log_p = torch.cat([log_p, tail.to(dtype).clamp_min(-1e4)[:, None]], dim=-1)  # [n, k+1]
+        log_q = torch.cat([log_q_k, log_q_tail[:, None]], dim=-1)  # [n, k+1]
+        return _divergence_from_log_probs(name, log_p, log_q, param)
+
+    return (T * T) * _row_mean(rows, tensors, m, chunk_size)
+
+
+def sparse_kl(s, topk_log_probs, topk_ids, log_tail, temperature=1.0, mask=None, chunk_size=AUTO):
+    """Forward KL on the k+1 buckets of a top-k cache; see ``sparse_divergence``."""
+    return sparse_divergence("kl", s, topk_log_probs, topk_ids, log_tail, temperature, mask,
+                             chunk_size=chunk_size)
+
+
+def sparse_js(s, topk_log_probs, topk_ids, log_tail, temperature=1.0, mask=None, chunk_size=AUTO):
+    """Jensen–Shannon on the k+1 buckets of a top-k cache; see ``sparse_divergence``."""
+    return sparse_divergence("js", s, topk_log_probs, topk_ids, log_tail, temperature, mask,
+                             chunk_size=chunk_size)
+
+
+def sparse_generalized_jsd(s, topk_log_probs, topk_ids, log_tail, beta=0.5, temperature=1.0, mask=None,
+                           chunk_size=AUTO):
+    """Generalized JSD on the k+1 buckets of a top-k cache; see ``sparse_divergence``."""
+    return sparse_divergence("gjsd", s, topk_log_probs, topk_ids, log_tail, temperature, mask,
+                             param=beta, chunk_size=chunk_size)
+
+
+def teacher_top_k(t: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """What the cache stores for teacher logits t [..., V]: top-k log-probs at T [..., k] (float32),
+    their ids [..., k], and the log tail mass [...] (None when k = V)."""
+    T = check_temperature(temperature)
+    log_p = _log_probs(t, T, _compute_dtype(t))  # [..., V]
+    values, ids = log_p.topk(k, dim=-1)  # [..., k]
+    if k == t.shape[-1]:
+        return values, ids, None
+    tail = torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), dim=-1)  # [...]
+    return values, ids, tail
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,198 @@
+"""The teacher's top-k cache: one offline teacher pass for output-only experiments.
+
+For every training window (the same windows ``data.WindowSampler`` serves)
+and every position, the cache keeps the teacher's top-k log-probabilities at
+the training temperature (float16), their token ids, and the log of the
+remaining tail mass (float32): ``2k + k·id_bytes + 4`` bytes per token
+(k = 32, V = 50,257: 132 bytes). Sparse losses (``losses.sparse_divergence``)
+then train without the teacher model.
+
+Files in the cache folder, per split: ``{split}.topk_logp.bin``
+``[windows, block, k]``, ``{split}.topk_ids.bin`` ``[windows, block, k]``,
+``{split}.log_tail.bin`` ``[windows, block]`` and ``{split}.cache.json``, the
+manifest: what the cache was built from (teacher, tokenizer hash, data
+checksum, block size, k, T, dtypes) and how many windows are complete. The
+build writes a chunk of windows, flushes, then records it in the manifest, so
+an interrupted build continues from its last complete chunk. A cache that
+does not match the run is refused with a message naming the mismatch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .config import ExperimentConfig
+from .data import TokenSplit, load_split, token_dtype
+from .errors import KdlibError
+from .fileio import PathLike, atomic_write_json, read_json
+from .losses import teacher_top_k
+from .models import load_teacher, teacher_forward
+
+CACHE_FORMAT = "kdlib.topk/1"
+LOGP_DTYPE, TAIL_DTYPE = "float16", "float32"
+IDENTITY_KEYS = ("teacher", "tokenizer_hash", "data_sha256", "split", "block_size", "k", "temperature",
+                 "dtypes", "windows")
+
+
+def bytes_per_token(k: int, vocab_size: int) -> int:
+    return k * np.dtype(LOGP_DTYPE).itemsize + k * np.dtype(token_dtype(vocab_size)).itemsize \
+        + np.dtype(TAIL_DTYPE).itemsize
+
+
+def cache_identity(cfg: ExperimentConfig, tokens: TokenSplit) -> dict:
+    """What a cache must have been built from to serve run ``cfg`` on ``tokens``."""
+    t = cfg.teacher
+    V = cfg.model.vocab_size
+    return {
+        "teacher": {"name": t.name, "revision": t.revision, "random_init": t.random_init},
+        "tokenizer_hash": tokens.manifest["inputs"]["tokenizer"]["hash"],
+        "data_sha256": tokens.manifest["sha256"],
+        "split": tokens.manifest["split"],
+        "block_size": cfg.data.block_size,
+        "k": cfg.cache.top_k,
+        "temperature": cfg.loss.effective().temperature,
+        "dtypes": {"logp": LOGP_DTYPE, "ids": token_dtype(V), "tail": TAIL_DTYPE},
+        "windows": (tokens.n_tokens - 1) // cfg.data.block_size,
+    }
+
+
+def _paths(folder: Path, split: str) -> dict[str, Path]:
+    return {"logp": folder / f"{split}.topk_logp.bin", "ids": folder / f"{split}.topk_ids.bin",
+            "tail": folder / f"{split}.log_tail.bin", "manifest": folder / f"{split}.cache.json"}
+
+
+def _shapes(ident: dict) -> dict[str, tuple]:
+    n, T, k = ident["windows"], ident["block_size"], ident["k"]
+    return {"logp": (n, T, k), "ids": (n, T, k), "tail": (n, T)}
+
+
+def _mismatch(found: dict, expected: dict) -> list[str]:
+    return [f"{key}: cache has {found.get(key)!r}, the run needs {expected[key]!r}"
+            for key in IDENTITY_KEYS if found.get(key) != expected[key]]
+
+
+def _open_memmaps(paths: dict, ident: dict, mode: str) -> dict[str, np.memmap]:
+    out = {}
+    for part, shape in _shapes(ident).items():
+        dtype = np.dtype(ident["dtypes"][part])
+        expected = int(np.prod(shape)) * dtype.itemsize
+        if mode != "w+":
+            size = paths[part].stat().st_size if paths[part].is_file() else -1
+            if size != expected:
+                raise KdlibError(f"cache file {paths[part]} has {max(size, 0)} bytes, expected {expected}: "
+                                 "it is truncated or missing. Delete the cache folder's files for this split "
+                                 "and build it again")
+        out[part] = np.memmap(paths[part], dtype=dtype, mode=mode, shape=shape)
+    return out
+
+
+class TopKCache:
+    """A complete cache for one split, validated against the run that reads it."""
+
+    def __init__(self, folder: PathLike, split: str, expect: Optional[dict] = None):
+        self.folder = Path(folder)
+        self.paths = _paths(self.folder, split)
+        self.manifest = read_json(self.paths["manifest"], "cache manifest")
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise KdlibError(f"{self.paths['manifest']} is not a kdlib top-k cache manifest")
+        if expect is not None:
+            problems = _mismatch(self.manifest, expect)
+            if problems:
+                raise KdlibError(f"the top-k cache in {self.folder} was built for another run: "
+                                 + "; ".join(problems) + ". Build a cache for this run "
+                                 "(`python -m kdlib cache`) in another folder, or run with the teacher online")
+        if not self.manifest.get("complete"):
+            raise KdlibError(f"the top-k cache in {self.folder} is incomplete "
+                             f"({self.manifest.get('complete_windows')} of {self.manifest.get('windows')} "
+                             "windows): run `python -m kdlib cache` again to finish it")
+        try:
+            self.arrays = _open_memmaps(self.paths, self.manifest, "r")
+        except (KeyError, TypeError, ValueError) as e:
+            raise KdlibError(f"cache manifest {self.paths['manifest']} is corrupt ({e}); rebuild the cache") from None
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    def batch(self, windows: Sequence[int], device=None):
+        """(top-k log-probs [B, T, k] float32, ids [B, T, k] int64, log tail [B, T] float32) for windows."""
+        idx = np.asarray(windows, dtype=np.int64)
+        a = self.arrays
+        logp = torch.from_numpy(np.ascontiguousarray(a["logp"][idx])).float()
+        ids = torch.from_numpy(np.ascontiguousarray(a["ids"][idx]).astype(np.int64))
+        tail = torch.from_numpy(np.ascontiguousarray(a["tail"][idx])).float()
+        return logp.to(device), ids.to(device), tail.to(device)
+
+
+def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: PathLike, split: str = "train",
+                teacher: Optional[nn.Module] = None, device=None, log: Callable[[str], None] = print,
+                progress: bool = True) -> TopKCache:
+    """Build (or finish) the top-k cache of ``split``; return it opened for reading."""
+    from tqdm.auto import tqdm
+
+    tokens = load_split(data_folder, split)
+    ident = cache_identity(cfg, tokens)
+    folder = Path(cache_folder)
+    paths = _paths(folder, split)
+    n, T, k = ident["windows"], ident["block_size"], ident["k"]
+    if n < 1:
+        raise KdlibError(f"split {split!r} has {tokens.n_tokens} tokens: not one window of {T}")
+    start = 0
+    if paths["manifest"].is_file():
+        found = read_json(paths["manifest"], "cache manifest")
+        problems = _mismatch(found, ident)
+        if problems:
+            raise KdlibError(f"{folder} already holds a {split} cache built for another run ("
+                             + "; ".join(problems) + "). Nothing was changed: build into another folder, "
+                             "or delete that cache first")
+        if found.get("complete"):
+            log(f"cache for {split} is complete in {folder}: reused")
+            return TopKCache(folder, split, ident)
+        start = int(found.get("complete_windows", 0))
+        arrays = _open_memmaps(paths, ident, "r+")
+        log(f"resuming the {split} cache at window {start:,} of {n:,}")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = _open_memmaps(paths, ident, "w+")
+        manifest = {"format": CACHE_FORMAT, **ident, "complete_windows": 0, "complete": False,
+                    "kdlib_version": __version__}
+        atomic_write_json(paths["manifest"], manifest)
+    per_token = bytes_per_token(k, cfg.model.vocab_size)
+    log(f"top-k cache ({split}): {n:,} windows x {T} tokens x {per_token} bytes/token "
+        f"= {n * T * per_token / 2**20:,.1f} MiB in {folder}")
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, device=device, student_vocab_size=cfg.model.vocab_size)
+    dev = next(teacher.parameters()).device
+    temperature = ident["temperature"]
+    bar = tqdm(total=n, initial=start, unit="window", desc=f"cache {split}", disable=not progress)
+    step = cfg.cache.chunk_windows
+    flat = tokens.tokens()
+    for chunk_start in range(start, n, step):
+        chunk_end = min(chunk_start + step, n)
+        for b in range(chunk_start, chunk_end, cfg.cache.batch_size):
+            e = min(b + cfg.cache.batch_size, chunk_end)
+            toks = flat[b * T:e * T].astype(np.int64).reshape(e - b, T)  # windows' inputs
+            logits = teacher_forward(teacher, torch.from_numpy(toks).to(dev)).logits  # [b, T, V]
+            logp, ids, tail = teacher_top_k(logits, k, temperature)
+            arrays["logp"][b:e] = logp.to(torch.float16).cpu().numpy()
+            arrays["ids"][b:e] = ids.cpu().numpy().astype(arrays["ids"].dtype)
+            arrays["tail"][b:e] = (tail.cpu().numpy() if tail is not None
+                                   else np.full((e - b, T), -np.inf, dtype=np.float32))
+            bar.update(e - b)
+        for a in arrays.values():
+            a.flush()
+        manifest = read_json(paths["manifest"], "cache manifest")
+        manifest.update(complete_windows=chunk_end, complete=chunk_end == n)
+        atomic_write_json(paths["manifest"], manifest)
+    bar.close()
+    if start >= n:  # a manifest left at n windows but not marked complete
+        manifest = read_json(paths["manifest"], "cache manifest")
+        manifest.update(complete=True)
+        atomic_write_json(paths["manifest"], manifest)
+    return TopKCache(folder, split, ident)

@@ -1,0 +1,298 @@
+"""Student checkpoints (fp16 safetensors), resume state, and the storage budget.
+
+- ``save_student``/``load_student``: one float16 ``.safetensors`` file, tied
+  weights stored once, no projectors or optimizer, the model config in the
+  file's metadata so the file alone rebuilds the model. The study's student
+  (50,951,680 parameters) is about 97 MiB this way; its float32 copy (194 MiB)
+  would not fit the 100 MiB of Drive the researcher has.
+- ``save_resume``/``load_resume``: everything needed to continue a run
+  (optimizer, scheduler, RNG states, sampler position, step, best metric) as
+  tensors in a safetensors file plus a JSON structure. Nothing is ever loaded
+  with pickle.
+- ``StorageBudget``: checked before every write into the results folder; a
+  write that would exceed it is refused with the usage per run, and nothing is
+  written or deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import __version__
+from .config import TinyGPTConfig, _build
+from .errors import KdlibError
+from .fileio import PathLike, atomic_write_bytes
+from .models import TinyGPT
+
+MiB = 2**20
+STUDENT_FORMAT = "kdlib.student/1"
+RESUME_FORMAT = "kdlib.resume/1"
+
+
+# --------------------------------------------------------------------------
+# storage budget
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class StorageBudget:
+    """A byte limit on a results folder (default 100 MiB: what a free Drive leaves for results).
+
+    ``check(path, n_bytes)`` raises before a write that would take the folder
+    over the limit; replacing a file only counts the growth. Usage is reported
+    per top-level entry (one run folder each).
+    """
+
+    def __init__(self, root: PathLike, limit_bytes: int = 100 * MiB):
+        if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes <= 0:
+            raise KdlibError(f"storage limit must be a positive number of bytes, got {limit_bytes!r}")
+        self.root = Path(root)
+        self.limit_bytes = limit_bytes
+
+    def usage(self) -> dict[str, int]:
+        """Bytes per top-level entry of the results folder, largest first."""
+        if not self.root.is_dir():
+            return {}
+        sizes = {p.name: _size(p) for p in self.root.iterdir()}
+        return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
+
+    def used(self) -> int:
+        return sum(self.usage().values())
+
+    def _inside(self, path: Path) -> Path:
+        root, target = self.root.resolve(), path.resolve()
+        if target != root and root not in target.parents:
+            raise KdlibError(f"refusing to write {path}: it is outside the results folder {self.root}")
+        return target
+
+    def check(self, path: PathLike, n_bytes: int) -> None:
+        """Raise ``KdlibError`` if writing ``n_bytes`` to ``path`` would exceed the limit."""
+        path = self._inside(Path(path))
+        growth = n_bytes - (path.stat().st_size if path.is_file() else 0)
+        used = self.used()
+        if used + growth > self.limit_bytes:
+            raise KdlibError(
+                f"writing {path.name} ({n_bytes / MiB:.1f} MiB) would take {self.root} to "
+                f"{(used + growth) / MiB:.1f} MiB, over its budget of {self.limit_bytes / MiB:.1f} MiB; "
+                f"nothing was written or deleted.\n{self.report()}\n"
+                "Free space (`python -m kdlib storage DIR --delete-weights RUN`), move runs elsewhere, "
+                "or raise the budget.")
+
+    def write_bytes(self, path: PathLike, data: bytes) -> None:
+        """Check the budget, then write ``data`` to ``path`` atomically."""
+        self.check(path, len(data))
+        atomic_write_bytes(path, data)
+
+    def report(self) -> str:
+        usage = self.usage()
+        width = max([len(n) for n in usage] + [10])
+        lines = [f"{name:<{width}}  {size / MiB:8.2f} MiB" for name, size in usage.items()]
+        used = sum(usage.values())
+        lines.append(f"{'total':<{width}}  {used / MiB:8.2f} MiB of {self.limit_bytes / MiB:.2f} MiB "
+                     f"({100 * used / self.limit_bytes:.0f}%)")
+        return "\n".join(lines)
+
+
+def delete_weights(budget: StorageBudget, runs: Union[str, Sequence[str]]) -> int:
+    """Delete the ``.safetensors`` files of run folders ``runs`` (direct children of the budget's root).
+
+    Config, metrics and summary stay. Every name is checked before anything is
+    deleted; a run folder that leads outside the results folder (a symlink) is
+    refused. Returns the bytes freed.
+    """
+    runs = [runs] if isinstance(runs, str) else list(runs)
+    root = budget.root.resolve()
+    folders = []
+    for run in runs:
+        if not run or run in (".", "..") or Path(run).name != run or "\\" in run:
+            raise KdlibError(f"run name {run!r} must be a folder name inside {budget.root}, without "
+                             "path separators or '..'; nothing was deleted")
+        folder = budget.root / run
+        if not folder.is_dir():
+            names = ", ".join(p.name for p in budget.root.iterdir() if p.is_dir()) if budget.root.is_dir() else ""
+            raise KdlibError(f"no run folder {folder} (runs there: {names or 'none'}); nothing was deleted")
+        if folder.is_symlink() or folder.resolve().parent != root:
+            raise KdlibError(f"{folder} leads outside {budget.root}; nothing was deleted")
+        folders.append(folder)
+    freed = 0
+    for folder in folders:
+        for f in sorted(folder.rglob("*.safetensors")):
+            freed += f.stat().st_size
+            f.unlink()
+    return freed
+
+
+def _write(path: PathLike, data: bytes, budget: Optional[StorageBudget]) -> None:
+    if budget is not None:
+        budget.write_bytes(path, data)
+    else:
+        atomic_write_bytes(path, data)
+
+
+# --------------------------------------------------------------------------
+# student weights
+
+
+def save_student(model: TinyGPT, path: PathLike, budget: Optional[StorageBudget] = None, **meta) -> int:
+    """Write ``model`` as one float16 safetensors file; returns its size in bytes.
+
+    ``meta`` (experiment name, step, metrics, ...) must be JSON-serialisable;
+    it is stored in the file's metadata next to the model config.
+    """
+    if not isinstance(model, TinyGPT):
+        raise KdlibError(f"save_student takes a TinyGPT, got {type(model).__name__}")
+    tied = model.config.tie_embeddings
+    tensors = {}
+    for name, value in model.state_dict().items():
+        if tied and name == "lm_head.weight":  # the same tensor as wte.weight: stored once
+            continue
+        half = value.detach().to("cpu", torch.float16).contiguous()
+        if not torch.isfinite(half).all():
+            raise KdlibError(f"parameter {name} does not fit float16 (|value| > 65504 or not finite); "
+                             "the model diverged: keep the last good checkpoint")
+        tensors[name] = half
+    try:
+        meta_json = json.dumps(meta)
+    except TypeError as e:
+        raise KdlibError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
+    metadata = {"format": STUDENT_FORMAT, "kdlib_version": __version__,
+                "model_config": json.dumps(dataclasses.asdict(model.config)), "meta": meta_json}
+    data = st_save(tensors, metadata=metadata)
+    _write(path, data, budget)
+    return len(data)
+
+
+def _open_metadata(path: Path, expected_format: str, what: str) -> dict:
+    if not path.is_file():
+        raise KdlibError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KdlibError(f"{path} is not a readable safetensors file ({e}); it may be truncated, "
+                         "corrupt or a pickle (kdlib never unpickles files). Delete it and save again "
+                         "or use an earlier checkpoint") from None
+    if metadata.get("format") != expected_format:
+        raise KdlibError(f"{path} is a safetensors file but not a kdlib {what} (format "
+                         f"{metadata.get('format')!r}, expected {expected_format!r})")
+    return metadata
+
+
+def student_metadata(path: PathLike) -> dict:
+    """The metadata of a student file: ``model_config`` (dict), ``kdlib_version`` and ``meta`` (dict)."""
+    md = _open_metadata(Path(path), STUDENT_FORMAT, "student checkpoint")
+    try:
+        return {"model_config": json.loads(md["model_config"]), "kdlib_version": md.get("kdlib_version"),
+                "meta": json.loads(md.get("meta", "{}"))}
+    except (KeyError, json.JSONDecodeError) as e:
+        raise KdlibError(f"student checkpoint {path} has corrupt metadata ({e})") from None
+
+
+def load_student(path: PathLike, device: Union[str, torch.device] = "cpu",
+                 dtype: torch.dtype = torch.float32, expect: Optional[TinyGPTConfig] = None) -> TinyGPT:
+    """Rebuild a TinyGPT from a file written by ``save_student`` (weights cast to ``dtype``).
+
+    With ``expect``, a checkpoint of another model config is refused.
+    """
+    path = Path(path)
+    info = student_metadata(path)
+    config = _build(TinyGPTConfig, info["model_config"], f"{path.name}: model_config")
+    if expect is not None and config != expect:
+        diff = {k: (getattr(config, k), getattr(expect, k)) for k in dataclasses.asdict(config)
+                if getattr(config, k) != getattr(expect, k)}
+        raise KdlibError(f"{path} holds a student of another shape: " +
+                         ", ".join(f"{k}={a!r} (expected {b!r})" for k, (a, b) in diff.items()))
+    model = TinyGPT(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if not (config.tie_embeddings and k == "lm_head.weight")}
+    try:
+        tensors = st_load(path.read_bytes())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KdlibError(f"cannot read the weights in {path} ({e}); the file is truncated or corrupt") from None
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected.keys() & tensors.keys() if tuple(tensors[k].shape) != tuple(expected[k])]
+    if missing or extra or wrong:
+        raise KdlibError(f"{path} does not match its own model config: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}, wrong shape {wrong[:3]}; the file is corrupt")
+    model.load_state_dict(tensors, strict=False)  # lm_head is tied to wte, and loaded with it
+    return model.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------
+# resume state
+
+
+def _encode(obj: Any, tensors: dict, key: str):
+    """JSON structure for ``obj``; tensors go to ``tensors`` under numbered names (``key`` is for errors)."""
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.ravel().tolist(), "dtype": str(obj.dtype), "shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, f"{key}.k{i}"), _encode(v, tensors, f"{key}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise KdlibError(f"cannot store a {type(obj).__name__} at {key!r} in a resume state; "
+                     "use tensors, arrays, numbers, strings, lists, tuples and dicts")
+
+
+def _decode(obj: Any, tensors: dict):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.array(obj["__ndarray__"], dtype=obj["dtype"]).reshape(obj["shape"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def save_resume(path: PathLike, state: dict, budget: Optional[StorageBudget] = None) -> int:
+    """Write a resume state (nested dicts/lists/tuples of tensors, arrays and JSON values) atomically."""
+    tensors: dict = {}
+    structure = _encode(state, tensors, "state")
+    data = st_save(tensors, metadata={"format": RESUME_FORMAT, "kdlib_version": __version__,
+                                      "state": json.dumps(structure)})
+    _write(path, data, budget)
+    return len(data)
+
+
+def load_resume(path: PathLike) -> dict:
+    """Read a resume state written by ``save_resume``."""
+    path = Path(path)
+    md = _open_metadata(path, RESUME_FORMAT, "resume state")
+    try:
+        tensors = st_load(path.read_bytes())
+        return _decode(json.loads(md["state"]), tensors)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise KdlibError(f"resume state {path} is corrupt ({e}); delete it to restart the run from "
+                         "its last checkpoint") from None

@@ -1,0 +1,415 @@
+"""Data: text -> tokenizer -> flat token memmaps with a manifest; training windows.
+
+The original study stripped its text to a few characters and tokenized with
+truncation at 1,024 tokens per batch of 1,000 lines, so training saw 1.4% of
+WikiText-103. Here the text is kept as it is, everything is tokenized, and
+each split's token count is printed next to its character count; a split with
+implausibly few tokens per character is refused.
+
+A prepared data folder holds, per split, ``{split}.bin`` (the token ids as a
+flat ``uint16`` array when the vocabulary fits, else ``uint32``) and
+``{split}.json`` (the manifest: source, tokenizer and its vocabulary hash,
+dtype, counts, SHA-256 of the token bytes, and a fingerprint of the inputs so
+that re-running with the same inputs reuses the files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .config import DataConfig, ExperimentConfig
+from .errors import KdlibError, choices
+from .fileio import PathLike, atomic_path, atomic_write_json, read_json
+
+SPLITS = ("train", "validation", "test")
+TOKENS_FORMAT = "kdlib.tokens/1"
+PYTHON_DOCS = "python-docs"
+_ENCODE_BATCH = 1000  # text pieces per call into the Rust tokenizer (which parallelises a batch)
+
+
+# --------------------------------------------------------------------------
+# text sources
+
+
+def _python_docs() -> list[str]:
+    """The documentation topics shipped with Python (``pydoc_data``): ~0.5 MB of real English text."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # pragma: no cover - every CPython ships it
+        raise KdlibError("this Python has no pydoc_data module; use local text_files instead") from None
+    return [topics[k] + "\n\n" for k in sorted(topics)]
+
+
+def _split_documents(docs: Sequence[str], data: DataConfig) -> dict[str, list[str]]:
+    """Seeded shuffle of whole documents, then validation and test filled to their share of the
+    characters (at least one document each), the rest train. Whole documents keep a topic from
+    leaking between training and evaluation."""
+    order = list(range(len(docs)))
+    random.Random(data.split_seed).shuffle(order)
+    if data.max_chars is not None:
+        kept, total = [], 0
+        for i in order:
+            if total >= data.max_chars:
+                break
+            kept.append(i)
+            total += len(docs[i])
+        order = kept
+    if len(order) < 3:
+        raise KdlibError(f"{len(order)} document(s) cannot be split into train, validation and test; "
+                         "give more text (documents are separated by blank lines) or one file per split")
+    total = sum(len(docs[i]) for i in order)
+    out = {s: [] for s in SPLITS}
+    pending = iter(order)
+    for split, ratio in (("validation", data.split_ratios[1]), ("test", data.split_ratios[2])):
+        chars = 0
+        while not out[split] or chars < ratio * total:
+            i = next(pending)
+            out[split].append(docs[i])
+            chars += len(docs[i])
+    out["train"] = [docs[i] for i in pending]
+    if not out["train"]:
+        raise KdlibError("no text is left for the train split after validation and test; give more text")
+    return out
+
+
+def _read_file(path: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise KdlibError(f"text file {p} does not exist; fix data.text_files")
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KdlibError(f"cannot read text file {p} as UTF-8: {e}") from None
+
+
+def load_texts(data: DataConfig) -> tuple[dict[str, list[str]], dict]:
+    """The text of each split as a list of pieces, plus a JSON description of the source."""
+    if data.dataset == PYTHON_DOCS:
+        source = {"kind": PYTHON_DOCS, "python_docs_sha256": _sha256_texts(_python_docs())}
+        return _split_documents(_python_docs(), data), source
+    if data.dataset is None:
+        files = dict(data.text_files)
+        source = {"kind": "files", "files": {k: str(Path(v).expanduser().resolve()) for k, v in files.items()}}
+        if "all" in files:
+            text = _read_file(files["all"])
+            return _split_documents([p + "\n\n" for p in text.split("\n\n")], data), source
+        return {split: _read_file(path).splitlines(keepends=True) for split, path in files.items()}, source
+    return _load_hf(data)
+
+
+def _load_hf(data: DataConfig) -> tuple[dict[str, list[str]], dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise KdlibError("reading a Hugging Face dataset needs the 'datasets' package: "
+                         "pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(data.dataset, data.dataset_config, revision=data.revision)
+    except Exception as e:  # the hub, the network and the builders raise many types
+        raise KdlibError(f"cannot load dataset {data.dataset!r} ({data.dataset_config}): "
+                         f"{type(e).__name__}: {e}. Check the id and the network, or use "
+                         "data.text_files with local text") from None
+    texts = {}
+    for split in ds:
+        if data.text_column not in ds[split].column_names:
+            raise KdlibError(f"dataset {data.dataset!r} split {split!r} has no column "
+                             f"{data.text_column!r}; its columns: {choices(ds[split].column_names)}")
+        texts[split] = ds[split][data.text_column]
+    source = {"kind": "hf", "dataset": data.dataset, "config": data.dataset_config,
+              "revision": data.revision,
+              "fingerprints": {s: getattr(ds[s], "_fingerprint", None) for s in ds}}
+    return texts, source
+
+
+def _sha256_texts(pieces: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# tokenizer
+
+
+def load_tokenizer(spec):
+    """A fast Hugging Face tokenizer from an id, a folder, or an existing tokenizer object."""
+    if not isinstance(spec, (str, Path)):
+        tok = spec
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(spec), use_fast=True)
+        except (OSError, ValueError) as e:
+            raise KdlibError(f"cannot load tokenizer {str(spec)!r}: {e}. Give a Hugging Face id "
+                             "reachable from here or a folder written by save_pretrained") from None
+    if not getattr(tok, "is_fast", False) or not hasattr(tok, "backend_tokenizer"):
+        raise KdlibError(f"tokenizer {type(tok).__name__} is not a fast (Rust) tokenizer; kdlib needs one "
+                         "to tokenize a corpus in reasonable time")
+    return tok
+
+
+def tokenizer_hash(tok) -> str:
+    """SHA-256 of the tokenizer's definition (vocabulary, merges, normalisation), not of its settings."""
+    d = json.loads(tok.backend_tokenizer.to_str())
+    d.pop("truncation", None)
+    d.pop("padding", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, folder: PathLike):
+    """Train a byte-level BPE (GPT-2's kind) of ``vocab_size`` tokens on ``texts``; save it to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def _encode(tok, pieces: Sequence[str]) -> Iterator[np.ndarray]:
+    backend = tok.backend_tokenizer
+    backend.no_truncation()  # a corpus is never cut: that was the study's 98.6% loss
+    backend.no_padding()
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    for i in range(0, len(pieces), _ENCODE_BATCH):
+        batch = [p for p in pieces[i:i + _ENCODE_BATCH] if p]
+        if batch:
+            for enc in encode(batch, add_special_tokens=False):
+                yield np.asarray(enc.ids, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------
+# token files
+
+
+@dataclass
+class TokenSplit:
+    """A prepared split: its flat token array (read-only memmap) and manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["tokens"])
+
+    def tokens(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=self.manifest["dtype"], mode="r", shape=(self.n_tokens,))
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def load_split(folder: PathLike, split: str, verify: bool = False) -> TokenSplit:
+    """Open a prepared split, checking its manifest and file size (and checksum with ``verify``)."""
+    folder = Path(folder)
+    manifest = read_json(folder / f"{split}.json", "token manifest")
+    path = folder / f"{split}.bin"
+    try:
+        if manifest.get("format") != TOKENS_FORMAT:
+            raise KdlibError(f"{folder / f'{split}.json'} is not a kdlib token manifest")
+        expected = int(manifest["tokens"]) * np.dtype(manifest["dtype"]).itemsize
+    except (KeyError, TypeError, ValueError) as e:
+        raise KdlibError(f"token manifest {folder / f'{split}.json'} is corrupt ({e}); run prep again") from None
+    if not path.is_file():
+        raise KdlibError(f"{path} is missing; run `python -m kdlib prep` again")
+    if path.stat().st_size != expected:
+        raise KdlibError(f"{path} has {path.stat().st_size} bytes but its manifest says "
+                         f"{manifest['tokens']} tokens ({expected} bytes): the file is truncated or "
+                         "was replaced; run `python -m kdlib prep` again")
+    split_obj = TokenSplit(path, manifest)
+    if verify and _sha256_file(path) != manifest.get("sha256"):
+        raise KdlibError(f"{path} does not match the checksum in its manifest: the file is corrupt; "
+                         "run `python -m kdlib prep` again")
+    return split_obj
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_split(folder: Path, split: str, tok, pieces: Sequence[str], inputs: dict,
+                 min_tokens_per_char: float, tokenizer_name: str) -> TokenSplit:
+    dtype = token_dtype(len(tok))
+    n_chars = sum(len(p) for p in pieces)
+    if n_chars == 0:
+        raise KdlibError(f"split {split!r} has no text; check the source (an empty file or dataset split)")
+    h, n_tokens = hashlib.sha256(), 0
+    path = folder / f"{split}.bin"
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            for ids in _encode(tok, pieces):
+                if ids.size and ids.max() >= 2 ** (8 * np.dtype(dtype).itemsize):
+                    raise KdlibError(f"token id {ids.max()} does not fit {dtype}")
+                data = ids.astype(dtype).tobytes()
+                f.write(data)
+                h.update(data)
+                n_tokens += ids.size
+            f.flush()
+        ratio = n_tokens / n_chars
+        if ratio < min_tokens_per_char:
+            raise KdlibError(
+                f"split {split!r}: {n_tokens:,} tokens for {n_chars:,} characters ({ratio:.4f} tokens per "
+                f"character, expected at least {min_tokens_per_char}): the text was lost on the way "
+                "(truncation?) or the tokenizer is wrong. Nothing was written.")
+    manifest = {"format": TOKENS_FORMAT, "split": split, "tokenizer": tokenizer_name, "dtype": dtype,
+                "tokens": n_tokens,
+                "texts": len(pieces), "chars": n_chars, "sha256": h.hexdigest(), "inputs": inputs,
+                "kdlib_version": __version__}
+    atomic_write_json(folder / f"{split}.json", manifest)
+    return TokenSplit(path, manifest)
+
+
+def _reusable(folder: Path, split: str, inputs: dict) -> Optional[TokenSplit]:
+    if not (folder / f"{split}.json").is_file():
+        return None
+    try:
+        existing = load_split(folder, split, verify=True)
+    except KdlibError:
+        return None
+    return existing if existing.manifest.get("inputs") == inputs else None
+
+
+def prepare(cfg: ExperimentConfig, folder: PathLike, tokenizer=None,
+            log: Callable[[str], None] = print) -> dict[str, TokenSplit]:
+    """Tokenize every split of ``cfg.data`` into ``folder``; reuse files whose inputs did not change.
+
+    ``tokenizer`` (an object) overrides ``cfg.data.tokenizer``. Prints one summary line per split.
+    """
+    data = cfg.data
+    folder = Path(folder)
+    texts, source = load_texts(data)
+    missing = [s for s in SPLITS if not texts.get(s)]
+    if missing:
+        raise KdlibError(f"the source has no text for split(s) {', '.join(missing)}; it has: "
+                         f"{choices(s for s in texts if texts[s]) or 'nothing'}. Give every split "
+                         "(train, validation, test), or one text to split by ratio")
+    tok = _tokenizer_for(cfg, folder, texts["train"], source, tokenizer)
+    if len(tok) > cfg.model.vocab_size:
+        raise KdlibError(f"the tokenizer has {len(tok)} tokens but the model's vocabulary has "
+                         f"{cfg.model.vocab_size}: token ids would fall outside it. Use the teacher's "
+                         f"tokenizer and model.vocab_size = the teacher's vocabulary")
+    # The hash identifies the tokenizer; its name is for people (a path can differ between runs).
+    tok_info = {"vocab_size": len(tok), "hash": tokenizer_hash(tok)}
+    tok_name = getattr(tokenizer, "name_or_path", None) or data.tokenizer or cfg.teacher.name
+    out = {}
+    log(f"{'split':<11}{'texts':>10}{'characters':>15}{'tokens':>14}{'tokens/char':>13}")
+    for split in SPLITS:
+        inputs = {"source": source, "text_sha256": _sha256_texts(texts[split]), "tokenizer": tok_info}
+        ts = _reusable(folder, split, inputs)
+        reused = ts is not None
+        if not reused:
+            ts = _write_split(folder, split, tok, texts[split], inputs, data.min_tokens_per_char, tok_name)
+        m = ts.manifest
+        log(f"{split:<11}{m['texts']:>10,}{m['chars']:>15,}{m['tokens']:>14,}"
+            f"{m['tokens'] / m['chars']:>13.3f}" + ("  (reused)" if reused else ""))
+        out[split] = ts
+    return out
+
+
+def _tokenizer_for(cfg: ExperimentConfig, folder: Path, train_texts: Sequence[str], source: dict, given):
+    if given is not None:
+        return load_tokenizer(given)
+    spec = cfg.data.tokenizer
+    if spec != "bpe":
+        return load_tokenizer(spec or cfg.teacher.name)
+    # A BPE trained here is part of the prepared data: retrained only when its inputs change.
+    tok_dir, stamp_path = folder / "tokenizer", folder / "tokenizer.inputs.json"
+    stamp = {"vocab_size": cfg.model.vocab_size, "text_sha256": _sha256_texts(train_texts), "source": source}
+    if stamp_path.is_file() and tok_dir.is_dir():
+        try:
+            if read_json(stamp_path) == stamp:
+                return load_tokenizer(tok_dir)
+        except KdlibError:
+            pass
+    tok = train_bpe(train_texts, cfg.model.vocab_size, tok_dir)
+    atomic_write_json(stamp_path, stamp)
+    return tok
+
+
+def check_vocab(split: TokenSplit, vocab_size: int) -> None:
+    """Refuse token data made with a tokenizer larger than the model's vocabulary."""
+    n = split.manifest["inputs"]["tokenizer"]["vocab_size"]
+    if n > vocab_size:
+        raise KdlibError(f"{split.path} was tokenized with a {n}-token tokenizer but the model's vocabulary "
+                         f"has {vocab_size}; prepare the data with the teacher's tokenizer")
+
+
+# --------------------------------------------------------------------------
+# training windows
+
+
+class WindowSampler:
+    """Batches of ``[B, block_size + 1]`` windows: a seeded shuffle of non-overlapping windows per epoch.
+
+    Window i covers tokens ``i·block_size .. i·block_size + block_size``: inputs are
+    its first ``block_size`` tokens, targets its last ``block_size``, so every
+    token after the first is predicted exactly once per epoch. The order depends
+    only on the seed and the epoch, so every experiment of a sweep sees the same
+    batches. ``state_dict()`` / ``load_state_dict()`` resume mid-epoch.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+        self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
+        self.n_windows = (len(tokens) - 1) // block_size
+        if self.n_windows < batch_size:
+            raise KdlibError(f"{len(tokens):,} tokens make {self.n_windows} windows of {block_size} tokens, "
+                             f"fewer than one batch of {batch_size}; use more data or a smaller batch")
+        self.epoch, self.index = 0, 0
+        self._order = self.order(0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n_windows // self.batch_size  # the last partial batch is dropped: static shapes
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def window(self, i: int) -> np.ndarray:
+        start = i * self.block_size
+        return np.asarray(self.tokens[start:start + self.block_size + 1], dtype=np.int64)
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """(window indices [B], token windows [B, block_size + 1] as int64)."""
+        if self.index + self.batch_size > self.batches_per_epoch * self.batch_size:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self.order(self.epoch)
+        idx = self._order[self.index:self.index + self.batch_size]
+        self.index += self.batch_size
+        return idx, np.stack([self.window(i) for i in idx])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_windows": self.n_windows,
+                "block_size": self.block_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "n_windows", "block_size", "batch_size"):
+            if state.get(key) != getattr(self, key):
+                raise KdlibError(f"the saved data position was made with {key}={state.get(key)!r}, this run "
+                                 f"has {getattr(self, key)!r}: it cannot resume this run")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self.order(self.epoch)

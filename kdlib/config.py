@@ -229,6 +229,10 @@ class TrainConfig:
     precision: str = "fp32"  # "auto" (bf16/fp16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"
     patience: int = 6  # evaluations without improvement before early stopping
     eval_every: Optional[int] = None  # steps between evaluations; None = once per epoch
+    # Where the resume state (optimizer, scheduler, RNG, data position) lives:
+    # None = inside the run folder (counted in its storage budget); a local
+    # path such as /content/resume keeps the ~2x-model-size file off Drive.
+    resume_dir: Optional[str] = None
 
     def validate(self) -> None:
         _in_range(self, "lr", 0.0, math.inf, low_open=True)

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -27,7 +30,7 @@ import numpy as np
 from . import __version__
 from .config import DataConfig, ExperimentConfig
 from .errors import KdlibError, choices
-from .fileio import PathLike, atomic_path, atomic_write_json, read_json
+from .fileio import PathLike, atomic_write_json, read_json
 
 SPLITS = ("train", "validation", "test")
 TOKENS_FORMAT = "kdlib.tokens/1"
@@ -71,7 +74,10 @@ def _split_documents(docs: Sequence[str], data: DataConfig) -> dict[str, list[st
     for split, ratio in (("validation", data.split_ratios[1]), ("test", data.split_ratios[2])):
         chars = 0
         while not out[split] or chars < ratio * total:
-            i = next(pending)
+            i = next(pending, None)
+            if i is None:
+                raise KdlibError(f"{len(order)} documents are not enough to give validation and test their "
+                                 f"shares {data.split_ratios[1:]} and leave text for train; give more text")
             out[split].append(docs[i])
             chars += len(docs[i])
     out["train"] = [docs[i] for i in pending]
@@ -100,7 +106,7 @@ def load_texts(data: DataConfig) -> tuple[dict[str, list[str]], dict]:
         source = {"kind": "files", "files": {k: str(Path(v).expanduser().resolve()) for k, v in files.items()}}
         if "all" in files:
             text = _read_file(files["all"])
-            return _split_documents([p + "\n\n" for p in text.split("\n\n")], data), source
+            return _split_documents([p + "\n\n" for p in text.split("\n\n") if p.strip()], data), source
         return {split: _read_file(path).splitlines(keepends=True) for split, path in files.items()}, source
     return _load_hf(data)
 
@@ -186,7 +192,9 @@ def train_bpe(texts: Sequence[str], vocab_size: int, folder: PathLike):
 
 
 def _encode(tok, pieces: Sequence[str]) -> Iterator[np.ndarray]:
-    backend = tok.backend_tokenizer
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # a copy: the caller's keeps its settings
     backend.no_truncation()  # a corpus is never cut: that was the study's 98.6% loss
     backend.no_padding()
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
@@ -252,36 +260,38 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_split(folder: Path, split: str, tok, pieces: Sequence[str], inputs: dict,
-                 min_tokens_per_char: float, tokenizer_name: str) -> TokenSplit:
+def _check_ratio(split: str, n_tokens: int, n_chars: int, min_tokens_per_char: float) -> None:
+    ratio = n_tokens / n_chars
+    if ratio < min_tokens_per_char:
+        raise KdlibError(
+            f"split {split!r}: {n_tokens:,} tokens for {n_chars:,} characters ({ratio:.4f} tokens per "
+            f"character, expected at least {min_tokens_per_char}): the text was lost on the way "
+            "(truncation?) or the tokenizer is wrong. Nothing was written.")
+
+
+def _tokenize_split(path: Path, split: str, tok, pieces: Sequence[str], inputs: dict,
+                    min_tokens_per_char: float, tokenizer_name: str) -> dict:
+    """Write ``split``'s tokens to ``path`` (a staging file, fsynced); return its manifest."""
     dtype = token_dtype(len(tok))
     n_chars = sum(len(p) for p in pieces)
     if n_chars == 0:
         raise KdlibError(f"split {split!r} has no text; check the source (an empty file or dataset split)")
     h, n_tokens = hashlib.sha256(), 0
-    path = folder / f"{split}.bin"
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            for ids in _encode(tok, pieces):
-                if ids.size and ids.max() >= 2 ** (8 * np.dtype(dtype).itemsize):
-                    raise KdlibError(f"token id {ids.max()} does not fit {dtype}")
-                data = ids.astype(dtype).tobytes()
-                f.write(data)
-                h.update(data)
-                n_tokens += ids.size
-            f.flush()
-        ratio = n_tokens / n_chars
-        if ratio < min_tokens_per_char:
-            raise KdlibError(
-                f"split {split!r}: {n_tokens:,} tokens for {n_chars:,} characters ({ratio:.4f} tokens per "
-                f"character, expected at least {min_tokens_per_char}): the text was lost on the way "
-                "(truncation?) or the tokenizer is wrong. Nothing was written.")
-    manifest = {"format": TOKENS_FORMAT, "split": split, "tokenizer": tokenizer_name, "dtype": dtype,
-                "tokens": n_tokens,
-                "texts": len(pieces), "chars": n_chars, "sha256": h.hexdigest(), "inputs": inputs,
-                "kdlib_version": __version__}
-    atomic_write_json(folder / f"{split}.json", manifest)
-    return TokenSplit(path, manifest)
+    limit = 2 ** (8 * np.dtype(dtype).itemsize)
+    with open(path, "wb") as f:
+        for ids in _encode(tok, pieces):
+            if ids.size and ids.max() >= limit:
+                raise KdlibError(f"token id {ids.max()} does not fit {dtype}")
+            data = ids.astype(dtype).tobytes()
+            f.write(data)
+            h.update(data)
+            n_tokens += ids.size
+        f.flush()
+        os.fsync(f.fileno())
+    _check_ratio(split, n_tokens, n_chars, min_tokens_per_char)
+    return {"format": TOKENS_FORMAT, "split": split, "tokenizer": tokenizer_name, "dtype": dtype,
+            "tokens": n_tokens, "texts": len(pieces), "chars": n_chars, "sha256": h.hexdigest(),
+            "inputs": inputs, "kdlib_version": __version__}
 
 
 def _reusable(folder: Path, split: str, inputs: dict) -> Optional[TokenSplit]:
@@ -299,7 +309,10 @@ def prepare(cfg: ExperimentConfig, folder: PathLike, tokenizer=None,
     """Tokenize every split of ``cfg.data`` into ``folder``; reuse files whose inputs did not change.
 
     ``tokenizer`` (an object) overrides ``cfg.data.tokenizer``. Prints one summary line per split.
+    All new files (a trained tokenizer, token files) are staged first and moved into place only
+    when every split succeeded: a refused split leaves the folder as it was.
     """
+    cfg.validate()
     data = cfg.data
     folder = Path(folder)
     texts, source = load_texts(data)
@@ -308,7 +321,23 @@ def prepare(cfg: ExperimentConfig, folder: PathLike, tokenizer=None,
         raise KdlibError(f"the source has no text for split(s) {', '.join(missing)}; it has: "
                          f"{choices(s for s in texts if texts[s]) or 'nothing'}. Give every split "
                          "(train, validation, test), or one text to split by ratio")
-    tok = _tokenizer_for(cfg, folder, texts["train"], source, tokenizer)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".prep-", dir=folder))
+    try:
+        out = _prepare_staged(cfg, folder, staging, texts, source, tokenizer, log)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _prepare_staged(cfg, folder: Path, staging: Path, texts, source, tokenizer, log) -> dict[str, TokenSplit]:
+    data = cfg.data
+    tok, new_tokenizer = _tokenizer_for(cfg, folder, staging, texts["train"], source, tokenizer)
     if len(tok) > cfg.model.vocab_size:
         raise KdlibError(f"the tokenizer has {len(tok)} tokens but the model's vocabulary has "
                          f"{cfg.model.vocab_size}: token ids would fall outside it. Use the teacher's "
@@ -316,39 +345,65 @@ def prepare(cfg: ExperimentConfig, folder: PathLike, tokenizer=None,
     # The hash identifies the tokenizer; its name is for people (a path can differ between runs).
     tok_info = {"vocab_size": len(tok), "hash": tokenizer_hash(tok)}
     tok_name = getattr(tokenizer, "name_or_path", None) or data.tokenizer or cfg.teacher.name
-    out = {}
-    log(f"{'split':<11}{'texts':>10}{'characters':>15}{'tokens':>14}{'tokens/char':>13}")
+    manifests, reused = {}, set()
     for split in SPLITS:
         inputs = {"source": source, "text_sha256": _sha256_texts(texts[split]), "tokenizer": tok_info}
-        ts = _reusable(folder, split, inputs)
-        reused = ts is not None
-        if not reused:
-            ts = _write_split(folder, split, tok, texts[split], inputs, data.min_tokens_per_char, tok_name)
-        m = ts.manifest
+        existing = _reusable(folder, split, inputs)
+        if existing is not None:
+            m = existing.manifest
+            _check_ratio(split, m["tokens"], m["chars"], data.min_tokens_per_char)
+            reused.add(split)
+        else:
+            m = _tokenize_split(staging / f"{split}.bin", split, tok, texts[split], inputs,
+                                data.min_tokens_per_char, tok_name)
+        manifests[split] = m
+    # Every split succeeded: move the new files into place.
+    if new_tokenizer is not None:
+        _replace_folder(new_tokenizer, folder / "tokenizer")
+        atomic_write_json(folder / "tokenizer.inputs.json", json.loads((staging / "stamp.json").read_text()))
+    log(f"{'split':<11}{'texts':>10}{'characters':>15}{'tokens':>14}{'tokens/char':>13}")
+    out = {}
+    for split in SPLITS:
+        m = manifests[split]
+        if split not in reused:
+            os.replace(staging / f"{split}.bin", folder / f"{split}.bin")
+            atomic_write_json(folder / f"{split}.json", m)
         log(f"{split:<11}{m['texts']:>10,}{m['chars']:>15,}{m['tokens']:>14,}"
-            f"{m['tokens'] / m['chars']:>13.3f}" + ("  (reused)" if reused else ""))
-        out[split] = ts
+            f"{m['tokens'] / m['chars']:>13.3f}" + ("  (reused)" if split in reused else ""))
+        out[split] = TokenSplit(folder / f"{split}.bin", m)
     return out
 
 
-def _tokenizer_for(cfg: ExperimentConfig, folder: Path, train_texts: Sequence[str], source: dict, given):
+def _replace_folder(new: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _tokenizer_for(cfg: ExperimentConfig, folder: Path, staging: Path, train_texts: Sequence[str],
+                   source: dict, given):
+    """(tokenizer, staged folder of a newly trained tokenizer or None)."""
     if given is not None:
-        return load_tokenizer(given)
+        return load_tokenizer(given), None
     spec = cfg.data.tokenizer
     if spec != "bpe":
-        return load_tokenizer(spec or cfg.teacher.name)
+        return load_tokenizer(spec or cfg.teacher.name), None
     # A BPE trained here is part of the prepared data: retrained only when its inputs change.
     tok_dir, stamp_path = folder / "tokenizer", folder / "tokenizer.inputs.json"
     stamp = {"vocab_size": cfg.model.vocab_size, "text_sha256": _sha256_texts(train_texts), "source": source}
     if stamp_path.is_file() and tok_dir.is_dir():
         try:
             if read_json(stamp_path) == stamp:
-                return load_tokenizer(tok_dir)
+                return load_tokenizer(tok_dir), None
         except KdlibError:
             pass
-    tok = train_bpe(train_texts, cfg.model.vocab_size, tok_dir)
-    atomic_write_json(stamp_path, stamp)
-    return tok
+    staged = staging / "tokenizer"
+    tok = train_bpe(train_texts, cfg.model.vocab_size, staged)
+    (staging / "stamp.json").write_text(json.dumps(stamp))
+    return tok, staged
 
 
 def check_vocab(split: TokenSplit, vocab_size: int) -> None:
@@ -357,6 +412,16 @@ def check_vocab(split: TokenSplit, vocab_size: int) -> None:
     if n > vocab_size:
         raise KdlibError(f"{split.path} was tokenized with a {n}-token tokenizer but the model's vocabulary "
                          f"has {vocab_size}; prepare the data with the teacher's tokenizer")
+
+
+def check_tokenizer(split: TokenSplit, tokenizer) -> None:
+    """Refuse token data made with another tokenizer than ``tokenizer`` (e.g. the teacher's):
+    the same ids would stand for other strings, and distillation would compare nonsense."""
+    found, expected = split.manifest["inputs"]["tokenizer"]["hash"], tokenizer_hash(load_tokenizer(tokenizer))
+    if found != expected:
+        raise KdlibError(f"{split.path} was tokenized with another tokenizer ({split.manifest.get('tokenizer')!r}, "
+                         f"hash {found[:12]}) than this run's ({expected[:12]}); run `python -m kdlib prep` "
+                         "for this preset into its own folder")
 
 
 # --------------------------------------------------------------------------

@@ -365,7 +365,7 @@ def sparse_divergence(name: str, s: Tensor, topk_log_probs: Tensor, topk_ids: Te
     def rows(sc: Tensor, lp_k: Tensor, ids: Tensor, tail: Optional[Tensor] = None) -> Tensor:
         dtype = _compute_dtype(sc)
         log_q = _log_probs(sc, T, dtype)  # [n, V]
-        ids = ids.long()
+        ids = ids.to(torch.long, copy=True)  # gather saves it for backward: not an inference tensor
         log_q_k = log_q.gather(-1, ids)  # [n, k]
         # exp(-1e4) is exactly 0 in float32 and float64: an empty teacher bucket
         # (log mass -inf) then contributes 0, where -inf would give 0·inf = NaN.
@@ -403,6 +403,8 @@ def teacher_top_k(t: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, 
     """What the cache stores for teacher logits t [..., V]: top-k log-probs at T [..., k] (float32),
     their ids [..., k], and the log tail mass [...] (None when k = V)."""
     T = check_temperature(temperature)
+    if not 1 <= k <= t.shape[-1]:
+        raise KdlibError(f"top-k must be in [1, V={t.shape[-1]}], got {k}")
     log_p = _log_probs(t, T, _compute_dtype(t))  # [..., V]
     values, ids = log_p.topk(k, dim=-1)  # [..., k]
     if k == t.shape[-1]:

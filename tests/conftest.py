@@ -55,3 +55,21 @@ def ids():
     """[2, 8] random token ids in the tiny vocabulary."""
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, TEACHER_VOCAB, (2, 8), generator=g)
+
+
+# --------------------------------------------------------------------------
+# prepared smoke data (tests/test_data.py, tests/test_cache.py)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory):
+    """(folder, {split: TokenSplit}): the smoke preset's data prepared once per session.
+
+    Shared read-only: a test that changes files copies the folder first.
+    """
+    from kdlib.config import preset
+    from kdlib.data import prepare
+
+    folder = tmp_path_factory.mktemp("smoke_data")
+    splits = prepare(preset("smoke"), folder, log=lambda line: None)
+    return folder, splits

@@ -28,10 +28,10 @@ from torch import nn
 
 from . import __version__
 from .config import ExperimentConfig
-from .data import TokenSplit, load_split, token_dtype
+from .data import TokenSplit, load_split, n_windows, token_dtype, window_inputs
 from .errors import KdlibError
 from .fileio import PathLike, atomic_write_json, read_json
-from .losses import teacher_top_k
+from .losses import TopKTargets, teacher_top_k
 from .models import load_teacher, teacher_forward
 
 CACHE_FORMAT = "kdlib.topk/1"
@@ -58,7 +58,7 @@ def cache_identity(cfg: ExperimentConfig, tokens: TokenSplit) -> dict:
         "k": cfg.cache.top_k,
         "temperature": cfg.loss.effective().temperature,
         "dtypes": {"logp": LOGP_DTYPE, "ids": token_dtype(V), "tail": TAIL_DTYPE},
-        "windows": (tokens.n_tokens - 1) // cfg.data.block_size,
+        "windows": n_windows(tokens.n_tokens, cfg.data.block_size),
     }
 
 
@@ -120,14 +120,16 @@ class TopKCache:
     def k(self) -> int:
         return int(self.manifest["k"])
 
-    def batch(self, windows: Sequence[int], device=None):
-        """(top-k log-probs [B, T, k] float32, ids [B, T, k] int64, log tail [B, T] float32) for windows."""
+    def batch(self, windows: Sequence[int], device=None) -> TopKTargets:
+        """The cached teacher output of ``windows``: log-probs [B, T, k] float32, ids [B, T, k] int64,
+        log tail [B, T] float32. Stored dtypes travel to the device; conversion happens there."""
         idx = np.asarray(windows, dtype=np.int64)
         a = self.arrays
-        logp = torch.from_numpy(np.ascontiguousarray(a["logp"][idx])).float()
-        ids = torch.from_numpy(np.ascontiguousarray(a["ids"][idx]).astype(np.int64))
-        tail = torch.from_numpy(np.ascontiguousarray(a["tail"][idx])).float()
-        return logp.to(device), ids.to(device), tail.to(device)
+        ids = np.ascontiguousarray(a["ids"][idx])
+        ids = ids.astype(np.int32) if ids.dtype == np.uint16 else ids.astype(np.int64)  # torch has no uint16 ops
+        return TopKTargets(torch.from_numpy(np.ascontiguousarray(a["logp"][idx])).to(device).float(),
+                           torch.from_numpy(ids).to(device).long(),
+                           torch.from_numpy(np.ascontiguousarray(a["tail"][idx])).to(device).float())
 
 
 def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: PathLike, split: str = "train",
@@ -144,7 +146,8 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
     if n < 1:
         raise KdlibError(f"split {split!r} has {tokens.n_tokens} tokens: not one window of {T}")
     start = 0
-    if paths["manifest"].is_file():
+    existing = paths["manifest"].is_file()
+    if existing:
         found = read_json(paths["manifest"], "cache manifest")
         problems = _mismatch(found, ident)
         if problems:
@@ -154,7 +157,14 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
         if found.get("complete"):
             log(f"cache for {split} is complete in {folder}: reused")
             return TopKCache(folder, split, ident)
-        start = int(found.get("complete_windows", 0))
+        start = found.get("complete_windows", 0)
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < n:
+            raise KdlibError(f"cache manifest {paths['manifest']} says {start!r} windows are complete, of {n}: "
+                             "it is corrupt; delete this split's cache files and build again")
+    # The teacher first: a teacher that fails to load must leave no files behind.
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, device=device, student_vocab_size=cfg.model.vocab_size)
+    if existing:
         arrays = _open_memmaps(paths, ident, "r+")
         log(f"resuming the {split} cache at window {start:,} of {n:,}")
     else:
@@ -166,8 +176,6 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
     per_token = bytes_per_token(k, cfg.model.vocab_size)
     log(f"top-k cache ({split}): {n:,} windows x {T} tokens x {per_token} bytes/token "
         f"= {n * T * per_token / 2**20:,.1f} MiB in {folder}")
-    if teacher is None:
-        teacher = load_teacher(cfg.teacher, device=device, student_vocab_size=cfg.model.vocab_size)
     dev = next(teacher.parameters()).device
     temperature = ident["temperature"]
     bar = tqdm(total=n, initial=start, unit="window", desc=f"cache {split}", disable=not progress)
@@ -177,7 +185,7 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
         chunk_end = min(chunk_start + step, n)
         for b in range(chunk_start, chunk_end, cfg.cache.batch_size):
             e = min(b + cfg.cache.batch_size, chunk_end)
-            toks = flat[b * T:e * T].astype(np.int64).reshape(e - b, T)  # windows' inputs
+            toks = window_inputs(flat, b, e, T)  # [e - b, T]: the windows' inputs, as the sampler cuts them
             logits = teacher_forward(teacher, torch.from_numpy(toks).to(dev)).logits  # [b, T, V]
             logp, ids, tail = teacher_top_k(logits, k, temperature)
             arrays["logp"][b:e] = logp.to(torch.float16).cpu().numpy()
@@ -191,8 +199,4 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
         manifest.update(complete_windows=chunk_end, complete=chunk_end == n)
         atomic_write_json(paths["manifest"], manifest)
     bar.close()
-    if start >= n:  # a manifest left at n windows but not marked complete
-        manifest = read_json(paths["manifest"], "cache manifest")
-        manifest.update(complete=True)
-        atomic_write_json(paths["manifest"], manifest)
     return TopKCache(folder, split, ident)

@@ -238,8 +238,14 @@ def load_student(path: PathLike, device: Union[str, torch.device] = "cpu",
 def _encode(obj: Any, tensors: dict, key: str):
     """JSON structure for ``obj``; tensors go to ``tensors`` under numbered names (``key`` is for errors)."""
     if isinstance(obj, torch.Tensor):
-        name = f"t{len(tensors)}"
+        # A tensor reachable twice (tied embeddings: wte.weight is lm_head.weight) is stored once.
+        memo = tensors.setdefault("__memo__", {})
+        ident = (obj.data_ptr(), obj.dtype, tuple(obj.shape), tuple(obj.stride()), obj.device.type)
+        if obj.numel() and ident in memo:
+            return {"__tensor__": memo[ident]}
+        name = f"t{len(tensors) - 1}"
         tensors[name] = obj.detach().to("cpu").contiguous().clone()
+        memo[ident] = name
         return {"__tensor__": name}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.ravel().tolist(), "dtype": str(obj.dtype), "shape": list(obj.shape)}
@@ -280,6 +286,7 @@ def save_resume(path: PathLike, state: dict, budget: Optional[StorageBudget] = N
     """Write a resume state (nested dicts/lists/tuples of tensors, arrays and JSON values) atomically."""
     tensors: dict = {}
     structure = _encode(state, tensors, "state")
+    tensors.pop("__memo__", None)
     data = st_save(tensors, metadata={"format": RESUME_FORMAT, "kdlib_version": __version__,
                                       "state": json.dumps(structure)})
     _write(path, data, budget)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
@@ -36,8 +37,16 @@ def _check(args: argparse.Namespace) -> int:
     from .preflight import run_checks
 
     base = preset(args.preset)
+    for exp in args.exps or ():
+        base.with_experiment(exp, feature=args.feature)  # refuses a bad name before any work
     failed = 0
-    for result in run_checks(base, args.exps or EXPERIMENTS, feature=args.feature, steps=args.steps):
+    data_dir = args.data_dir
+    if data_dir is None and Path(f"data/{args.preset}/train.json").is_file():
+        data_dir = f"data/{args.preset}"
+    if data_dir is None:
+        print("no prepared data (python -m kdlib prep): checking on random token windows", file=sys.stderr)
+    for result in run_checks(base, args.exps or EXPERIMENTS, feature=args.feature, steps=args.steps,
+                             data_dir=data_dir):
         print(result.line(), flush=True)
         failed += not result.ok
     total = len(args.exps or EXPERIMENTS)
@@ -75,15 +84,87 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_config(args: argparse.Namespace, exp: str, seed: Optional[int]):
+    from .config import preset
+
+    cfg = preset(args.preset).with_experiment(exp, feature=args.feature)
+    if seed is not None:
+        cfg.seed = seed
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    return cfg.validate()
+
+
+def _train_one(args, cfg, teacher=None) -> dict:
+    from .checkpoint import MiB, StorageBudget
+    from .train import run_name, train
+
+    if not (0 < args.budget_mib < 1e9):
+        raise KdlibError(f"--budget-mib must be a positive number of MiB, got {args.budget_mib}")
+    budget = StorageBudget(args.runs, int(args.budget_mib * MiB))
+    return train(cfg, f"{args.runs}/{run_name(cfg)}", _data_dir(args), cache_dir=args.cache_dir,
+                 teacher_source=args.teacher_source, teacher=teacher, budget=budget)
+
+
+def _train(args: argparse.Namespace) -> int:
+    _train_one(args, _experiment_config(args, args.exp, args.seed))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .grid import EXPERIMENTS
+    from .train import run_name
+
+    cfgs = [_experiment_config(args, e, s) for s in args.seeds for e in (args.exps or EXPERIMENTS)]
+    for i, cfg in enumerate(cfgs, 1):
+        print(f"[{i}/{len(cfgs)}] {run_name(cfg)}", flush=True)
+        _train_one(args, cfg)
+    print(f"sweep done: {len(cfgs)} runs in {args.runs}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_student
+    from .config import ExperimentConfig
+    from .data import load_split
+    from .evaluate import perplexity
+
+    run = Path(args.run_dir)
+    cfg = ExperimentConfig.load(run / "config.json")
+    data_dir = args.data_dir or f"data/{cfg.preset}"
+    model = load_student(run / "student.safetensors", expect=cfg.model)
+    block = args.block_size or cfg.data.block_size
+    stride = args.stride or block // 2
+    ppl = perplexity(model, load_split(data_dir, args.split).tokens(), block, stride)
+    print(f"{run.name}: {args.split} perplexity {ppl:.3f} (block {block}, stride {stride})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.dir, quick=args.quick)
+    return 0
+
+
 def _storage(args: argparse.Namespace) -> int:
     from .checkpoint import MiB, StorageBudget, delete_weights
 
+    if not (0 < args.limit_mib < 1e9):
+        raise KdlibError(f"--limit-mib must be a positive number of MiB, got {args.limit_mib}")
     budget = StorageBudget(args.dir, int(args.limit_mib * MiB))
     if args.delete_weights:
         freed = delete_weights(budget, args.delete_weights)
         print(f"deleted the weights of {', '.join(args.delete_weights)}: {freed / MiB:.2f} MiB freed")
     print(budget.report())
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiments to check (default: the 14 of the grid)")
     p.add_argument("--feature", choices=("hidden", "attention"),
                    help="feature kind for the feature-map experiments (default: the preset's)")
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps per experiment (default: 2)")
+    p.add_argument("--steps", type=_positive_int, default=2, help="optimizer steps per experiment (default: 2)")
+    p.add_argument("--data-dir", help="prepared data to check on (default: data/PRESET if prepared)")
     p.set_defaults(func=_check)
 
     p = sub.add_parser("prep", help="tokenize the preset's corpus into token files",
@@ -139,6 +221,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="cache folder (default: DATA_DIR/cache)")
     p.add_argument("--device", help="device for the teacher (default: cpu)")
     p.set_defaults(func=_cache)
+
+    def run_options(p):
+        p.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="preset (default: smoke)")
+        p.add_argument("--feature", choices=("hidden", "attention"),
+                       help="feature kind for the feature-map experiments (default: the preset's)")
+        p.add_argument("--runs", default="runs", help="results folder (default: runs)")
+        p.add_argument("--budget-mib", type=float, default=100.0, help="storage budget of the results folder")
+        p.add_argument("--data-dir", help="prepared token folder (default: data/PRESET; prepared if missing)")
+        p.add_argument("--cache-dir", help="top-k cache folder (default: DATA_DIR/cache)")
+        p.add_argument("--teacher-source", default="auto", choices=("auto", "online", "cache"),
+                       help="auto: the cache for output-only experiments when one matches, else online")
+        p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+
+    p = sub.add_parser("train", help="train one experiment (resumes an interrupted run)",
+                       description="Train one experiment in RUNS/EXP-seedSEED. Started again on the same "
+                                   "folder, it continues from the resume state; a finished run is not "
+                                   "trained again.")
+    run_options(p)
+    p.add_argument("--exp", required=True, help="experiment name (python -m kdlib grid lists the 14)")
+    p.add_argument("--seed", type=int, help="seed (default: the preset's)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sweep", help="train experiments x seeds one after another, skipping finished runs",
+                       description="Train each experiment for each seed in one results folder; finished "
+                                   "runs are skipped, interrupted ones resumed, and a run that would not fit "
+                                   "the storage budget stops the sweep before it starts.")
+    run_options(p)
+    p.add_argument("--exps", nargs="+", metavar="NAME", help="experiments (default: the 14 of the grid)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("eval", help="perplexity of a run's student on a split",
+                       description="Score a run's saved student under the sliding-window protocol.")
+    p.add_argument("run_dir", help="a run folder (with config.json and student.safetensors)")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--stride", type=int, help="window stride (default: block_size // 2)")
+    p.add_argument("--block-size", type=int, help="window length (default: the run's block size)")
+    p.add_argument("--data-dir", help="prepared token folder (default: data/PRESET)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="the whole study offline on a CPU: data, teacher, cache, 14 runs, results",
+                       description="Run the study end to end with no network: Python's own documentation as "
+                                   "text, a BPE tokenizer and a small GPT-2-architecture teacher trained on "
+                                   "it, the top-k cache, the preflight check, the 14 experiments with a small "
+                                   "student, then the results table and figures. About 10-15 minutes on 2 "
+                                   "CPU cores; finished steps are reused when run again.")
+    p.add_argument("--dir", default="demo", help="output folder (default: demo)")
+    p.add_argument("--quick", action="store_true", help="a few steps per run (for CI): checks the pipeline")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("storage", help="usage of a results folder per run, against its budget",
                        description="Print the disk usage of each run in a results folder and the total "

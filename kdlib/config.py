@@ -92,6 +92,23 @@ class LossConfig:
         return dataclasses.replace(self, overrides={}, **extra)
 
     @property
+    def needs_teacher(self) -> bool:
+        return self.divergence is not None or self.feature_map is not None or self.cosine
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.feature_map is not None and self.feature == "hidden"
+
+    @property
+    def needs_attentions(self) -> bool:
+        return self.feature_map is not None and self.feature == "attention"
+
+    @property
+    def output_only(self) -> bool:
+        """Needs only the teacher's output distribution: a top-k cache can stand in for the teacher."""
+        return self.divergence is not None and self.feature_map is None and not self.cosine
+
+    @property
     def layer_map_name(self) -> Optional[str]:
         """The ``kdlib.losses.layer_pairs`` map this config uses, or None without feature loss."""
         if self.feature_map == "layerwise" and self.layer_map == "study":
@@ -148,6 +165,11 @@ class TeacherConfig:
         if not self.name.strip():
             raise KdlibError("teacher.name is empty; give a Hugging Face model id (e.g. 'gpt2') or a folder")
         if self.random_init is not None:
+            allowed = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner")
+            unknown = set(self.random_init) - set(allowed)
+            if unknown:
+                raise KdlibError(f"teacher.random_init has unknown keys {sorted(unknown)}; allowed: "
+                                 f"{choices(allowed)}")
             for key in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions"):
                 v = self.random_init.get(key)
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -179,6 +201,9 @@ class DataConfig:
 
     def validate(self) -> None:
         _positive(self, "block_size")
+        if self.dataset is not None and self.text_files:
+            raise KdlibError(f"data.text_files is set but data.dataset is {self.dataset!r} too; set "
+                             "data.dataset to None to use the files")
         if self.dataset is None and not self.text_files:
             raise KdlibError("data.dataset is None and data.text_files is empty; give a Hugging Face "
                              "dataset id, 'python-docs', or local text files per split")
@@ -229,6 +254,8 @@ class TrainConfig:
     precision: str = "fp32"  # "auto" (bf16/fp16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"
     patience: int = 6  # evaluations without improvement before early stopping
     eval_every: Optional[int] = None  # steps between evaluations; None = once per epoch
+    eval_batch_size: int = 8  # windows per forward pass when scoring perplexity
+    log_every: int = 10  # steps between metrics.jsonl lines (each costs a host sync)
     # Where the resume state (optimizer, scheduler, RNG, data position) lives:
     # None = inside the run folder (counted in its storage budget); a local
     # path such as /content/resume keeps the ~2x-model-size file off Drive.
@@ -236,10 +263,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         _in_range(self, "lr", 0.0, math.inf, low_open=True)
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           and 0 <= b < 1 for b in self.betas):
             raise KdlibError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
         _in_range(self, "weight_decay", 0.0, math.inf)
-        for name in ("batch_size", "grad_accum", "epochs", "patience"):
+        for name in ("batch_size", "grad_accum", "epochs", "patience", "eval_batch_size", "log_every"):
             _positive(self, name)
         for name in ("max_steps", "eval_every"):
             if getattr(self, name) is not None:
@@ -277,6 +305,16 @@ class ExperimentConfig:
 
         for part in (self.model, self.teacher, self.loss, self.data, self.cache, self.train):
             part.validate()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise KdlibError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        r = self.teacher.random_init
+        if r is not None:
+            if r["n_positions"] < self.data.block_size:
+                raise KdlibError(f"teacher.random_init.n_positions ({r['n_positions']}) is shorter than "
+                                 f"data.block_size ({self.data.block_size})")
+            if r["n_embd"] % r["n_head"]:
+                raise KdlibError(f"teacher.random_init.n_embd ({r['n_embd']}) must be divisible by n_head "
+                                 f"({r['n_head']})")
         spec = parse(self.exp, feature=self.loss.feature)
         if spec.apply(self.loss) != self.loss:
             raise KdlibError(f"the loss components in this config do not match experiment {self.exp!r}; "
@@ -345,7 +383,7 @@ def _demo() -> ExperimentConfig:
     # tokenizer trained locally on real text, then the grid with a small student.
     return ExperimentConfig(
         preset="demo", seed=0,
-        model=TinyGPTConfig(vocab_size=2048, block_size=128, n_layer=4, n_head=4, n_embd=128, d_ff=512,
+        model=TinyGPTConfig(vocab_size=2048, block_size=128, n_layer=3, n_head=4, n_embd=128, d_ff=512,
                             dropout=0.1, positions="learned"),
         loss=LossConfig(),
         data=DataConfig(dataset="python-docs", tokenizer="bpe", block_size=64),

@@ -428,6 +428,17 @@ def check_tokenizer(split: TokenSplit, tokenizer) -> None:
 # training windows
 
 
+def n_windows(n_tokens: int, block_size: int) -> int:
+    """Training windows in a split: window i covers tokens ``i·block_size .. i·block_size + block_size``
+    (the sampler and the teacher cache both count them this way)."""
+    return max(n_tokens - 1, 0) // block_size
+
+
+def window_inputs(tokens: np.ndarray, first: int, last: int, block_size: int) -> np.ndarray:
+    """The model inputs of windows ``first .. last - 1``: [last - first, block_size] int64."""
+    return np.asarray(tokens[first * block_size:last * block_size], dtype=np.int64).reshape(-1, block_size)
+
+
 class WindowSampler:
     """Batches of ``[B, block_size + 1]`` windows: a seeded shuffle of non-overlapping windows per epoch.
 
@@ -440,7 +451,7 @@ class WindowSampler:
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
-        self.n_windows = (len(tokens) - 1) // block_size
+        self.n_windows = n_windows(len(tokens), block_size)
         if self.n_windows < batch_size:
             raise KdlibError(f"{len(tokens):,} tokens make {self.n_windows} windows of {block_size} tokens, "
                              f"fewer than one batch of {batch_size}; use more data or a smaller batch")
@@ -476,5 +487,9 @@ class WindowSampler:
             if state.get(key) != getattr(self, key):
                 raise KdlibError(f"the saved data position was made with {key}={state.get(key)!r}, this run "
                                  f"has {getattr(self, key)!r}: it cannot resume this run")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        epoch, index = state.get("epoch"), state.get("index")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, index)) \
+                or index % self.batch_size or index > self.batches_per_epoch * self.batch_size:
+            raise KdlibError(f"the saved data position (epoch {epoch!r}, index {index!r}) is corrupt")
+        self.epoch, self.index = epoch, index
         self._order = self.order(self.epoch)

@@ -56,20 +56,20 @@ class ExperimentSpec:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.divergence is not None or self.feature_map is not None or self.cosine
+        return self.apply(LossConfig()).needs_teacher
 
     @property
     def needs_hidden_states(self) -> bool:
-        return self.feature_map is not None and self.feature == "hidden"
+        return self.apply(LossConfig()).needs_hidden_states
 
     @property
     def needs_attentions(self) -> bool:
-        return self.feature_map is not None and self.feature == "attention"
+        return self.apply(LossConfig()).needs_attentions
 
     @property
     def output_only(self) -> bool:
         """Needs only the teacher's output distribution: a top-k cache can stand in for the teacher."""
-        return self.divergence is not None and self.feature_map is None and not self.cosine
+        return self.apply(LossConfig()).output_only
 
     def apply(self, loss: LossConfig) -> LossConfig:
         """``loss`` with its component fields set to this experiment's."""

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .errors import KdlibError, choices
 
@@ -109,48 +110,58 @@ def _chunk_rows(chunk_size: ChunkSize, V: int) -> Optional[int]:
 # masked mean of a per-row quantity, chunked over rows
 
 
-def _select(parts, mask: Optional[Tensor]):
-    return parts if mask is None else [p[mask] for p in parts]
+def _masked(values: Tensor, mask: Optional[Tensor]) -> Tensor:
+    # torch.where, not values[mask]: boolean indexing syncs the host with the GPU.
+    return values if mask is None else torch.where(mask, values, values.new_zeros(()))
+
+
+def _count(mask: Optional[Tensor], n: int, like: Tensor) -> Tensor:
+    """Counted positions as a tensor (>= 1, so no position gives 0, not NaN); no host sync."""
+    if mask is None:
+        return like.new_tensor(max(n, 1))
+    return mask.sum().clamp_min(1).to(like.dtype)
 
 
 class _RowMean(torch.autograd.Function):
     """mean over masked rows of ``rows_fn(*tensors)``, chunked, recomputed in backward.
 
     ``tensors`` all have N rows; ``rows_fn`` maps row-slices of them to a ``[n]``
-    tensor. Tensors that need no gradient (teacher outputs, labels) are kept on
-    ``ctx`` directly: they may be inference-mode tensors, which
-    ``save_for_backward`` refuses.
+    tensor. Every row is computed and the masked-out ones are zeroed, which keeps
+    shapes static and the GPU free of host syncs. Tensors that need no gradient
+    (teacher outputs, labels) are kept on ``ctx`` directly: they may be
+    inference-mode tensors, which ``save_for_backward`` refuses. First
+    derivatives only (``once_differentiable``).
     """
 
     @staticmethod
     def forward(ctx, rows_fn, chunk, mask, *tensors):
         n = tensors[0].shape[0]
-        values = [rows_fn(*_select([x[a:a + chunk] for x in tensors],
-                                   None if mask is None else mask[a:a + chunk]))
+        values = [_masked(rows_fn(*[x[a:a + chunk] for x in tensors]), None if mask is None else mask[a:a + chunk])
                   for a in range(0, n, chunk)]
         values = torch.cat(values) if values else tensors[0].new_zeros(0, dtype=_compute_dtype(*tensors))
-        count = values.numel()
+        count = _count(mask, n, values)
         needs = ctx.needs_input_grad[3:]
         ctx.save_for_backward(*[x if need else None for x, need in zip(tensors, needs)])
         ctx.constants = [None if need else x for x, need in zip(tensors, needs)]
         ctx.rows_fn, ctx.chunk, ctx.mask, ctx.count = rows_fn, chunk, mask, count
-        return values.sum() / max(count, 1)
+        return values.sum() / count
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         tensors = [c if c is not None else s for c, s in zip(ctx.constants, ctx.saved_tensors)]
         needs = ctx.needs_input_grad[3:]
-        grads = [torch.zeros_like(x) if need else None for x, need in zip(tensors, needs)]
-        scale = grad_out / max(ctx.count, 1)
+        grads = [torch.empty_like(x) if need else None for x, need in zip(tensors, needs)]
+        scale = grad_out / ctx.count
         n, chunk, mask = tensors[0].shape[0], ctx.chunk, ctx.mask
         with torch.enable_grad():
             for a in range(0, n, chunk):
                 parts = [x[a:a + chunk].detach().requires_grad_(need) for x, need in zip(tensors, needs)]
-                values = ctx.rows_fn(*_select(parts, None if mask is None else mask[a:a + chunk]))
-                leaves = [p for p, need in zip(parts, needs) if need]
-                if values.numel() == 0:
-                    continue
-                got = torch.autograd.grad(values, leaves, scale.expand_as(values))
+                values = ctx.rows_fn(*parts)  # [c]
+                weight = scale.expand_as(values)
+                if mask is not None:
+                    weight = torch.where(mask[a:a + chunk], weight, weight.new_zeros(()))
+                got = torch.autograd.grad(values, [p for p, need in zip(parts, needs) if need], weight)
                 for g_full, g in zip([g for g in grads if g is not None], got):
                     g_full[a:a + chunk] = g
         return (None, None, None, *grads)
@@ -160,8 +171,10 @@ def _row_mean(rows_fn: Callable[..., Tensor], tensors: Sequence[Tensor], mask: O
               chunk_size: ChunkSize) -> Tensor:
     chunk = _chunk_rows(chunk_size, tensors[0].shape[-1])
     if chunk is None:  # dense reference: one autograd graph over all rows
-        values = rows_fn(*_select(list(tensors), mask))
-        return values.sum() / max(values.numel(), 1)
+        values = _masked(rows_fn(*tensors), mask)
+        return values.sum() / _count(mask, tensors[0].shape[0], values)
+    if tensors[0].shape[0] == 0:
+        return tensors[0].new_zeros((), dtype=_compute_dtype(*tensors))
     return _RowMean.apply(rows_fn, chunk, mask, *tensors)
 
 
@@ -323,7 +336,7 @@ def cross_entropy(s: Tensor, labels: Tensor, label_smoothing: float = 0.0,
 
     def rows(sc: Tensor, yc: Tensor) -> Tensor:
         log_q = F.log_softmax(sc.to(_compute_dtype(sc)), dim=-1)  # [n, V]
-        nll = -log_q.gather(-1, yc[:, None]).squeeze(-1)
+        nll = -log_q.gather(-1, yc.clamp_min(0)[:, None]).squeeze(-1)  # ignored rows: any index, zeroed later
         if smoothing == 0.0:
             return nll
         return (1.0 - smoothing) * nll - smoothing * log_q.mean(-1)
@@ -333,6 +346,14 @@ def cross_entropy(s: Tensor, labels: Tensor, label_smoothing: float = 0.0,
 
 # --------------------------------------------------------------------------
 # sparse divergences: the teacher's top-k cache (design.md §7)
+
+
+class TopKTargets(NamedTuple):
+    """The teacher's output as a top-k cache stores it, in place of its logits."""
+
+    log_probs: Tensor  # [..., k] at the run's temperature
+    ids: Tensor  # [..., k]
+    log_tail: Tensor  # [...]
 
 
 def sparse_divergence(name: str, s: Tensor, topk_log_probs: Tensor, topk_ids: Tensor,
@@ -461,10 +482,14 @@ def _check_layers(pairs, n_student_states: int, n_teacher_states: int, what: str
 
 
 def _masked_sq_mean(diff: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Mean of diff² over masked positions and the last dim(s); diff: [B, T, ...], mask: [B, T]."""
-    if mask is not None:
-        diff = diff[mask.bool()]  # [M, ...]
-    return diff.pow(2).sum() / max(diff.numel(), 1)
+    """Mean of diff² over masked positions and the trailing dims; diff: [B, T, ...], mask: [B, T]."""
+    sq = diff.pow(2).flatten(2).sum(-1)  # [B, T]
+    per_position = math.prod(diff.shape[2:])
+    if mask is None:
+        return sq.sum() / max(sq.numel() * per_position, 1)
+    if mask.shape != sq.shape:
+        raise KdlibError(f"mask shape {tuple(mask.shape)} must be [batch, time] = {tuple(sq.shape)}")
+    return _masked(sq, mask.bool()).sum() / (mask.sum().clamp_min(1) * per_position)
 
 
 def hidden_mse(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor],

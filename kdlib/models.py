@@ -160,7 +160,8 @@ class TinyGPT(nn.Module):
 
 def _half_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 needs compute capability 8 (Ampere); is_bf16_supported() also counts a T4's emulation.
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return torch.float32
 
 

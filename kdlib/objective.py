@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import losses
 from .config import LossConfig, TinyGPTConfig
 from .errors import KdlibError
+from .losses import TopKTargets
 from .models import supports_output, teacher_shape
 
 
@@ -62,16 +63,15 @@ class DistillationLoss(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
-        c = self.config
-        return c.divergence is not None or c.feature_map is not None or c.cosine
+        return self.config.needs_teacher
 
     @property
     def needs_hidden_states(self) -> bool:
-        return self.config.feature_map is not None and self.config.feature == "hidden"
+        return self.config.needs_hidden_states
 
     @property
     def needs_attentions(self) -> bool:
-        return self.config.feature_map is not None and self.config.feature == "attention"
+        return self.config.needs_attentions
 
     def forward(self, student_out, teacher_out, labels: Tensor) -> LossOutput:
         """student_out/teacher_out: ``.logits`` [B, T, V] (+ features if needed); labels [B, T], -100 = ignored."""
@@ -82,7 +82,17 @@ class DistillationLoss(nn.Module):
         weights = {"ce": c.w_ce}
         if self.needs_teacher and teacher_out is None:
             raise KdlibError("this experiment distils from a teacher but no teacher outputs were given")
-        if c.divergence is not None:
+        if isinstance(teacher_out, TopKTargets):
+            if not c.output_only:
+                raise KdlibError("a top-k cache only serves output-only experiments (a divergence, no "
+                                 "cosine, no feature map); run this one with the teacher online")
+            k = teacher_out.ids.shape[-1]
+            parts[c.divergence] = losses.sparse_divergence(
+                c.divergence, s, teacher_out.log_probs, teacher_out.ids,
+                teacher_out.log_tail if k < s.shape[-1] else None, c.temperature, mask,
+                param=c.divergence_param)
+            weights[c.divergence] = c.w_div
+        elif c.divergence is not None:
             parts[c.divergence] = losses.divergence(c.divergence, s, teacher_out.logits, c.temperature,
                                                     mask, param=c.divergence_param)
             weights[c.divergence] = c.w_div

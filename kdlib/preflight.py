@@ -3,20 +3,25 @@
 The original study's author learned that "checking is crucial": a missing
 ``optimizer.step()``, a teacher that trains, a loss term that is silently
 zero. ``check_experiment`` catches those in seconds, before GPU hours are
-spent. It currently feeds seeded random token windows of the run's shape;
-the data pipeline's own checks live with the data.
+spent: on the prepared data when there is some (every split present and long
+enough, windows of the right shape), else on random token windows.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from itertools import chain
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import load_student, save_student
+from .data import SPLITS, WindowSampler, check_vocab, load_split, n_windows
 from .config import ExperimentConfig
 from .errors import KdlibError
 from .grid import parse
@@ -47,8 +52,12 @@ def expected_parts(objective: DistillationLoss) -> list[str]:
 
 
 def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None, steps: int = 2,
-                     batch_size: int = 2) -> CheckResult:
-    """Train ``cfg`` for ``steps`` AdamW steps on random windows; return what looks wrong."""
+                     batch_size: int = 2, tokens: Optional[np.ndarray] = None) -> CheckResult:
+    """Train ``cfg`` for ``steps`` AdamW steps and return what looks wrong.
+
+    The windows come from ``tokens`` (a prepared train split) the way training cuts them, or are
+    random token ids when no data is given. The student's checkpoint must round-trip.
+    """
     result = CheckResult(cfg.exp)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -63,8 +72,16 @@ def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None,
     teacher_before = [p.detach().clone() for p in teacher.parameters()] if teacher is not None else []
     opt = torch.optim.AdamW(trainable.values(), lr=cfg.train.lr)
     T = cfg.data.block_size
+    sampler = WindowSampler(tokens, T, batch_size, cfg.seed) if tokens is not None else None
     for step in range(steps):
-        window = torch.randint(cfg.model.vocab_size, (batch_size, T + 1), generator=gen).to(device)
+        if sampler is not None:
+            window = torch.from_numpy(sampler.next_batch()[1]).to(device)
+        else:
+            window = torch.randint(cfg.model.vocab_size, (batch_size, T + 1), generator=gen).to(device)
+        if window.shape != (batch_size, T + 1):
+            result.problems.append(f"data windows have shape {tuple(window.shape)}, expected "
+                                   f"{(batch_size, T + 1)}")
+            return result
         ids, labels = window[:, :-1], window[:, 1:]  # [B, T] each
         s_out = student(ids, output_hidden_states=objective.needs_hidden_states,
                         output_attentions=objective.needs_attentions)
@@ -95,6 +112,18 @@ def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None,
     if any(not torch.equal(p, q) for p, q in zip(teacher.parameters() if teacher is not None else [],
                                                    teacher_before)):
         result.problems.append("the teacher's weights changed")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            save_student(student, Path(tmp) / "student.safetensors")
+            again = load_student(Path(tmp) / "student.safetensors", expect=cfg.model)
+        except KdlibError as e:
+            result.problems.append(f"the checkpoint does not round-trip: {e}")
+            return result
+        probe = torch.arange(min(T, 8))[None] % cfg.model.vocab_size
+        student.eval()
+        with torch.no_grad():
+            if not torch.allclose(student(probe).logits, again(probe).logits, rtol=1e-2, atol=1e-2):
+                result.problems.append("the saved student does not reproduce the trained one's outputs")
     return result
 
 
@@ -102,8 +131,21 @@ def _few(names: list, n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def run_checks(base: ExperimentConfig, exps, feature: Optional[str] = None, steps: int = 2):
-    """Check each experiment of ``exps`` under ``base``; yields CheckResults as they finish."""
+def check_data(data_dir, cfg: ExperimentConfig, batch_size: int = 2) -> np.ndarray:
+    """Every split present, non-empty and long enough for a window; returns the train tokens."""
+    splits = {s: load_split(data_dir, s) for s in SPLITS}
+    for name, split in splits.items():
+        if n_windows(split.n_tokens, cfg.data.block_size) < 1:
+            raise KdlibError(f"split {name!r} in {data_dir} has {split.n_tokens} tokens: not one window of "
+                             f"{cfg.data.block_size}; prepare more text")
+        check_vocab(split, cfg.model.vocab_size)
+    return splits["train"].tokens()
+
+
+def run_checks(base: ExperimentConfig, exps, feature: Optional[str] = None, steps: int = 2, data_dir=None):
+    """Check each experiment of ``exps`` under ``base`` (on the data in ``data_dir`` if given);
+    yields CheckResults as they finish."""
+    tokens = check_data(data_dir, base) if data_dir is not None else None
     cfgs = [base.with_experiment(e, feature=feature) for e in exps]
     specs = [parse(c.exp, feature=c.loss.feature) for c in cfgs]
     teacher = None
@@ -111,4 +153,4 @@ def run_checks(base: ExperimentConfig, exps, feature: Optional[str] = None, step
         teacher = load_teacher(base.teacher, need_attentions=any(s.needs_attentions for s in specs),
                                student_vocab_size=base.model.vocab_size)
     for cfg in cfgs:
-        yield check_experiment(cfg, teacher, steps=steps)
+        yield check_experiment(cfg, teacher, steps=steps, tokens=tokens)

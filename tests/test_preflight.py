@@ -1,3 +1,5 @@
+import json
+
 import torch
 from torch import nn
 
@@ -68,7 +70,7 @@ def test_check_reports_a_non_finite_loss(monkeypatch):
 
 def test_check_exit_code_is_nonzero_on_failure(monkeypatch, capsys):
     monkeypatch.setattr(preflight, "check_experiment",
-                        lambda cfg, teacher, steps: preflight.CheckResult(cfg.exp, ["broken"]))
+                        lambda cfg, teacher, steps, **kw: preflight.CheckResult(cfg.exp, ["broken"]))
     assert main(["check", "--exps", "kl"]) == 1
     assert "FAIL  kl" in capsys.readouterr().out
 
@@ -77,3 +79,43 @@ def test_check_reports_unknown_experiment_without_traceback(capsys):
     assert main(["check", "--exps", "kl-jsd"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown part 'jsd'") and "Traceback" not in err
+
+
+def test_check_on_prepared_data_uses_its_windows_and_round_trips_the_checkpoint(smoke_data, capsys):
+    folder, splits = smoke_data
+    assert main(["check", "--exps", "kl", "last2all-js-cos", "--data-dir", str(folder)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 passed, 0 failed"
+    cfg = preset("smoke", "kl")
+    tokens = preflight.check_data(folder, cfg)
+    assert len(tokens) == splits["train"].n_tokens
+
+
+def test_check_reports_a_checkpoint_that_does_not_round_trip(monkeypatch, smoke_data):
+    cfg = preset("smoke", "ce")
+
+    def broken_load(path, expect=None):
+        return preflight.TinyGPT(expect)  # fresh weights: not what was saved
+
+    monkeypatch.setattr(preflight, "load_student", broken_load)
+    result = preflight.check_experiment(cfg, None, tokens=preflight.check_data(smoke_data[0], cfg))
+    assert any("does not reproduce" in p for p in result.problems)
+
+
+def test_check_refuses_data_too_short_for_a_window(smoke_data, tmp_path):
+    import shutil
+
+    from kdlib.errors import KdlibError
+    import pytest
+
+    folder = tmp_path / "data"
+    shutil.copytree(smoke_data[0], folder)
+    cfg = preset("smoke", "kl")
+    cfg.data.block_size = 64
+    cfg.model.block_size = 64
+    manifest = json.loads((folder / "test.json").read_text())
+    keep = 40  # tokens: fewer than one window of 64
+    (folder / "test.bin").write_bytes((folder / "test.bin").read_bytes()[:keep * 2])
+    manifest["tokens"] = keep
+    (folder / "test.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdlibError, match="split 'test'.*not one window"):
+        preflight.check_data(folder, cfg)

@@ -1,0 +1,138 @@
+"""The offline demo: the whole study, end to end, on a laptop CPU with no network.
+
+1. Text: the documentation shipped with Python (``pydoc_data``, ~0.47 MB of
+   real English that nobody on this project wrote), split by whole topics.
+2. A byte-level BPE tokenizer trained on it (``data.tokenizer = "bpe"``).
+3. A small GPT-2-architecture teacher trained on it, saved with
+   ``save_pretrained`` and reused by later runs.
+4. The teacher's top-k cache, the preflight check, then the 14 experiments
+   with a small TinyGPT student.
+5. The results table (``results.csv``, ``results.md``) and figures.
+
+Demo-scale numbers say whether the machinery works and how the losses rank on
+a tiny problem; they are not the study's results.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ExperimentConfig, preset
+from .data import WindowSampler, load_split, prepare
+from .errors import KdlibError
+from .evaluate import perplexity
+from .fileio import atomic_write_json, read_json
+from .grid import EXPERIMENTS
+
+# The demo teacher: GPT-2's architecture at a size that trains in a few minutes on 2 cores.
+TEACHER_SHAPE = dict(n_layer=4, n_embd=160, n_head=4)
+TEACHER_STEPS, TEACHER_LR, TEACHER_BATCH = 500, 2e-3, 16
+
+
+def train_teacher(cfg: ExperimentConfig, data_dir, out_dir, steps: int = TEACHER_STEPS,
+                  log: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """Train (or reuse) the demo's GPT-2-architecture teacher; returns its save_pretrained folder."""
+    from tqdm.auto import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .train import lr_factor
+
+    out_dir = Path(out_dir)
+    train_split = load_split(data_dir, "train")
+    shape = {**TEACHER_SHAPE, "vocab_size": cfg.model.vocab_size, "n_positions": cfg.model.block_size}
+    stamp = {"shape": shape, "steps": steps, "lr": TEACHER_LR, "batch": TEACHER_BATCH,
+             "block_size": cfg.data.block_size, "data_sha256": train_split.manifest["sha256"], "seed": 0}
+    stamp_path = out_dir / "kdlib_teacher.json"
+    if stamp_path.is_file() and read_json(stamp_path, "teacher stamp").get("stamp") == stamp:
+        log(f"teacher: reusing {out_dir}")
+        return out_dir
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0, **shape))
+    opt = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, betas=(0.9, 0.95), weight_decay=0.1)
+    sampler = WindowSampler(train_split.tokens(), cfg.data.block_size, TEACHER_BATCH, seed=0)
+    val = load_split(data_dir, "validation").tokens()
+    best, best_state = math.inf, None
+    bar = tqdm(range(steps), desc="teacher", unit="step", disable=not progress)
+    for step in bar:
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = TEACHER_LR * lr_factor(step, steps, steps // 20, 0.1)
+        _, batch = sampler.next_batch()
+        x = torch.from_numpy(batch)
+        logits = model(x[:, :-1]).logits  # [B, T, V]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            ppl = perplexity(model, val, cfg.data.block_size, cfg.data.block_size)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val_ppl=f"{ppl:.1f}")
+            if ppl < best:
+                best, best_state = ppl, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    atomic_write_json(staging / "kdlib_teacher.json", {"stamp": stamp, "val_ppl": best})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    log(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters, validation perplexity "
+        f"{best:.2f} (block {cfg.data.block_size}, non-overlapping), saved to {out_dir}")
+    return out_dir
+
+
+def run_demo(root="demo", quick: bool = False, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run the whole demo under ``root``; ``quick`` cuts every run short (CI)."""
+    from . import analysis, plots
+    from .cache import build_cache
+    from .checkpoint import StorageBudget
+    from .models import load_teacher
+    from .preflight import run_checks
+    from .train import run_name, train
+
+    t0 = time.perf_counter()
+    root = Path(root)
+    data_dir, runs_dir = root / "data", root / "runs"
+    base = preset("demo")
+    if quick:
+        base.train.max_steps, base.train.eval_every = 12, 6
+    log("== 1/6 data: Python's documentation, a byte-level BPE trained on it")
+    prepare(base, data_dir, log=log)
+    log("== 2/6 teacher: a small GPT-2-architecture model trained on the same text")
+    base.teacher.name = str(train_teacher(base, data_dir, root / "teacher", steps=40 if quick else TEACHER_STEPS,
+                                          log=log, progress=progress).resolve())
+    log("== 3/6 the teacher's top-k cache (for the output-only experiments)")
+    build_cache(base.with_experiment("kl"), data_dir, data_dir / "cache", log=log, progress=progress)
+    log("== 4/6 preflight: two training steps per experiment")
+    failed = [r for r in run_checks(base, EXPERIMENTS, data_dir=data_dir) if not (log(r.line()) or r.ok)]
+    if failed:
+        raise KdlibError(f"preflight failed for {', '.join(r.exp for r in failed)}; see above")
+    log(f"== 5/6 the {len(EXPERIMENTS)} experiments")
+    teacher = load_teacher(base.teacher, student_vocab_size=base.model.vocab_size)
+    budget = StorageBudget(runs_dir, 100 * 2**20)
+    for i, exp in enumerate(EXPERIMENTS, 1):
+        cfg = base.with_experiment(exp)
+        log(f"[{i}/{len(EXPERIMENTS)}] {exp}")
+        train(cfg, runs_dir / run_name(cfg), data_dir, teacher=teacher, budget=budget, progress=progress,
+              log=log)
+    log("== 6/6 results")
+    runs = analysis.runs_table(runs_dir)
+    table = analysis.experiment_table(runs, order=list(EXPERIMENTS))
+    csv, md = analysis.write_tables(table, root / "results")
+    figures = root / "figures"
+    plots.save(plots.val_curves(runs_dir, runs, "Demo: validation perplexity (Python docs, tiny models)"),
+               figures, "demo_val_curves")
+    plots.save(plots.test_ppl_bars(table, "Demo: test perplexity by experiment"), figures, "demo_test_ppl")
+    wall = time.perf_counter() - t0
+    cols = ["best_val_ppl", "test_ppl", "vs_no_kd_pct", "train_wall_s"]
+    log(table[[c for c in cols if c in table]].to_string(float_format=lambda v: f"{v:.2f}"))
+    log(f"demo finished in {wall / 60:.1f} min: table {md}, figures in {figures}, runs in {runs_dir}")
+    return {"table": table, "wall_s": wall, "results": md, "figures": figures}

@@ -1,0 +1,578 @@
+"""The training loop: a plain loop, with ``accelerate`` for devices, mixed precision and DDP.
+
+One run = one experiment, one seed, one run folder::
+
+    RUN/config.json        the full ExperimentConfig (refuses a folder of another experiment)
+    RUN/metrics.jsonl      one JSON object per log step and per evaluation
+    RUN/student.safetensors  the best student so far (fp16), on validation perplexity
+    RUN/resume.safetensors   everything to continue exactly (or in train.resume_dir)
+    RUN/summary.json       written at the end: best/final validation ppl, test ppl, teacher ppl, cost
+
+Started again on the same folder, a run continues from its resume state; on
+the CPU the continued run is bit-for-bit the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .cache import TopKCache, cache_identity
+from .checkpoint import (MiB, StorageBudget, load_resume, save_resume, save_student)
+from .config import ExperimentConfig
+from .data import SPLITS, WindowSampler, check_vocab, load_split, prepare
+from .errors import KdlibError
+from .evaluate import perplexity
+from .fileio import atomic_write_json, atomic_write_text, read_json
+from .grid import parse
+from .models import TinyGPT, load_teacher, teacher_forward, teacher_shape
+from .objective import DistillationLoss
+
+TEACHER_SOURCES = ("auto", "online", "cache")
+
+
+class Trainee(nn.Module):
+    """The student and the loss's trainable parts (projectors) as one module, for DDP and the optimizer."""
+
+    def __init__(self, student: TinyGPT, objective: DistillationLoss):
+        super().__init__()
+        self.student, self.objective = student, objective
+
+    def forward(self, ids, labels, teacher_out):
+        out = self.student(ids, output_hidden_states=self.objective.needs_hidden_states,
+                           output_attentions=self.objective.needs_attentions)
+        return self.objective(out, teacher_out, labels)
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``floor`` × lr at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(module: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
+    """AdamW groups: decay on matrices only (embeddings and Linear weights), unless ``decay_all``."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if decay_all:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def mixed_precision(precision: str) -> str:
+    """accelerate's mixed_precision for a config's precision on this machine."""
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if bf16_native() else "fp16"
+    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+        return "no"  # CPU autocast of the whole step is slower than fp32 and not what the preset means
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def bf16_native(device=None) -> bool:
+    """bf16 in hardware (Ampere and newer). ``torch.cuda.is_bf16_supported()`` also says yes on a T4,
+    where bf16 is emulated and slow: there fp16 with loss scaling is the right choice."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+@dataclass
+class RunPaths:
+    root: Path
+    resume_dir: Optional[Path] = None
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student.safetensors"
+
+    @property
+    def resume(self) -> Path:
+        if self.resume_dir is not None:
+            return self.resume_dir / f"{self.root.name}.resume.safetensors"
+        return self.root / "resume.safetensors"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """The run folder's name: experiment and seed (feature kind added when it is attention maps)."""
+    spec = parse(cfg.exp, cfg.loss.feature)
+    return f"{spec.name}{'-attn' if spec.needs_attentions else ''}-seed{cfg.seed}"
+
+
+class RunLock:
+    """One process per run folder. A lock left by a killed process (its PID is gone) is taken over."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = _read_pid(self.path)
+                if pid is not None and _alive(pid):
+                    raise KdlibError(f"run folder {self.path.parent} is in use by process {pid}; wait for it "
+                                     "to finish, or stop it first") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise KdlibError(f"cannot take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _read_pid(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _load_data(cfg: ExperimentConfig, data_dir: Path, log) -> dict:
+    if not all((data_dir / f"{s}.json").is_file() for s in SPLITS):
+        log(f"preparing the data in {data_dir}")
+        prepare(cfg, data_dir, log=log)
+    splits = {s: load_split(data_dir, s) for s in SPLITS}
+    for split in splits.values():
+        check_vocab(split, cfg.model.vocab_size)
+    return splits
+
+
+def _teacher_source(cfg: ExperimentConfig, requested: str, cache_dir: Optional[Path], tokens, log=print) -> str:
+    if requested not in TEACHER_SOURCES:
+        raise KdlibError(f"unknown teacher source {requested!r}; choose one of: {', '.join(TEACHER_SOURCES)}")
+    spec = parse(cfg.exp, cfg.loss.feature)
+    if not spec.needs_teacher:
+        return "none"
+    if requested == "cache" and not spec.output_only:
+        raise KdlibError(f"experiment {cfg.exp!r} needs the teacher online (features or cosine need its "
+                         "full outputs); a top-k cache cannot serve it")
+    if requested == "online" or not spec.output_only:
+        return "online"
+    available = cache_dir is not None and (cache_dir / "train.cache.json").is_file()
+    if requested == "cache" and not available:
+        raise KdlibError(f"no top-k cache in {cache_dir}; build it with `python -m kdlib cache`")
+    if not available:
+        return "online"
+    try:
+        TopKCache(cache_dir, "train", cache_identity(cfg, tokens))
+    except KdlibError as e:
+        if requested == "cache":
+            raise
+        log(f"not using the top-k cache: {e}")
+        return "online"
+    return "cache"
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _check_config(paths: RunPaths, cfg: ExperimentConfig) -> None:
+    if paths.config.is_file():
+        try:
+            saved = ExperimentConfig.load(paths.config)
+        except KdlibError as e:
+            raise KdlibError(f"{e}\nThe run folder {paths.root} has an unreadable config; use another folder") from None
+        if saved != cfg:
+            diff = [k for k in ("preset", "exp", "seed", "model", "teacher", "loss", "data", "cache", "train")
+                    if getattr(saved, k) != getattr(cfg, k)]
+            raise KdlibError(f"run folder {paths.root} holds a run of another configuration (differs in: "
+                             f"{', '.join(diff)}; it is {saved.exp!r} seed {saved.seed} of preset "
+                             f"{saved.preset!r}); use another folder, nothing was changed")
+
+
+def _read_metrics(path: Path, upto_step: Optional[int] = None) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a half-written last line of a killed run
+        if upto_step is None or row.get("step", 0) <= upto_step:
+            rows.append(row)
+    return rows
+
+
+def teacher_shape_hint(cfg: ExperimentConfig) -> tuple[int, int]:
+    """(blocks, width) of the configured teacher without loading it: a random teacher's config, a
+    local folder's config.json, else GPT-2 small's (12, 768), the default teacher."""
+    r = cfg.teacher.random_init
+    if r is not None:
+        return r["n_layer"], r["n_embd"]
+    config = Path(cfg.teacher.name) / "config.json"
+    if config.is_file():
+        d = read_json(config, "teacher config")
+        return d.get("n_layer", d.get("num_hidden_layers", 12)), d.get("n_embd", d.get("hidden_size", 768))
+    return 12, 768
+
+
+def estimate_run_bytes(cfg: ExperimentConfig, with_resume: bool,
+                       teacher_shape: Optional[tuple[int, int]] = None) -> int:
+    """What a run will write: the fp16 student, and (optionally) the float32 resume state (weights and
+    both AdamW moments of the student and the feature projectors), plus 1 MiB for metrics."""
+    from .losses import layer_pairs
+
+    m = cfg.model
+    per_block = 4 * m.n_embd * m.n_embd + 2 * m.n_embd * m.d_ff + 9 * m.n_embd + m.d_ff
+    student = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + m.n_layer * per_block + 2 * m.n_embd \
+        + (m.block_size * m.n_embd if m.positions == "learned" else 0)
+    projectors = 0
+    if cfg.loss.needs_hidden_states:
+        n_teacher, d_teacher = teacher_shape or teacher_shape_hint(cfg)
+        pairs = layer_pairs(cfg.loss.layer_map_name, m.n_layer, n_teacher)
+        projectors = len(pairs) * (m.n_embd * d_teacher + d_teacher)
+    return 2 * student + (12 * (student + projectors) if with_resume else 0) + MiB
+
+
+def check_budget(cfg: ExperimentConfig, run_dir, budget: Optional[StorageBudget],
+                 teacher_shape: Optional[tuple[int, int]] = None) -> None:
+    """Refuse before training, not after hours, if the run's files will not fit the budget."""
+    if budget is None:
+        return
+    paths = RunPaths(Path(run_dir), Path(cfg.train.resume_dir) if cfg.train.resume_dir else None)
+    inside = paths.resume.resolve().is_relative_to(budget.root.resolve())
+    need = estimate_run_bytes(cfg, inside, teacher_shape)
+    have = sum(f.stat().st_size for f in paths.root.rglob("*") if f.is_file()) if paths.root.is_dir() else 0
+    if budget.used() - have + need > budget.limit_bytes:
+        raise KdlibError(
+            f"run {paths.root.name} will need about {need / MiB:.1f} MiB "
+            f"({'with' if inside else 'without'} its resume state), and {budget.root} has "
+            f"{(budget.limit_bytes - budget.used() + have) / MiB:.1f} MiB left of its "
+            f"{budget.limit_bytes / MiB:.0f} MiB budget; nothing was started.\n{budget.report()}\n"
+            "Free space (`python -m kdlib storage DIR --delete-weights RUN`), put the resume state "
+            "elsewhere (train.resume_dir), or raise the budget.")
+
+
+def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_source: str = "auto",
+          teacher: Optional[nn.Module] = None, budget: Optional[StorageBudget] = None, progress: bool = True,
+          log: Callable[[str], None] = print, stop_after: Optional[int] = None) -> dict:
+    """Train ``cfg`` in ``run_dir`` on the prepared data in ``data_dir``; return the summary.
+
+    ``stop_after`` ends the process's work after that many optimizer steps with
+    the resume state saved (for tests of resuming and for time-sliced sessions).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    paths = RunPaths(Path(run_dir), Path(cfg.train.resume_dir) if cfg.train.resume_dir else None)
+    data_dir = Path(data_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
+    # The scheduler steps once per optimizer step, not once per process (accelerate's default).
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.precision),
+                              cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    main = accelerator.is_main_process
+    log = log if main else (lambda *_: None)
+    # Every process reads the folder and takes the same decisions; only the main one writes.
+    _check_config(paths, cfg)
+    if paths.summary.is_file():
+        log(f"{paths.root} is finished: {paths.summary}")
+        return read_json(paths.summary, "summary")
+    with (RunLock(paths.lock) if main else _nullcontext()):
+        splits = _load_data(cfg, data_dir, log)
+        source = _teacher_source(cfg, teacher_source, cache_dir, splits["train"], log)
+        return _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, progress, log,
+                    stop_after, tqdm)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, progress, log, stop_after, tqdm):
+    t = cfg.train
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if t.batch_size % world:
+        raise KdlibError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({world})")
+    torch.manual_seed(cfg.seed)
+    student = TinyGPT(cfg.model)
+    if source == "online" and teacher is None:
+        spec = parse(cfg.exp, cfg.loss.feature)
+        teacher = load_teacher(cfg.teacher, device=accelerator.device, need_attentions=spec.needs_attentions,
+                               student_vocab_size=cfg.model.vocab_size)
+    elif teacher is not None:
+        teacher = teacher.to(accelerator.device)
+    objective = DistillationLoss(cfg.loss, cfg.model, teacher if source == "online" else None)
+    cache = TopKCache(cache_dir, "train", cache_identity(cfg, splits["train"])) if source == "cache" else None
+    trainee = Trainee(student, objective)
+    optimizer = torch.optim.AdamW(param_groups(trainee, t.weight_decay, t.decay_all), lr=t.lr,
+                                  betas=tuple(t.betas))
+    sampler = WindowSampler(splits["train"].tokens(), cfg.data.block_size, t.batch_size * t.grad_accum, cfg.seed)
+    steps_per_epoch = sampler.batches_per_epoch
+    total = min(t.max_steps or steps_per_epoch * t.epochs, steps_per_epoch * t.epochs)
+    warmup = max(1, int(t.warmup_frac * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, t.min_lr_ratio))
+    eval_every = t.eval_every or steps_per_epoch
+    if accelerator.is_main_process:
+        # Checked before anything is written: a refused run leaves no folder claimed.
+        shape = teacher_shape(teacher) if teacher is not None and objective.needs_hidden_states else None
+        check_budget(cfg, paths.root, budget, shape)
+        if not paths.config.is_file():
+            atomic_write_text(paths.config, cfg.to_json() + "\n")
+    state = {"step": 0, "best": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0, "wall": 0.0}
+
+    if paths.resume.is_file():
+        resume = load_resume(paths.resume)
+        if resume.get("exp") != cfg.exp or resume.get("seed") != cfg.seed:
+            raise KdlibError(f"resume state {paths.resume} belongs to another run "
+                             f"({resume.get('exp')!r} seed {resume.get('seed')}); delete it or use another folder")
+        trainee.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        sampler.load_state_dict(resume["sampler"])
+        _set_rng_state(resume["rng"])
+        state.update(resume["state"])
+        log(f"resuming {paths.root.name} at step {state['step']}")
+    trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
+    metrics = _read_metrics(paths.metrics, state["step"]) if accelerator.is_main_process else []
+    if accelerator.is_main_process:  # drop lines written after the resume point: the rerun writes them again
+        atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in metrics))
+    n_student = sum(p.numel() for p in student.parameters())
+    n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.block_size
+    bar = tqdm(total=total, initial=state["step"], desc=run_name(cfg), unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    val_tokens = splits["validation"].tokens()
+    last_val = None
+    stopped_early = False
+    steps_this_process = 0
+    t_log, tokens_log = time.perf_counter(), 0
+    while state["step"] < total:
+        t0 = time.perf_counter()
+        trainee.train()
+        parts_sum: dict = {}
+        windows, batch = sampler.next_batch()  # [batch_size · grad_accum] windows, shared by all processes
+        per_process = t.batch_size // world
+        for micro in range(t.grad_accum):
+            lo = micro * t.batch_size + rank * per_process  # this process's share of this micro-batch
+            idx, win = windows[lo:lo + per_process], torch.from_numpy(batch[lo:lo + per_process]).to(accelerator.device)
+            ids, labels = win[:, :-1], win[:, 1:]  # [b, T] each
+            if source == "online":
+                spec_h, spec_a = objective.needs_hidden_states, objective.needs_attentions
+                teacher_out = teacher_forward(teacher, ids, spec_h, spec_a)
+            elif source == "cache":
+                teacher_out = cache.batch(idx, accelerator.device)
+            else:
+                teacher_out = None
+            last = micro == t.grad_accum - 1
+            with (_nullcontext() if last else accelerator.no_sync(trainee)), accelerator.autocast():
+                out = trainee(ids, labels, teacher_out)
+                if not torch.isfinite(out.total):
+                    bad = [k for k, v in out.parts.items() if not torch.isfinite(v)] or ["total"]
+                    raise KdlibError(f"step {state['step'] + 1}: the loss is not finite (component: "
+                                     f"{', '.join(bad)}); the run stopped. The last good student is "
+                                     f"{paths.student} and the resume state {paths.resume}; lower the "
+                                     "learning rate or use fp32")
+                accelerator.backward(out.total / t.grad_accum)
+            for k, v in out.parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / t.grad_accum
+        if t.grad_clip > 0:
+            accelerator.clip_grad_norm_(trainee.parameters(), t.grad_clip)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        steps_this_process += 1
+        state["tokens"] += tokens_per_step
+        tokens_log += tokens_per_step
+        state["wall"] += time.perf_counter() - t0
+        epoch = state["step"] / steps_per_epoch
+        row = None
+        if state["step"] % t.log_every == 0 or state["step"] == total:
+            now = time.perf_counter()
+            parts = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in parts_sum.items()}
+            row = {"step": state["step"], "epoch": round(epoch, 4), "tokens": state["tokens"],
+                   "lr": lr, "loss": sum(_weight(objective, k) * v for k, v in parts.items()),
+                   **{f"loss_{k}": v for k, v in parts.items()},
+                   "tokens_per_s": tokens_log / max(now - t_log, 1e-9), "peak_mem_mib": _peak_mem()}
+            t_log, tokens_log = now, 0
+        if state["step"] % eval_every == 0 or state["step"] == total:
+            val = perplexity(accelerator.unwrap_model(trainee).student, val_tokens, cfg.data.block_size,
+                             stride=cfg.data.block_size, batch_size=t.eval_batch_size)
+            last_val = val
+            row = dict(row or {"step": state["step"], "epoch": round(epoch, 4), "tokens": state["tokens"]},
+                       val_ppl=val)
+            if val < state["best"]:
+                state.update(best=val, best_step=state["step"], bad_evals=0)
+                if accelerator.is_main_process:
+                    save_student(accelerator.unwrap_model(trainee).student, paths.student, budget=budget,
+                                 exp=cfg.exp, seed=cfg.seed, step=state["step"], val_ppl=val)
+            else:
+                state["bad_evals"] += 1
+            stopped_early = state["bad_evals"] >= t.patience
+        if row is not None and accelerator.is_main_process:
+            metrics.append(row)
+            with open(paths.metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}",
+                            val_ppl=f"{last_val:.1f}" if last_val else "-")
+        bar.update(1)
+        at_eval = state["step"] % eval_every == 0
+        if at_eval or stopped_early or state["step"] == total or (stop_after and steps_this_process >= stop_after):
+            _save_resume(paths, cfg, trainee, optimizer, scheduler, sampler, state, accelerator, budget)
+        if stopped_early:
+            log(f"early stop at step {state['step']}: no improvement in {t.patience} evaluations")
+            break
+        if stop_after and steps_this_process >= stop_after and state["step"] < total:
+            bar.close()
+            return {"stopped_at": state["step"]}
+    bar.close()
+    summary = _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_student, n_teacher, source)
+    if accelerator.is_main_process:
+        atomic_write_json(paths.summary, summary)
+        # A finished run is never resumed: its resume state (several times the student's size)
+        # goes, so a sweep's results fit the budget. Written summary first: a kill in between
+        # still leaves a finished run.
+        paths.resume.unlink(missing_ok=True)
+        log(f"{paths.root.name}: best val ppl {summary['best_val_ppl']:.2f} at step {summary['best_step']}, "
+            f"test ppl {summary['test_ppl']:.2f} (stride {summary['eval_stride']})")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _weight(objective: DistillationLoss, part: str) -> float:
+    c = objective.config
+    return {"ce": c.w_ce, "cos": c.w_cos, "feat": c.w_feat}.get(part, c.w_div)
+
+
+def _peak_mem() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / MiB
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan")
+
+
+def _save_resume(paths, cfg, trainee, optimizer, scheduler, sampler, state, accelerator, budget) -> None:
+    if not accelerator.is_main_process:
+        return
+    resume = {"exp": cfg.exp, "seed": cfg.seed, "kdlib_version": __version__,
+              "model": accelerator.unwrap_model(trainee).state_dict(), "optimizer": optimizer.state_dict(),
+              "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": _rng_state(),
+              "state": dict(state)}
+    inside = budget is not None and paths.resume.resolve().is_relative_to(budget.root.resolve())
+    save_resume(paths.resume, resume, budget if inside else None)
+
+
+def _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_student, n_teacher, source) -> dict:
+    from .checkpoint import load_student
+
+    stride = cfg.data.block_size // 2
+    evals = [m for m in metrics if "val_ppl" in m]
+    best = load_student(paths.student) if paths.student.is_file() else None
+    device = next(teacher.parameters()).device if teacher is not None else torch.device("cpu")
+    summary = {
+        "exp": cfg.exp, "preset": cfg.preset, "seed": cfg.seed, "feature": cfg.loss.feature,
+        "teacher_source": source,
+        "best_val_ppl": state["best"], "best_step": state["best_step"],
+        "final_val_ppl": evals[-1]["val_ppl"] if evals else None,
+        "steps": state["step"], "tokens": state["tokens"], "stopped_early": stopped_early,
+        "train_wall_s": state["wall"], "tokens_per_s": state["tokens"] / max(state["wall"], 1e-9),
+        "device": device_name(), "params_student": n_student, "params_teacher": n_teacher,
+        "eval_block_size": cfg.data.block_size, "eval_stride": stride, "in_training_eval_stride": cfg.data.block_size,
+        "kdlib_version": __version__,
+    }
+    if best is not None:
+        best = best.to(device)
+        summary["best_val_ppl_sliding"] = perplexity(best, splits["validation"].tokens(), cfg.data.block_size,
+                                                     stride, cfg.train.eval_batch_size)
+        summary["test_ppl"] = perplexity(best, splits["test"].tokens(), cfg.data.block_size, stride,
+                                         cfg.train.eval_batch_size)
+    summary["teacher_test_ppl"] = teacher_perplexity(cfg, splits["test"], teacher, device)
+    return summary
+
+
+def teacher_perplexity(cfg: ExperimentConfig, split, teacher: Optional[nn.Module] = None, device=None) -> float:
+    """The teacher's perplexity on ``split`` under the students' protocol; computed once per data folder."""
+    stride = cfg.data.block_size // 2
+    key = {"teacher": asdict(cfg.teacher), "split": split.manifest["split"], "data_sha256": split.manifest["sha256"],
+           "block_size": cfg.data.block_size, "stride": stride}
+    path = split.path.parent / "teacher_ppl.json"
+    entries = read_json(path, "teacher perplexity file").get("entries", []) if path.is_file() else []
+    for entry in entries:
+        if entry["key"] == key:
+            return entry["ppl"]
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, device=device, student_vocab_size=cfg.model.vocab_size)
+    ppl = perplexity(teacher, split.tokens(), cfg.data.block_size, stride, cfg.train.eval_batch_size)
+    atomic_write_json(path, {"entries": entries + [{"key": key, "ppl": ppl}]})
+    return ppl

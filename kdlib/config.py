@@ -387,8 +387,8 @@ def _demo() -> ExperimentConfig:
                             dropout=0.1, positions="learned"),
         loss=LossConfig(),
         data=DataConfig(dataset="python-docs", tokenizer="bpe", block_size=64),
-        train=TrainConfig(lr=1e-3, batch_size=16, epochs=2, warmup_frac=0.05, precision="fp32",
-                          patience=3),
+        train=TrainConfig(lr=1e-3, batch_size=16, epochs=3, warmup_frac=0.05, precision="fp32",
+                          patience=3, eval_every=25),
     )
 
 

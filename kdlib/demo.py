@@ -115,17 +115,27 @@ def run_demo(root="demo", quick: bool = False, log: Callable[[str], None] = prin
     failed = [r for r in run_checks(base, EXPERIMENTS, data_dir=data_dir) if not (log(r.line()) or r.ok)]
     if failed:
         raise KdlibError(f"preflight failed for {', '.join(r.exp for r in failed)}; see above")
-    log(f"== 5/6 the {len(EXPERIMENTS)} experiments")
+    log(f"== 5/6 the {len(EXPERIMENTS)} experiments, teacher online (they differ only in their loss), "
+        "then kl from the top-k cache")
     teacher = load_teacher(base.teacher, student_vocab_size=base.model.vocab_size)
     budget = StorageBudget(runs_dir, 100 * 2**20)
     for i, exp in enumerate(EXPERIMENTS, 1):
         cfg = base.with_experiment(exp)
         log(f"[{i}/{len(EXPERIMENTS)}] {exp}")
-        train(cfg, runs_dir / run_name(cfg), data_dir, teacher=teacher, budget=budget, progress=progress,
-              log=log)
+        train(cfg, runs_dir / run_name(cfg), data_dir, teacher=teacher, teacher_source="online", budget=budget,
+              progress=progress, log=log)
+    cached = base.with_experiment("kl")
+    cached_summary = train(cached, root / "runs-cache" / run_name(cached), data_dir, teacher_source="cache",
+                           budget=StorageBudget(root / "runs-cache"), progress=progress, log=log)
     log("== 6/6 results")
     runs = analysis.runs_table(runs_dir)
     table = analysis.experiment_table(runs, order=list(EXPERIMENTS))
+    row = analysis.experiment_table(analysis.runs_table(root / "runs-cache"), baseline="none")
+    k = base.cache.top_k
+    table.loc[f"kl (top-{k} cache)"] = row.iloc[0]
+    if "ce" in table.index:
+        table.loc[f"kl (top-{k} cache)", "vs_no_kd_pct"] = \
+            100 * (cached_summary["test_ppl"] / table.loc["ce", "test_ppl"] - 1)
     csv, md = analysis.write_tables(table, root / "results")
     figures = root / "figures"
     plots.save(plots.val_curves(runs_dir, runs, "Demo: validation perplexity (Python docs, tiny models)"),

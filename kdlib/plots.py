@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -54,7 +53,8 @@ def test_ppl_bars(table: pd.DataFrame, title: str = ""):
     """Test perplexity per experiment with 95% CI whiskers where there are several seeds."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    err = [0 if (isinstance(v, float) and math.isnan(v)) else v for v in table["test_ci95"]]
+    ci = table["test_ci95"]
+    err = None if ci.isna().all() else ci.fillna(0)  # a single seed has no interval: no whiskers
     colors = ["0.6" if e in ("ce", "kl") else "C0" for e in table.index]
     ax.bar(range(len(table)), table["test_ppl"], yerr=err, color=colors, capsize=3)
     ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=8)

@@ -121,8 +121,9 @@ def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None,
             return result
         probe = torch.arange(min(T, 8))[None] % cfg.model.vocab_size
         student.eval()
+        again.eval()  # both without dropout; they differ only by float16 rounding of the weights
         with torch.no_grad():
-            if not torch.allclose(student(probe).logits, again(probe).logits, rtol=1e-2, atol=1e-2):
+            if not torch.allclose(student(probe).logits, again(probe).logits, rtol=2e-2, atol=2e-2):
                 result.problems.append("the saved student does not reproduce the trained one's outputs")
     return result
 

@@ -481,7 +481,8 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             with open(paths.metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}",
-                            val_ppl=f"{last_val:.1f}" if last_val else "-")
+                            val_ppl=f"{last_val:.1f}" if last_val else "-",
+                            tok_s=f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "-")
         bar.update(1)
         at_eval = state["step"] % eval_every == 0
         if at_eval or stopped_early or state["step"] == total or (stop_after and steps_this_process >= stop_after):

@@ -73,3 +73,15 @@ def smoke_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("smoke_data")
     splits = prepare(preset("smoke"), folder, log=lambda line: None)
     return folder, splits
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_intra_op_thread():
+    """One intra-op thread for the whole session: on the 2-core CI machine a second OpenMP thread
+    only adds contention (a teacher pass measured ~20x slower), and the golden curve was made so."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

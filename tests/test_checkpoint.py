@@ -30,13 +30,6 @@ from kdlib.fileio import atomic_path, atomic_write_bytes
 from kdlib.models import TinyGPT
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _model(cfg, seed: int = 0) -> TinyGPT:
     torch.manual_seed(seed)

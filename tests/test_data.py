@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import snapshot
 import torch
 
 from kdlib import cli
@@ -29,18 +30,6 @@ from kdlib.data import (SPLITS, TOKENS_FORMAT, WindowSampler, check_vocab, load_
 from kdlib.errors import KdlibError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """One intra-op thread (two-core CI: a second OpenMP thread only adds contention); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (relative path -> bytes)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def mtimes(folder: Path) -> dict[str, int]:

@@ -48,19 +48,6 @@ DIV_CASES = [("kl", None), ("rkl", None), ("js", None), ("tvd", None),
 LOGIT_CASES = DIV_CASES + [("cos", None)]
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Run each test on one intra-op thread, then restore the setting.
-
-    The tensors here are small; on a shared two-core CI machine a second
-    OpenMP thread only adds synchronisation, which was measured to turn a
-    20 ms gradcheck into 4-8 s. Results and memory figures do not change.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def case_id(case) -> str:
     name, param = case

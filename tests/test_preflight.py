@@ -119,3 +119,11 @@ def test_check_refuses_data_too_short_for_a_window(smoke_data, tmp_path):
     (folder / "test.json").write_text(json.dumps(manifest))
     with pytest.raises(KdlibError, match="split 'test'.*not one window"):
         preflight.check_data(folder, cfg)
+
+
+def test_check_catches_an_optimizer_that_never_steps(monkeypatch):
+    """The original study's saved no-KD cell lacked optimizer.step(): preflight must say so."""
+    cfg = preset("smoke", "ce")
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
+    result = preflight.check_experiment(cfg, None)
+    assert any(p.startswith("the optimizer did not change: student.wte.weight") for p in result.problems)

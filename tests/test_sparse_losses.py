@@ -32,14 +32,6 @@ SPARSE = {"kl": lambda s, lp, ids, tail, T, m: L.sparse_kl(s, lp, ids, tail, T, 
           "gjsd": lambda s, lp, ids, tail, T, m: L.sparse_generalized_jsd(s, lp, ids, tail, 0.3, T, m)}
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """One intra-op thread for these small tensors (two-core CI); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def logits(shape, seed: int, scale: float = 3.0, dtype=F32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

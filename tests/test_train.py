@@ -57,14 +57,6 @@ def quiet(*_):
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """One intra-op thread (fast on 2 cores, and the golden curve was made so); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def copy_data(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)

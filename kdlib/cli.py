@@ -147,6 +147,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .analysis import report
+
+    out = report(args.runs, args.figures, reference=args.reference)
+    if not out["table"].empty:
+        cols = [c for c in ("seeds", "best_val_ppl", "test_ppl", "test_ci95", "vs_no_kd_pct") if c in out["table"]]
+        print(out["table"][cols].to_string(float_format=lambda v: f"{v:.2f}"))
+    print(f"{len(out['files'])} tables and {len(out['figures'])} figure files in {args.figures}")
+    return 0
+
+
 def _storage(args: argparse.Namespace) -> int:
     from .checkpoint import MiB, StorageBudget, delete_weights
 
@@ -270,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="demo", help="output folder (default: demo)")
     p.add_argument("--quick", action="store_true", help="a few steps per run (for CI): checks the pipeline")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("report", help="tables and figures from a results folder",
+                       description="Read every run in a results folder (finished or not), write the "
+                                   "per-experiment table (mean and 95%% CI over seeds, change against no KD) "
+                                   "as CSV and Markdown, per-run and effect tables, and the figures (PNG and "
+                                   "PDF). Runs it cannot read are listed with the reason and skipped.")
+    p.add_argument("runs", nargs="?", default="runs", help="results folder (default: runs)")
+    p.add_argument("--figures", default="figures", help="output folder (default: figures)")
+    p.add_argument("--reference", action="store_true",
+                   help="also the original study's table and curves (shipped with kdlib), and ours beside them")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("storage", help="usage of a results folder per run, against its budget",
                        description="Print the disk usage of each run in a results folder and the total "

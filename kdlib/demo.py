@@ -91,7 +91,7 @@ def train_teacher(cfg: ExperimentConfig, data_dir, out_dir, steps: int = TEACHER
 
 def run_demo(root="demo", quick: bool = False, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run the whole demo under ``root``; ``quick`` cuts every run short (CI)."""
-    from . import analysis, plots
+    from . import analysis
     from .cache import build_cache
     from .checkpoint import StorageBudget
     from .models import load_teacher
@@ -128,21 +128,17 @@ def run_demo(root="demo", quick: bool = False, log: Callable[[str], None] = prin
     cached_summary = train(cached, root / "runs-cache" / run_name(cached), data_dir, teacher_source="cache",
                            budget=StorageBudget(root / "runs-cache"), progress=progress, log=log)
     log("== 6/6 results")
-    runs = analysis.runs_table(runs_dir)
-    table = analysis.experiment_table(runs, order=list(EXPERIMENTS))
-    row = analysis.experiment_table(analysis.runs_table(root / "runs-cache"), baseline="none")
-    k = base.cache.top_k
-    table.loc[f"kl (top-{k} cache)"] = row.iloc[0]
-    if "ce" in table.index:
-        table.loc[f"kl (top-{k} cache)", "vs_no_kd_pct"] = \
-            100 * (cached_summary["test_ppl"] / table.loc["ce", "test_ppl"] - 1)
-    csv, md = analysis.write_tables(table, root / "results")
-    figures = root / "figures"
-    plots.save(plots.val_curves(runs_dir, runs, "Demo: validation perplexity (Python docs, tiny models)"),
-               figures, "demo_val_curves")
-    plots.save(plots.test_ppl_bars(table, "Demo: test perplexity by experiment"), figures, "demo_test_ppl")
+    results = root / "results"
+    out = analysis.report(runs_dir, results, log=log)
+    table = out["table"]
+    cached_runs, _, _ = analysis.load_runs(root / "runs-cache")
+    row = analysis.experiment_table(cached_runs, baseline="none").iloc[0]
+    name = f"kl (top-{base.cache.top_k} cache)"
+    table.loc[name] = row
+    table.loc[name, "vs_no_kd_pct"] = 100 * (cached_summary["test_ppl"] / table.loc["ce", "test_ppl"] - 1)
+    csv, md = analysis.write_tables(table, results)
     wall = time.perf_counter() - t0
     cols = ["best_val_ppl", "test_ppl", "vs_no_kd_pct", "train_wall_s"]
-    log(table[[c for c in cols if c in table]].to_string(float_format=lambda v: f"{v:.2f}"))
-    log(f"demo finished in {wall / 60:.1f} min: table {md}, figures in {figures}, runs in {runs_dir}")
-    return {"table": table, "wall_s": wall, "results": md, "figures": figures}
+    log(table[cols].to_string(float_format=lambda v: f"{v:.2f}"))
+    log(f"demo finished in {wall / 60:.1f} min: tables and figures in {results}, runs in {runs_dir}")
+    return {"table": table, "wall_s": wall, "results": md, "figures": out["figures"]}

@@ -1,4 +1,8 @@
-"""Figures for the report: matplotlib, exported as PNG (200 dpi) and PDF with stable names."""
+"""Figures for the report: matplotlib, sized for a report column, saved as PNG (200 dpi) and PDF.
+
+Every function takes tables from ``kdlib.analysis`` and returns a Figure;
+``save`` writes it under a stable name.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,23 @@ from pathlib import Path
 
 import pandas as pd
 
-from .analysis import read_metrics
+BASELINES = ("ce", "kl")
+WIDTH = 6.5  # inches: a report column at readable font sizes
 
 
 def _plt():
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7})
     return plt
 
 
 def save(fig, folder, name: str) -> list[Path]:
-    """Write ``name``.png (200 dpi) and ``name``.pdf into ``folder``."""
+    """Write ``name``.png (200 dpi) and ``name``.pdf into ``folder``; returns both paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = [folder / f"{name}.png", folder / f"{name}.pdf"]
@@ -29,38 +36,120 @@ def save(fig, folder, name: str) -> list[Path]:
     return out
 
 
-def val_curves(results_dir, runs: pd.DataFrame, title: str = ""):
-    """Validation perplexity against training tokens, one line per run (log scale)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+def _label(run) -> str:
+    seed = "" if run["source"] == "original study" else f" s{run['seed']}"
+    return f"{run['exp']}{seed}"
+
+
+def _draw_curves(ax, runs: pd.DataFrame, curves: dict, x: str = "tokens", style=None):
     for _, run in runs.iterrows():
-        m = read_metrics(Path(results_dir) / run["run"])
-        if "val_ppl" not in m:
-            continue
-        m = m.dropna(subset=["val_ppl"])
-        ax.plot(m["tokens"] / 1e6, m["val_ppl"], label=f"{run['exp']} (s{run['seed']})", lw=1.2,
-                ls="--" if run["exp"] in ("ce", "kl") else "-")
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("validation perplexity")
+        c = curves[run["run"]]
+        kw = {"lw": 1.1, "ls": "--" if run["exp"] in BASELINES else "-", **(style or {})}
+        ax.plot(c[x] / (1e6 if x == "tokens" else 1), c["val_ppl"], label=_label(run), **kw)
     ax.set_yscale("log")
-    ax.set_title(title or "Validation perplexity during training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, frameon=False)
+    ax.set_ylabel("validation perplexity")
+    ax.set_xlabel("training tokens (millions)" if x == "tokens" else x)
+    ax.grid(alpha=0.3, which="both")
+
+
+def val_curves(runs: pd.DataFrame, curves: dict, title: str = "Validation perplexity during training"):
+    """One line per run: validation perplexity against training tokens (baselines dashed)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.0))
+    _draw_curves(ax, runs, curves)
+    ax.set_title(title)
+    ax.legend(ncol=2, frameon=False)
     return fig
 
 
-def test_ppl_bars(table: pd.DataFrame, title: str = ""):
-    """Test perplexity per experiment with 95% CI whiskers where there are several seeds."""
+def grouped_curves(runs: pd.DataFrame, curves: dict, by: str):
+    """One panel per value of ``by`` ('divergence' or 'feature_map'), its runs' curves in it."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    ci = table["test_ci95"]
-    err = None if ci.isna().all() else ci.fillna(0)  # a single seed has no interval: no whiskers
-    colors = ["0.6" if e in ("ce", "kl") else "C0" for e in table.index]
-    ax.bar(range(len(table)), table["test_ppl"], yerr=err, color=colors, capsize=3)
-    ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=8)
+    groups = list(dict.fromkeys(runs[by]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(WIDTH, 3.2), sharey=True, squeeze=False)
+    for ax, value in zip(axes[0], groups):
+        _draw_curves(ax, runs[runs[by] == value], curves)
+        ax.set_title(f"{by.replace('_', ' ')}: {value}")
+        ax.legend(frameon=False, fontsize=6)
+        if ax is not axes[0][0]:
+            ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def ppl_bars(table: pd.DataFrame, title: str = "Perplexity by experiment (mean over seeds, 95% CI)"):
+    """Test perplexity per experiment (best validation where there is no test score), CI whiskers."""
+    plt = _plt()
+    score = table["test_ppl"].where(table["test_ppl"].notna(), table["best_val_ppl"])
+    ci = table["test_ci95"].where(table["test_ppl"].notna(), table["best_val_ci95"])
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
+    ax.bar(range(len(table)), score, yerr=None if ci.isna().all() else ci.fillna(0), capsize=3,
+           color=["0.6" if e in BASELINES else "C0" for e in table.index])
+    ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("test perplexity")
-    lo = table["test_ppl"].min()
-    ax.set_ylim(lo * 0.9, table["test_ppl"].max() * 1.05)
-    ax.set_title(title or "Test perplexity by experiment (grey: baselines)")
+    ax.set_ylim(score.min() * 0.9, score.max() * 1.05)
+    ax.set_title(title + " (grey: baselines)")
     ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def cosine_effect(paired: pd.DataFrame):
+    """Perplexity with the cosine term minus without, per (feature map, divergence), paired by seed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.0))
+    labels = [f"{m}-{d}" + ("" if f == "hidden" else " [attn]")
+              for m, d, f in zip(paired["feature_map"], paired["divergence"], paired["feature"])]
+    err = paired["ci95"]
+    ax.bar(range(len(paired)), paired["mean_diff"], yerr=None if err.isna().all() else err.fillna(0),
+           capsize=3, color=["C3" if v > 0 else "C2" for v in paired["mean_diff"]])
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(paired)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("Δ perplexity (with cos − without)")
+    ax.set_title("Effect of the cosine loss (below 0: it helps)")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def js_early_late(js: pd.DataFrame):
+    """Best and final validation perplexity of each JS run: a rise after the best is finding 2."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.0))
+    for i, (_, r) in enumerate(js.iterrows()):
+        ax.plot([i, i], [r["best_val_ppl"], r["final_val_ppl"]], color="0.5", lw=1)
+    ax.scatter(range(len(js)), js["best_val_ppl"], label="best", color="C2", zorder=3)
+    ax.scatter(range(len(js)), js["final_val_ppl"], label="final", color="C3", zorder=3)
+    ax.set_xticks(range(len(js)), [f"{e} s{s}" for e, s in zip(js["exp"], js["seed"])], rotation=30,
+                  ha="right", fontsize=7)
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("JS runs: best vs final validation perplexity")
+    ax.legend(frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def cost_vs_ppl(table: pd.DataFrame):
+    """Training wall time against perplexity per experiment (finding 1: is the richer loss worth it?)."""
+    plt = _plt()
+    score = table["test_ppl"].where(table["test_ppl"].notna(), table["best_val_ppl"])
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
+    ax.scatter(table["train_wall_s"], score, color=["0.5" if e in BASELINES else "C0" for e in table.index])
+    for name, x, y in zip(table.index, table["train_wall_s"], score):
+        ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("training wall time per run (s)")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("Cost against quality")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def with_reference(runs, curves, ref_runs, ref_curves):
+    """New runs (solid) beside the original study's (thin, grey) on one token axis."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.0))
+    _draw_curves(ax, ref_runs, ref_curves, style={"color": "0.7", "lw": 0.7})
+    _draw_curves(ax, runs, curves)
+    ax.set_xscale("log")
+    ax.set_title("These runs (colour) and the original study's (grey)")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[len(ref_runs):], labels[len(ref_runs):], ncol=2, frameon=False)
     return fig

@@ -1,0 +1,158 @@
+import json
+import math
+
+import matplotlib
+import pandas as pd
+import pytest
+
+from kdlib import analysis, plots
+from kdlib.cli import main
+from kdlib.config import preset
+from kdlib.errors import KdlibError
+
+# reference/original_study.md, "Its results (best validation perplexity / epoch)".
+STUDY_TABLE = {
+    "ce": (367.08, 21), "kl": (197.17, 50),
+    "layerwise-kl": (203.93, 50), "layerwise-kl-cos": (198.70, 49),
+    "layerwise-js": (293.61, 28), "layerwise-js-cos": (276.68, 28),
+    "last2last-kl": (201.08, 47), "last2last-kl-cos": (203.59, 50),
+    "last2last-js": (291.68, 29), "last2last-js-cos": (264.72, 23),
+    "last2all-kl": (204.57, 50), "last2all-kl-cos": (199.98, 50),
+    "last2all-js": (272.18, 22), "last2all-js-cos": (269.96, 23),
+}
+T_975_2DF = 4.302652729911275  # Student t quantile, 2 degrees of freedom
+
+
+def make_run(root, exp, seed, val, test=None, finished=True, wall=10.0):
+    """A run folder as kdlib.train writes it, with validation perplexities ``val`` every 10 steps."""
+    folder = root / f"{exp}-seed{seed}"
+    folder.mkdir(parents=True)
+    cfg = preset("smoke", exp)
+    cfg.seed = seed
+    (folder / "config.json").write_text(cfg.to_json())
+    rows = [{"step": 10 * (i + 1), "epoch": i + 1.0, "tokens": 1000 * (i + 1), "loss": 1.0, "val_ppl": v}
+            for i, v in enumerate(val)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        (folder / "summary.json").write_text(json.dumps({
+            "test_ppl": test, "train_wall_s": wall, "tokens_per_s": 100.0, "teacher_source": "online"}))
+    return folder
+
+
+def test_reference_runs_reproduce_the_original_study_table():
+    runs, curves = analysis.reference_runs()
+    table = analysis.experiment_table(runs)
+    assert len(runs) == 14 and len(curves) == 14
+    for exp, (best, epoch) in STUDY_TABLE.items():
+        key = exp if exp in ("ce", "kl") else f"{exp} [attn]"  # the study's features were attention maps
+        assert table.loc[key, "best_val_ppl"] == pytest.approx(best, abs=0.005), exp
+        assert table.loc[key, "best_epoch"] == epoch, exp
+
+
+def test_means_confidence_intervals_and_change_against_no_kd(tmp_path):
+    for seed, test in enumerate([100.0, 110.0, 120.0]):
+        make_run(tmp_path, "ce", seed, [300, 200], test)
+    for seed, test in enumerate([10.0, 12.0, 14.0]):
+        make_run(tmp_path, "kl", seed, [50, 40, 45], test)
+    runs, curves, skipped = analysis.load_runs(tmp_path)
+    assert skipped == [] and len(runs) == 6
+    table = analysis.experiment_table(runs)
+    assert table.loc["kl", "test_ppl"] == pytest.approx(12.0)
+    assert table.loc["kl", "test_ci95"] == pytest.approx(T_975_2DF * 2.0 / math.sqrt(3))
+    assert table.loc["ce", "test_ci95"] == pytest.approx(T_975_2DF * 10.0 / math.sqrt(3))
+    assert table.loc["kl", "vs_no_kd_pct"] == pytest.approx(100 * (12.0 / 110.0 - 1))
+    assert table.loc["kl", "best_val_ppl"] == 40 and table.loc["kl", "best_step"] == 20
+    assert table.loc["kl", "final_val_ppl"] == 45
+    assert list(table.index) == ["ce", "kl"]
+
+
+def test_paired_differences_pair_runs_by_seed(tmp_path):
+    # with cos minus without, per seed: (20-25, 33-30) = (-5, +3); seed 2 has no pair and is left out.
+    for seed, test in [(0, 25.0), (1, 30.0), (2, 99.0)]:
+        make_run(tmp_path, "layerwise-js", seed, [50], test)
+    for seed, test in [(0, 20.0), (1, 33.0)]:
+        make_run(tmp_path, "layerwise-js-cos", seed, [50], test)
+    runs, _, _ = analysis.load_runs(tmp_path)
+    paired = analysis.paired_differences(runs)
+    row = paired.iloc[0]
+    assert (row["feature_map"], row["divergence"], row["pairs"]) == ("layerwise", "js", 2)
+    assert row["mean_diff"] == pytest.approx(-1.0)
+    assert row["ci95"] == pytest.approx(12.7062047361747 * math.sqrt(32) / math.sqrt(2))  # t(0.975, 1df)
+
+
+def test_js_early_late_measures_the_rise_after_the_best(tmp_path):
+    make_run(tmp_path, "js", 0, [300, 150, 180, 200], 190.0)
+    make_run(tmp_path, "kl", 0, [300, 150, 140], 141.0)
+    runs, _, _ = analysis.load_runs(tmp_path)
+    js = analysis.js_early_late(runs)
+    assert list(js["exp"]) == ["js"]
+    assert (js.loc[0, "best_step"], js.loc[0, "rise"]) == (20, 50)
+    assert js.loc[0, "rise_pct"] == pytest.approx(100 * 50 / 150)
+
+
+def test_unreadable_runs_are_skipped_with_the_reason_and_the_rest_reported(tmp_path):
+    make_run(tmp_path, "ce", 0, [300, 200], 210.0)
+    kl = make_run(tmp_path, "kl", 0, [300, 150], None, finished=False)
+    with open(kl / "metrics.jsonl", "a") as f:
+        f.write('{"step": 30, "val_pp')  # a half-written line of an interrupted run
+    (tmp_path / "no-metrics").mkdir()
+    (tmp_path / "no-metrics" / "config.json").write_text(preset("smoke", "js").to_json())
+    (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "not-a-run" / "config.json").write_text("{broken")
+    old = make_run(tmp_path, "js", 0, [400], 390.0)
+    old_cfg = json.loads((old / "config.json").read_text())
+    del old_cfg["cache"]  # a run from an older kdlib, before the cache section existed
+    (old / "config.json").write_text(json.dumps(old_cfg))
+    lines = []
+    out = analysis.report(tmp_path, tmp_path / "out", log=lines.append)
+    reasons = dict(out["skipped"])
+    assert set(reasons) == {"no-metrics", "not-a-run"}
+    assert "no evaluation" in reasons["no-metrics"] and "config" in reasons["not-a-run"]
+    assert any(line.startswith("skipped no-metrics:") for line in lines)
+    table = out["table"]
+    assert set(table.index) == {"ce", "kl", "js"}
+    assert table.loc["kl", "best_val_ppl"] == 150 and math.isnan(table.loc["kl", "test_ppl"])
+
+
+def test_report_writes_tables_and_figures(tmp_path):
+    results = tmp_path / "runs"
+    for seed in (0, 1):
+        make_run(results, "ce", seed, [300, 200 + seed], 210.0 + seed)
+        make_run(results, "kl", seed, [250, 150 + seed], 160.0 + seed)
+        make_run(results, "js", seed, [250, 170, 190 + seed], 185.0 + seed)
+        make_run(results, "js-cos", seed, [250, 160, 170 + seed], 175.0 + seed)
+    out = analysis.report(results, tmp_path / "fig", reference=True, log=lambda *_: None)
+    names = {p.name for p in out["figures"]}
+    for stem in ("curves_all", "curves_by_divergence", "curves_by_map", "test_ppl", "cosine_effect",
+                 "js_early_late", "cost_vs_ppl", "original_study_curves", "curves_with_study"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names, stem
+    assert all(p.stat().st_size > 1000 for p in out["figures"])
+    md = (tmp_path / "fig" / "results.md").read_text()
+    assert md.startswith("| exp | seeds |") and "| kl | 2 |" in md
+    assert pd.read_csv(tmp_path / "fig" / "results.csv", index_col=0).loc["kl", "seeds"] == 2
+    assert "| ce | 367.1 | 21 |" in (tmp_path / "fig" / "original_study.md").read_text()
+
+
+def test_a_figure_for_n_runs_has_n_lines(tmp_path):
+    for exp in ("ce", "kl", "js", "last2all-kl"):
+        make_run(tmp_path, exp, 0, [300, 200], 210.0)
+    runs, curves, _ = analysis.load_runs(tmp_path)
+    fig = plots.val_curves(runs, curves)
+    assert len(fig.axes[0].lines) == 4
+    fig = plots.grouped_curves(runs, curves, "divergence")
+    assert sum(len(ax.lines) for ax in fig.axes) == 4
+    matplotlib.pyplot.close("all")
+
+
+def test_report_on_an_empty_or_missing_folder_says_so(tmp_path, capsys):
+    with pytest.raises(KdlibError, match="no run with an evaluation"):
+        analysis.report(tmp_path, tmp_path / "out", log=lambda *_: None)
+    assert main(["report", str(tmp_path / "missing"), "--figures", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr()
+    assert "error: no run with an evaluation" in err.err and "skipped" in err.out
+
+
+def test_report_cli_with_the_reference_only(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "none"), "--figures", str(tmp_path / "out"), "--reference"]) == 0
+    assert (tmp_path / "out" / "original_study.md").is_file()
+    assert (tmp_path / "out" / "original_study_curves.png").stat().st_size > 1000

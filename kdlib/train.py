@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import os
 import platform
 import random
@@ -338,19 +339,11 @@ def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_s
     if paths.summary.is_file():
         log(f"{paths.root} is finished: {paths.summary}")
         return read_json(paths.summary, "summary")
-    with (RunLock(paths.lock) if main else _nullcontext()):
+    with (RunLock(paths.lock) if main else nullcontext()):
         splits = _load_data(cfg, data_dir, log)
         source = _teacher_source(cfg, teacher_source, cache_dir, splits["train"], log)
         return _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, progress, log,
                     stop_after, tqdm)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, progress, log, stop_after, tqdm):
@@ -430,7 +423,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             else:
                 teacher_out = None
             last = micro == t.grad_accum - 1
-            with (_nullcontext() if last else accelerator.no_sync(trainee)), accelerator.autocast():
+            with (nullcontext() if last else accelerator.no_sync(trainee)), accelerator.autocast():
                 out = trainee(ids, labels, teacher_out)
                 if not torch.isfinite(out.total):
                     bad = [k for k, v in out.parts.items() if not torch.isfinite(v)] or ["total"]

@@ -33,7 +33,7 @@ _REPO_LINE = re.compile(r'^REPO = "[^"\n]*"$', re.MULTILINE)
 
 def check_repo(repo: str) -> str:
     """``repo`` if it is a GitHub ``owner/name``, else ``KdlibError`` saying what is expected."""
-    if not isinstance(repo, str) or not _REPO_RE.match(repo) or any(p in (".", "..") for p in repo.split("/")):
+    if not isinstance(repo, str) or not _REPO_RE.fullmatch(repo) or any(p in (".", "..") for p in repo.split("/")):
         raise KdlibError(f"repository {repo!r} is not a GitHub owner/name such as 'alice/kdlib' (letters, "
                          "digits, '.', '_' and '-', one '/'); give it as it appears in github.com/OWNER/REPO")
     return repo

@@ -158,6 +158,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _badges(args: argparse.Namespace) -> int:
+    from .badges import rewrite_badges
+
+    changed = rewrite_badges(Path(args.root), args.repo)
+    print("\n".join(str(p) for p in changed) or "badges already point at " + args.repo)
+    return 0
+
+
 def _storage(args: argparse.Namespace) -> int:
     from .checkpoint import MiB, StorageBudget, delete_weights
 
@@ -292,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="store_true",
                    help="also the original study's table and curves (shipped with kdlib), and ours beside them")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("badges", help="point every Open-in-Colab badge and install URL at a GitHub repo",
+                       description="Rewrite the Open-in-Colab badges and install URLs in notebooks/*.ipynb, "
+                                   "README.md and kdlib/badges.py (the one place the repo is named) to "
+                                   "OWNER/REPO.")
+    p.add_argument("--repo", required=True, help="GitHub OWNER/REPO")
+    p.add_argument("--root", default=".", help="repository root (default: .)")
+    p.set_defaults(func=_badges)
 
     p = sub.add_parser("storage", help="usage of a results folder per run, against its budget",
                        description="Print the disk usage of each run in a results folder and the total "

@@ -1,0 +1,79 @@
+"""kdlib.badges: the Open-in-Colab badges and install URLs follow one repository name."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kdlib import badges
+from kdlib.badges import REPO, badge_markdown, rewrite_badges
+from kdlib.errors import KdlibError
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("01_data_prep", "02_teacher_cache", "03_train", "04_analysis")
+
+
+def test_badge_markdown():
+    assert badge_markdown("03_train", "alice/kd") == (
+        "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+        "(https://colab.research.google.com/github/alice/kd/blob/main/notebooks/03_train.ipynb)")
+    assert badge_markdown("03_train.ipynb", "alice/kd") == badge_markdown("03_train", "alice/kd")
+    assert f"/github/{REPO}/" in badge_markdown("01_data_prep")
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A copy of the notebooks, README (with a badge added) and kdlib/badges.py."""
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (tmp_path / "README.md").write_text(readme + "\n" + badge_markdown("03_train") + "\n", encoding="utf-8")
+    (tmp_path / "kdlib").mkdir()
+    shutil.copy(ROOT / "kdlib" / "badges.py", tmp_path / "kdlib" / "badges.py")
+    return tmp_path
+
+
+def test_rewrite_points_every_badge_and_install_at_the_new_repo(checkout):
+    before = {p: p.read_text(encoding="utf-8") for p in checkout.rglob("*") if p.is_file()}
+    changed = rewrite_badges(checkout, "alice/kd-fork")
+    notebooks = [checkout / "notebooks" / f"{n}.ipynb" for n in NAMES]
+    assert sorted(changed) == sorted(notebooks + [checkout / "README.md", checkout / "kdlib" / "badges.py"])
+    for name, path in zip(NAMES, notebooks):
+        text = path.read_text(encoding="utf-8")
+        assert badge_markdown(name, "alice/kd-fork") in text
+        assert "git+https://github.com/alice/kd-fork\\\"" in text  # the install cell, JSON-escaped quote
+        assert REPO not in text
+        # Only the repository changed: same text once it is put back.
+        assert text.replace("alice/kd-fork", REPO) == before[path]
+    assert badge_markdown("03_train", "alice/kd-fork") in (checkout / "README.md").read_text(encoding="utf-8")
+    assert 'REPO = "alice/kd-fork"' in (checkout / "kdlib" / "badges.py").read_text(encoding="utf-8")
+    untouched = [p for p in before if p not in changed]
+    assert untouched and all(p.read_text(encoding="utf-8") == before[p] for p in untouched)
+
+
+def test_rewrite_is_idempotent(checkout):
+    assert rewrite_badges(checkout, "alice/kd-fork")
+    snapshot = {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()}
+    assert rewrite_badges(checkout, "alice/kd-fork") == []
+    assert {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()} == snapshot
+
+
+def test_rewrite_to_the_current_repo_changes_nothing():
+    assert rewrite_badges(ROOT, REPO) == []  # the committed notebooks already point at REPO
+
+
+@pytest.mark.parametrize("repo", ["alice", "alice/kd/extra", "alice/", "/kd", "alice/kd fork", "alice/kd\n",
+                                  "https://github.com/alice/kd", "../kd", "alice/..", "", None])
+def test_bad_repo_is_refused_before_anything_is_written(checkout, repo):
+    snapshot = {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()}
+    with pytest.raises(KdlibError, match="owner/name"):
+        rewrite_badges(checkout, repo)
+    with pytest.raises(KdlibError, match="owner/name"):
+        badges.badge_markdown("03_train", repo)
+    assert {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()} == snapshot
+
+
+def test_root_that_is_not_a_folder_is_refused(tmp_path):
+    with pytest.raises(KdlibError, match="not a folder"):
+        rewrite_badges(tmp_path / "missing", "alice/kd")

@@ -1,0 +1,189 @@
+"""kdlib.ui: the panel (ipywidgets 7.7.1 and 8.x), the notebook helpers, Colab's Drive.
+
+CI runs this file twice: with the latest ipywidgets and with 7.7.1, Colab's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+import kdlib.ui
+from kdlib.config import preset
+from kdlib.errors import KdlibError
+from kdlib.train import train
+from kdlib.ui import experiment_config, experiment_name, panel, results_folder
+
+PNG = b"\x89PNG\r\n\x1a\n"
+# ipywidgets 7.7.1 under ipykernel >= 6.22 warns on every widget it builds: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The `ipykernel.comm.Comm` class has been deprecated")
+
+
+def test_ipywidgets_version_is_reported():
+    import ipywidgets
+
+    print(f"ipywidgets {ipywidgets.__version__}")  # which of the two CI runs this is
+    assert int(ipywidgets.__version__.split(".")[0]) in (7, 8)
+
+
+def test_label_names_the_experiment_and_whether_it_is_in_the_grid(tmp_path):
+    p = panel("smoke", tmp_path)
+    assert p.experiment_name() == "ce"
+    assert "ce (in the study grid)" in p.name_label.value
+    assert p.feature.disabled  # no feature map: the feature kind does not matter
+
+    p.feature_map.value, p.divergence.value, p.cosine.value = "layerwise", "kl", True
+    assert p.experiment_name() == "layerwise-kl-cos"
+    assert "layerwise-kl-cos (in the study grid)" in p.name_label.value
+    assert not p.feature.disabled
+
+    p.divergence.value = "none"
+    assert p.experiment_name() == "layerwise-cos"
+    assert "layerwise-cos (outside the study grid)" in p.name_label.value
+
+    p.feature_map.value = "none"
+    assert "cos (outside the study grid)" in p.name_label.value
+
+    p.cosine.value, p.divergence.value = False, "js"
+    assert "js (outside the study grid)" in p.name_label.value
+
+    p.feature_map.value, p.feature.value, p.seed.value = "last2all", "attention", 3
+    assert p.experiment_name() == "last2all-js"
+    assert "last2all-js (in the study grid)" in p.name_label.value
+    assert p.name_label.value.endswith("last2all-js-attn-seed3")
+
+
+def test_config_is_the_preset_with_the_selected_experiment(tmp_path):
+    p = panel("smoke", tmp_path, max_steps=7)
+    p.preset.value = "demo"
+    p.feature_map.value, p.divergence.value, p.cosine.value, p.seed.value = "last2last", "js", True, 5
+    cfg = p.config()
+    expected = preset("demo").with_experiment("last2last-js-cos", feature="hidden")
+    expected.seed, expected.train.max_steps = 5, 7
+    assert cfg == expected
+
+
+def test_initial_choices_and_invalid_seed(tmp_path):
+    p = panel("study", tmp_path, feature_map="layerwise", divergence="kl", cosine=True)
+    assert p.feature.value == "attention" and p.seed.value == 42  # the study preset's defaults
+    assert p.experiment_name() == "layerwise-kl-cos"
+    p.seed.value = -1
+    assert "invalid choice" in p.name_label.value and p.button.disabled
+    p.seed.value = 1
+    assert not p.button.disabled
+
+
+def test_train_button_trains_a_real_smoke_run_and_draws_its_curve(tmp_path, smoke_data):
+    data = tmp_path / "data"
+    shutil.copytree(smoke_data[0], data)  # training writes into the data folder (teacher ppl)
+
+    def quiet_train(cfg, run_dir, data_dir, **kw):
+        return train(cfg, run_dir, data_dir, **{**kw, "progress": False, "log": lambda *_: None})
+
+    p = panel("smoke", tmp_path / "runs", data, quiet_train, divergence="kl", max_steps=4)
+    assert bytes(p.plot.value) == b""
+    p.button.click()
+    assert p.summary is not None, p.output.outputs
+    assert p.summary["exp"] == "kl" and p.summary["steps"] == 4
+    assert json.loads((tmp_path / "runs" / "kl-seed0" / "summary.json").read_text()) == p.summary
+    assert bytes(p.plot.value).startswith(PNG)
+    assert "done" in p.status.value and not p.button.disabled
+    # Again: a finished run is not trained again, its summary comes back.
+    assert p.train() == p.summary
+
+
+def test_plot_is_redrawn_while_training(tmp_path):
+    seen = []
+
+    def slow_train(cfg, run_dir, data_dir, **kw):
+        run_dir.mkdir(parents=True)
+        for step, ppl in ((2, 300.0), (4, 200.0)):
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "val_ppl": ppl}) + "\n")
+            before = bytes(p.plot.value)
+            deadline = time.monotonic() + 10
+            while bytes(p.plot.value) == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(bytes(p.plot.value))
+        return {"best_val_ppl": 200.0, "best_step": 4, "test_ppl": 210.0}
+
+    p = panel("smoke", tmp_path / "runs", tmp_path / "data", slow_train, poll_s=0.02)
+    summary = p.train()
+    assert summary["best_step"] == 4
+    assert len(seen) == 2 and all(png.startswith(PNG) for png in seen) and seen[0] != seen[1]
+    assert "best validation perplexity 200.00 at step 4, test 210.00" in p.status.value
+
+
+def test_a_failed_run_is_reported_in_the_panel(tmp_path, capsys):
+    def failing_train(cfg, run_dir, data_dir, **kw):
+        raise KdlibError("the loss is not finite")
+
+    p = panel("smoke", tmp_path / "runs", tmp_path / "data", failing_train)
+    p.button.click()  # outside a kernel the Output area does not capture: the message goes to stdout
+    assert "error: the loss is not finite" in capsys.readouterr().out
+    assert "error" in p.status.value and p.summary is None and not p.button.disabled
+    with pytest.raises(KdlibError, match="not finite"):
+        p.train()
+
+
+def test_experiment_name_and_config_helpers():
+    assert experiment_name() == "ce"
+    assert experiment_name("none", "none", False) == "ce"
+    assert experiment_name("last2last", "kl", True) == "last2last-kl-cos"
+    assert experiment_name(None, "gjsd0.3") == "gjsd0.3"
+    with pytest.raises(KdlibError, match="feature map"):
+        experiment_name("kl")
+    with pytest.raises(KdlibError, match="not a divergence"):
+        experiment_name(None, "layerwise")
+    cfg = experiment_config("smoke", "layerwise", "attention", "js", False, seed=2, max_steps=3)
+    assert (cfg.exp, cfg.loss.feature, cfg.seed, cfg.train.max_steps) == ("layerwise-js", "attention", 2, 3)
+    assert cfg.train.resume_dir is None  # off Colab: inside the run folder
+    with pytest.raises(KdlibError, match="unknown preset"):
+        experiment_config("nope")
+
+
+def test_results_and_data_folders_off_colab(tmp_path):
+    assert not kdlib.ui.on_colab()
+    assert results_folder() == Path("runs")
+    assert results_folder(local=tmp_path / "r") == tmp_path / "r"
+    assert kdlib.ui.data_folder("smoke") == Path("data/smoke")
+    assert kdlib.ui.data_folder("smoke", tmp_path) == tmp_path
+    with pytest.raises(KdlibError, match="unknown preset"):
+        kdlib.ui.data_folder("nope")
+
+
+def fake_colab(monkeypatch, mount):
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=mount)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+
+
+def test_results_folder_on_colab_mounts_drive(tmp_path, monkeypatch):
+    mounted = []
+    fake_colab(monkeypatch, mounted.append)
+    monkeypatch.setattr(kdlib.ui, "DRIVE", tmp_path / "drive")
+    assert kdlib.ui.on_colab()
+    folder = results_folder("kd-results")
+    assert mounted == [str(tmp_path / "drive")]
+    assert folder == tmp_path / "drive" / "MyDrive" / "kd-results" and folder.is_dir()
+    assert kdlib.ui.data_folder("smoke") == tmp_path / "drive" / "MyDrive" / "kdlib-data" / "smoke"
+    assert experiment_config("smoke").train.resume_dir == kdlib.ui.COLAB_RESUME_DIR
+
+
+def test_failed_drive_mount_says_how_to_fix_it(monkeypatch):
+    def refuse(path):
+        raise ValueError("mount failed")
+
+    fake_colab(monkeypatch, refuse)
+    with pytest.raises(KdlibError) as e:
+        results_folder()
+    message = str(e.value)
+    assert "mount failed" in message
+    assert "Re-run this cell and accept the authorisation" in message
+    assert "local folder" in message

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, faults
 from .config import ExperimentConfig
 from .data import TokenSplit, load_split, n_windows, token_dtype, window_inputs
 from .errors import KdlibError
@@ -195,6 +195,7 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
             bar.update(e - b)
         for a in arrays.values():
             a.flush()
+        faults.point("cache")
         manifest = read_json(paths["manifest"], "cache manifest")
         manifest.update(complete_windows=chunk_end, complete=chunk_end == n)
         atomic_write_json(paths["manifest"], manifest)

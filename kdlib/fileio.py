@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
 
+from . import faults
 from .errors import KdlibError
 
 PathLike = Union[str, Path]
@@ -35,6 +36,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes files private; results are ordinary files
+        faults.point("write")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

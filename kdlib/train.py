@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, faults
 from .cache import TopKCache, cache_identity
 from .checkpoint import (MiB, StorageBudget, load_resume, save_resume, save_student)
 from .config import ExperimentConfig
@@ -340,6 +340,9 @@ def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_s
         log(f"{paths.root} is finished: {paths.summary}")
         return read_json(paths.summary, "summary")
     with (RunLock(paths.lock) if main else nullcontext()):
+        if main:  # temporary files of a write that a killed process never finished
+            for stale in paths.root.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         splits = _load_data(cfg, data_dir, log)
         source = _teacher_source(cfg, teacher_source, cache_dir, splits["train"], log)
         return _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, progress, log,
@@ -440,6 +443,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        faults.point("step")
         state["step"] += 1
         steps_this_process += 1
         state["tokens"] += tokens_per_step
@@ -459,6 +463,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             val = perplexity(accelerator.unwrap_model(trainee).student, val_tokens, cfg.data.block_size,
                              stride=cfg.data.block_size, batch_size=t.eval_batch_size)
             last_val = val
+            faults.point("eval")
             row = dict(row or {"step": state["step"], "epoch": round(epoch, 4), "tokens": state["tokens"]},
                        val_ppl=val)
             if val < state["best"]:

@@ -161,6 +161,9 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < n:
             raise KdlibError(f"cache manifest {paths['manifest']} says {start!r} windows are complete, of {n}: "
                              "it is corrupt; delete this split's cache files and build again")
+    # A manifest write that a killed build never finished (one builder per cache folder).
+    for stale in folder.glob(f".{paths['manifest'].name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     # The teacher first: a teacher that fails to load must leave no files behind.
     if teacher is None:
         teacher = load_teacher(cfg.teacher, device=device, student_vocab_size=cfg.model.vocab_size)

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import pandas as pd
 
 from .errors import KdlibError
-from .fileio import atomic_write_text, read_json
+from .fileio import atomic_write_text, read_json, read_jsonl
 from .grid import EXPERIMENTS, parse
 
 # The original study's epoch: about 1.65M training tokens (reference/original_study.md).
@@ -33,18 +33,9 @@ RUN_COLUMNS = ["run", "source", "exp", "seed", "feature", "divergence", "feature
 
 
 def read_metrics(run_dir) -> pd.DataFrame:
-    """A run's metrics.jsonl as a table; a half-written line (an interrupted write) is skipped."""
-    rows = []
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return pd.DataFrame(rows)
+    """A run's metrics.jsonl as a table; a half-written line (an interrupted write) is skipped
+    with a warning."""
+    return pd.DataFrame(read_jsonl(Path(run_dir) / "metrics.jsonl"))
 
 
 def _components(exp: str, feature: str) -> dict:

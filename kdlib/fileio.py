@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
@@ -71,6 +72,26 @@ def read_json(path: PathLike, what: str = "file") -> dict:
     if not isinstance(obj, dict):
         raise KdlibError(f"{what} {path} is not a JSON object; delete it to rebuild")
     return obj
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+    """The JSON objects of a JSON-lines file (e.g. metrics.jsonl). A line that does not parse (the
+    half-written last line of a killed run) is skipped with a warning; the rest is returned."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif line.strip():
+            warnings.warn(f"{path}: line {number} is not a JSON object (an interrupted write?); skipped",
+                          stacklevel=2)
+    return rows
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -36,7 +36,7 @@ from .config import ExperimentConfig
 from .data import SPLITS, WindowSampler, check_vocab, load_split, prepare
 from .errors import KdlibError
 from .evaluate import perplexity
-from .fileio import atomic_write_json, atomic_write_text, read_json
+from .fileio import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from .grid import parse
 from .models import TinyGPT, load_teacher, teacher_forward, teacher_shape
 from .objective import DistillationLoss
@@ -250,20 +250,6 @@ def _check_config(paths: RunPaths, cfg: ExperimentConfig) -> None:
                              f"{saved.preset!r}); use another folder, nothing was changed")
 
 
-def _read_metrics(path: Path, upto_step: Optional[int] = None) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a half-written last line of a killed run
-        if upto_step is None or row.get("step", 0) <= upto_step:
-            rows.append(row)
-    return rows
-
-
 def teacher_shape_hint(cfg: ExperimentConfig) -> tuple[int, int]:
     """(blocks, width) of the configured teacher without loading it: a random teacher's config, a
     local folder's config.json, else GPT-2 small's (12, 768), the default teacher."""
@@ -395,7 +381,8 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
         state.update(resume["state"])
         log(f"resuming {paths.root.name} at step {state['step']}")
     trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
-    metrics = _read_metrics(paths.metrics, state["step"]) if accelerator.is_main_process else []
+    metrics = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= state["step"]] \
+        if accelerator.is_main_process else []
     if accelerator.is_main_process:  # drop lines written after the resume point: the rerun writes them again
         atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in metrics))
     n_student = sum(p.numel() for p in student.parameters())

@@ -104,7 +104,8 @@ def test_unreadable_runs_are_skipped_with_the_reason_and_the_rest_reported(tmp_p
     del old_cfg["cache"]  # a run from an older kdlib, before the cache section existed
     (old / "config.json").write_text(json.dumps(old_cfg))
     lines = []
-    out = analysis.report(tmp_path, tmp_path / "out", log=lines.append)
+    with pytest.warns(UserWarning, match="not a JSON object"):  # kl's half-written line
+        out = analysis.report(tmp_path, tmp_path / "out", log=lines.append)
     reasons = dict(out["skipped"])
     assert set(reasons) == {"no-metrics", "not-a-run"}
     assert "no evaluation" in reasons["no-metrics"] and "config" in reasons["not-a-run"]
@@ -156,3 +157,12 @@ def test_report_cli_with_the_reference_only(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none"), "--figures", str(tmp_path / "out"), "--reference"]) == 0
     assert (tmp_path / "out" / "original_study.md").is_file()
     assert (tmp_path / "out" / "original_study_curves.png").stat().st_size > 1000
+
+
+def test_a_half_written_metrics_line_is_skipped_with_a_warning(tmp_path):
+    run = make_run(tmp_path, "kl", 0, [300, 150], None, finished=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 30, "val_pp')
+    with pytest.warns(UserWarning, match="line 3 is not a JSON object"):
+        m = analysis.read_metrics(run)
+    assert list(m["val_ppl"]) == [300, 150]

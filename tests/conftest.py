@@ -85,3 +85,17 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Any attempt to unpickle (pickle or torch.load) fails the test: kdlib must refuse such files unread."""
+    import pickle
+
+    import torch
+
+    def boom(*args, **kwargs):
+        raise AssertionError("unpickling was attempted")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, boom)

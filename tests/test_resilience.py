@@ -373,17 +373,6 @@ def test_hostile_experiment_names_refused(smoke_data, tmp_path, capsys, exp):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
-@pytest.fixture
-def no_unpickling(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("unpickling was attempted")
-
-    monkeypatch.setattr(pickle, "loads", boom)
-    monkeypatch.setattr(pickle, "load", boom)
-    monkeypatch.setattr(pickle, "Unpickler", boom)
-    monkeypatch.setattr(torch, "load", boom)
-
-
 @pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle"])
 def test_pickle_student_refused_without_unpickling(tmp_path, kind, no_unpickling):
     path = tmp_path / "student.safetensors"

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import random
 import re
 from pathlib import Path

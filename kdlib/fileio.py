@@ -74,9 +74,10 @@ def read_json(path: PathLike, what: str = "file") -> dict:
     return obj
 
 
-def read_jsonl(path: PathLike) -> list[dict]:
+def read_jsonl(path: PathLike, warn: bool = True) -> list[dict]:
     """The JSON objects of a JSON-lines file (e.g. metrics.jsonl). A line that does not parse (the
-    half-written last line of a killed run) is skipped with a warning; the rest is returned."""
+    half-written last line of a killed run) is skipped, with a warning unless ``warn`` is False
+    (a reader polling a file that is being written); the rest is returned."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -88,7 +89,7 @@ def read_jsonl(path: PathLike) -> list[dict]:
             row = None
         if isinstance(row, dict):
             rows.append(row)
-        elif line.strip():
+        elif line.strip() and warn:
             warnings.warn(f"{path}: line {number} is not a JSON object (an interrupted write?); skipped",
                           stacklevel=2)
     return rows

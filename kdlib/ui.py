@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import sys
 import threading
 import traceback
@@ -31,6 +30,7 @@ from typing import Callable, Optional, Union
 
 from .config import PRESETS, ExperimentConfig, preset as make_preset
 from .errors import KdlibError, choices
+from .fileio import read_jsonl
 from .grid import FEATURES, MAPS, parse
 
 PathLike = Union[str, Path]
@@ -188,19 +188,9 @@ def train_run(cfg: ExperimentConfig, results_dir: PathLike, data_dir: Optional[P
 
 def val_ppl_points(run_dir: PathLike) -> tuple[list[int], list[float]]:
     """(steps, validation perplexities) logged so far in ``run_dir/metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    steps, ppl = [], []
-    if not path.is_file():
-        return steps, ppl
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the line being written right now
-        if isinstance(row, dict) and row.get("val_ppl") is not None:
-            steps.append(row["step"])
-            ppl.append(row["val_ppl"])
-    return steps, ppl
+    rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl", warn=False)  # polled while written
+            if r.get("val_ppl") is not None]
+    return [r["step"] for r in rows], [r["val_ppl"] for r in rows]
 
 
 def val_ppl_figure(run_dir: PathLike):

@@ -424,6 +424,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
                 accelerator.backward(out.total / t.grad_accum)
             for k, v in out.parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / t.grad_accum
+            parts_sum["total"] = parts_sum.get("total", 0.0) + out.total.detach() / t.grad_accum
         if t.grad_clip > 0:
             accelerator.clip_grad_norm_(trainee.parameters(), t.grad_clip)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -441,8 +442,9 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
         if state["step"] % t.log_every == 0 or state["step"] == total:
             now = time.perf_counter()
             parts = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in parts_sum.items()}
+            total_loss = parts.pop("total")
             row = {"step": state["step"], "epoch": round(epoch, 4), "tokens": state["tokens"],
-                   "lr": lr, "loss": sum(_weight(objective, k) * v for k, v in parts.items()),
+                   "lr": lr, "loss": total_loss,
                    **{f"loss_{k}": v for k, v in parts.items()},
                    "tokens_per_s": tokens_log / max(now - t_log, 1e-9), "peak_mem_mib": _peak_mem()}
             t_log, tokens_log = now, 0
@@ -490,11 +492,6 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             f"test ppl {summary['test_ppl']:.2f} (stride {summary['eval_stride']})")
     accelerator.wait_for_everyone()
     return summary
-
-
-def _weight(objective: DistillationLoss, part: str) -> float:
-    c = objective.config
-    return {"ce": c.w_ce, "cos": c.w_cos, "feat": c.w_feat}.get(part, c.w_div)
 
 
 def _peak_mem() -> float:

@@ -122,14 +122,19 @@ class TopKCache:
 
     def batch(self, windows: Sequence[int], device=None) -> TopKTargets:
         """The cached teacher output of ``windows``: log-probs [B, T, k] float32, ids [B, T, k] int64,
-        log tail [B, T] float32. Stored dtypes travel to the device; conversion happens there."""
-        idx = np.asarray(windows, dtype=np.int64)
-        a = self.arrays
-        ids = np.ascontiguousarray(a["ids"][idx])
-        ids = ids.astype(np.int32) if ids.dtype == np.uint16 else ids.astype(np.int64)  # torch has no uint16 ops
-        return TopKTargets(torch.from_numpy(np.ascontiguousarray(a["logp"][idx])).to(device).float(),
-                           torch.from_numpy(ids).to(device).long(),
-                           torch.from_numpy(np.ascontiguousarray(a["tail"][idx])).to(device).float())
+        log tail [B, T] float32."""
+        return targets_from_arrays(self.arrays, windows, device)
+
+
+def targets_from_arrays(arrays: dict, windows: Sequence[int], device=None) -> TopKTargets:
+    """Rows ``windows`` of the cache's arrays (``logp``, ``ids``, ``tail``) as ``TopKTargets`` on ``device``.
+    Stored dtypes travel to the device; conversion happens there."""
+    idx = np.asarray(windows, dtype=np.int64)
+    ids = np.ascontiguousarray(arrays["ids"][idx])
+    ids = ids.astype(np.int32) if ids.dtype == np.uint16 else ids.astype(np.int64)  # torch has no uint16 ops
+    return TopKTargets(torch.from_numpy(np.ascontiguousarray(arrays["logp"][idx])).to(device).float(),
+                       torch.from_numpy(ids).to(device).long(),
+                       torch.from_numpy(np.ascontiguousarray(arrays["tail"][idx])).to(device).float())
 
 
 def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: PathLike, split: str = "train",

@@ -54,6 +54,22 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    shapes = bench.get_shapes(args.shapes, steps=args.steps, warmup=args.warmup)
+    command = "python -m kdlib bench " + " ".join(args.argv)
+    report = bench.run_bench(shapes, exps=args.exps or bench.EXPERIMENTS, paths=args.paths,
+                             sections=args.sections, feature=args.feature, compile=args.compile,
+                             peak=args.peak_tflops, command=command)
+    print()
+    print(bench.to_markdown(report))
+    if args.out:
+        for path in bench.write_report(report, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
 def _data_dir(args: argparse.Namespace) -> str:
     return args.data_dir or f"data/{args.preset}"
 
@@ -92,6 +108,8 @@ def _experiment_config(args: argparse.Namespace, exp: str, seed: Optional[int]):
         cfg.seed = seed
     if args.max_steps is not None:
         cfg.train.max_steps = args.max_steps
+    if args.compile:
+        cfg.train.compile = True
     return cfg.validate()
 
 
@@ -252,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--teacher-source", default="auto", choices=("auto", "online", "cache"),
                        help="auto: the cache for output-only experiments when one matches, else online")
         p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the student (GPU: faster steps after a minute or two of compiling)")
 
     p = sub.add_parser("train", help="train one experiment (resumes an interrupted run)",
                        description="Train one experiment in RUNS/EXP-seedSEED. Started again on the same "
@@ -301,6 +321,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the original study's table and curves (shipped with kdlib), and ours beside them")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("bench", help="benchmarks: the original method vs kdlib vs the top-k cache, losses, data prep",
+                       description="Training throughput (tokens/s, ms/step, peak memory, MFU) of each experiment "
+                                   "along three paths at the same shapes and data: 'reference' (the original "
+                                   "study's method re-implemented), 'kdlib' (kdlib's training step) and "
+                                   "'cached' (the top-k cache, output-only experiments); the divergences "
+                                   "alone, dense vs chunked; and tokenization speed. Prints Markdown; --out "
+                                   "writes bench.json and bench.md. Results: docs/benchmarks.md.")
+    p.add_argument("--shapes", default="cpu", choices=("study", "cpu", "smoke"),
+                   help="study: the study's models and batch (GPU); cpu: the same proportions, minutes "
+                        "on 2 cores (default); smoke: seconds")
+    p.add_argument("--exps", "--exp", nargs="+", metavar="NAME", help="experiments (default: the 14)")
+    p.add_argument("--paths", nargs="+", default=list(("reference", "kdlib", "cached")),
+                   choices=("reference", "kdlib", "cached"), help="paths to measure (default: all three)")
+    p.add_argument("--sections", nargs="+", default=["train", "divergence", "prep"],
+                   choices=("train", "divergence", "prep"), help="what to measure (default: everything)")
+    p.add_argument("--feature", default="hidden", choices=("hidden", "attention"),
+                   help="kdlib's feature loss: hidden states (default, SDPA) or attention maps (the study's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student on the kdlib paths")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak TFLOP/s for MFU (default: known GPUs, or $KDLIB_PEAK_TFLOPS)")
+    p.add_argument("--steps", type=_positive_int, help="timed steps per measurement (default: per shapes)")
+    p.add_argument("--warmup", type=_positive_int, help="warm-up steps per measurement (default: per shapes)")
+    p.add_argument("--out", help="folder for bench.json and bench.md")
+    p.set_defaults(func=_bench)
+
     p = sub.add_parser("badges", help="point every Open-in-Colab badge and install URL at a GitHub repo",
                        description="Rewrite the Open-in-Colab badges and install URLs in notebooks/*.ipynb, "
                                    "README.md and kdlib/badges.py (the one place the repo is named) to "
@@ -324,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # after the subcommand: for reports
     try:
         return args.func(args)
     except KdlibError as e:

@@ -256,6 +256,9 @@ class TrainConfig:
     eval_every: Optional[int] = None  # steps between evaluations; None = once per epoch
     eval_batch_size: int = 8  # windows per forward pass when scoring perplexity
     log_every: int = 10  # steps between metrics.jsonl lines (each costs a host sync)
+    # torch.compile the student: faster steps on a GPU after a minute or two of
+    # compiling; off by default (compile time dominates short runs, and CPUs gain little).
+    compile: bool = False
     # Where the resume state (optimizer, scheduler, RNG, data position) lives:
     # None = inside the run folder (counted in its storage budget); a local
     # path such as /content/resume keeps the ~2x-model-size file off Drive.

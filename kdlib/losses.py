@@ -123,59 +123,80 @@ def _count(mask: Optional[Tensor], n: int, like: Tensor) -> Tensor:
 
 
 class _RowMean(torch.autograd.Function):
-    """mean over masked rows of ``rows_fn(*tensors)``, chunked, recomputed in backward.
+    """Weighted sum of masked row means of ``rows_fn(*tensors)``, chunked; its gradient made in forward.
 
-    ``tensors`` all have N rows; ``rows_fn`` maps row-slices of them to a ``[n]``
-    tensor. Every row is computed and the masked-out ones are zeroed, which keeps
-    shapes static and the GPU free of host syncs. Tensors that need no gradient
-    (teacher outputs, labels) are kept on ``ctx`` directly: they may be
-    inference-mode tensors, which ``save_for_backward`` refuses. First
-    derivatives only (``once_differentiable``).
+    ``tensors`` all have N rows; ``rows_fn`` maps row-slices of them to ``[n, k]``
+    (k terms, weighted by ``weights``). Returns ``(total, means)``: the weighted
+    sum (differentiable) and the k unweighted means (not differentiable). Every
+    row is computed and the masked-out ones are zeroed, which keeps shapes
+    static and the GPU free of host syncs.
+
+    When a gradient is wanted, each chunk's gradient is computed right after its
+    forward (its temporaries freed at once) into one full-size buffer per input;
+    backward only scales that buffer in place by the incoming gradient. So the
+    buffers are the only full-size allocation and nothing is recomputed (the
+    scheme of Liger's fused losses). float16 inputs get a float32 buffer: their
+    per-element gradients (~1e-9 before loss scaling) would underflow in fp16.
+    Tensors that need no gradient (teacher outputs, labels) may be
+    inference-mode tensors. First derivatives only.
     """
 
     @staticmethod
-    def forward(ctx, rows_fn, chunk, mask, *tensors):
+    def forward(ctx, rows_fn, weights, chunk, mask, want_grad, *tensors):
         n = tensors[0].shape[0]
-        values = [_masked(rows_fn(*[x[a:a + chunk] for x in tensors]), None if mask is None else mask[a:a + chunk])
-                  for a in range(0, n, chunk)]
-        values = torch.cat(values) if values else tensors[0].new_zeros(0, dtype=_compute_dtype(*tensors))
-        count = _count(mask, n, values)
-        needs = ctx.needs_input_grad[3:]
-        ctx.save_for_backward(*[x if need else None for x, need in zip(tensors, needs)])
-        ctx.constants = [None if need else x for x, need in zip(tensors, needs)]
-        ctx.rows_fn, ctx.chunk, ctx.mask, ctx.count = rows_fn, chunk, mask, count
-        return values.sum() / count
+        needs = [want_grad and need for need in ctx.needs_input_grad[5:]]
+        grads = [torch.empty_like(x, dtype=torch.float32 if x.dtype == torch.float16 else x.dtype)
+                 if need else None for x, need in zip(tensors, needs)]
+        w = torch.tensor(weights, dtype=_compute_dtype(*tensors), device=tensors[0].device)  # [k]
+        count = _count(mask, n, w)
+        sums = torch.zeros_like(w)  # [k]
+        for a in range(0, n, chunk):
+            keep = None if mask is None else mask[a:a + chunk, None]  # [c, 1]
+            with torch.enable_grad() if any(needs) else torch.no_grad():
+                parts = [x[a:a + chunk].detach().requires_grad_(need) for x, need in zip(tensors, needs)]
+                values = _masked(rows_fn(*parts), keep)  # [c, k]
+                if any(needs):
+                    got = torch.autograd.grad((values @ w).sum() / count, [p for p in parts if p.requires_grad])
+                    for g_full, g in zip([g for g in grads if g is not None], got):
+                        g_full[a:a + chunk] = g
+            sums += values.detach().sum(0)
+        means = sums / count
+        ctx.grads, ctx.dtypes, ctx.applied = grads, [x.dtype for x in tensors], None
+        ctx.mark_non_differentiable(means)
+        return (means * w).sum(), means
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
-        tensors = [c if c is not None else s for c, s in zip(ctx.constants, ctx.saved_tensors)]
-        needs = ctx.needs_input_grad[3:]
-        grads = [torch.empty_like(x) if need else None for x, need in zip(tensors, needs)]
-        scale = grad_out / ctx.count
-        n, chunk, mask = tensors[0].shape[0], ctx.chunk, ctx.mask
-        with torch.enable_grad():
-            for a in range(0, n, chunk):
-                parts = [x[a:a + chunk].detach().requires_grad_(need) for x, need in zip(tensors, needs)]
-                values = ctx.rows_fn(*parts)  # [c]
-                weight = scale.expand_as(values)
-                if mask is not None:
-                    weight = torch.where(mask[a:a + chunk], weight, weight.new_zeros(()))
-                got = torch.autograd.grad(values, [p for p, need in zip(parts, needs) if need], weight)
-                for g_full, g in zip([g for g in grads if g is not None], got):
-                    g_full[a:a + chunk] = g
-        return (None, None, None, *grads)
+    def backward(ctx, grad_total, _grad_means):
+        # In place: a second [N, V] tensor is what this function exists to avoid.
+        # A second backward (retain_graph, gradcheck) rescales by the ratio.
+        factor = grad_total if ctx.applied is None else grad_total / ctx.applied
+        ctx.applied = grad_total
+        grads = [None if g is None else g.mul_(factor.to(g.dtype)).to(dtype)
+                 for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        return (None, None, None, None, None, *grads)
+
+
+def _row_means(rows_fn: Callable[..., Tensor], weights: Sequence[float], tensors: Sequence[Tensor],
+               mask: Optional[Tensor], chunk_size: ChunkSize) -> tuple[Tensor, Tensor]:
+    """(Σ_k weights[k]·mean_k, [mean_1..mean_k]) over the masked rows of ``rows_fn`` ([n, k])."""
+    chunk = _chunk_rows(chunk_size, tensors[0].shape[-1])
+    dtype = _compute_dtype(*tensors)
+    if chunk is None:  # dense reference: one autograd graph over all rows
+        w = torch.tensor(weights, dtype=dtype, device=tensors[0].device)
+        values = _masked(rows_fn(*tensors), None if mask is None else mask[:, None])  # [N, k]
+        means = values.sum(0) / _count(mask, tensors[0].shape[0], values)
+        return (means * w).sum(), means.detach()
+    if tensors[0].shape[0] == 0:
+        zero = tensors[0].new_zeros((), dtype=dtype)
+        return zero, zero.new_zeros(len(weights))
+    return _RowMean.apply(rows_fn, tuple(weights), chunk, mask, torch.is_grad_enabled(), *tensors)
 
 
 def _row_mean(rows_fn: Callable[..., Tensor], tensors: Sequence[Tensor], mask: Optional[Tensor],
               chunk_size: ChunkSize) -> Tensor:
-    chunk = _chunk_rows(chunk_size, tensors[0].shape[-1])
-    if chunk is None:  # dense reference: one autograd graph over all rows
-        values = _masked(rows_fn(*tensors), mask)
-        return values.sum() / _count(mask, tensors[0].shape[0], values)
-    if tensors[0].shape[0] == 0:
-        return tensors[0].new_zeros((), dtype=_compute_dtype(*tensors))
-    return _RowMean.apply(rows_fn, chunk, mask, *tensors)
+    """Masked mean over rows of one per-row quantity (``rows_fn`` returns ``[n]``)."""
+    return _row_means(lambda *xs: rows_fn(*xs)[:, None], (1.0,), tensors, mask, chunk_size)[0]
 
 
 # --------------------------------------------------------------------------
@@ -309,16 +330,36 @@ def total_variation(s: Tensor, t: Tensor, temperature: float = 1.0, mask: Option
     return divergence("tvd", s, t, temperature, mask, chunk_size=chunk_size)
 
 
+def _cosine_rows(s: Tensor, t: Tensor) -> Tensor:
+    dtype = _compute_dtype(s, t)
+    return 1.0 - F.cosine_similarity(s.to(dtype), t.to(dtype), dim=-1)
+
+
 def cosine_loss(s: Tensor, t: Tensor, mask: Optional[Tensor] = None,
                 chunk_size: ChunkSize = AUTO) -> Tensor:
     """1 − cos(s, t) over the vocabulary on raw logits (no temperature), masked mean."""
     s2, t2, m = _flat(s, t, mask)
+    return _row_mean(_cosine_rows, [s2, t2], m, chunk_size)
 
-    def rows(sc: Tensor, tc: Tensor) -> Tensor:
-        dtype = _compute_dtype(sc, tc)
-        return 1.0 - F.cosine_similarity(sc.to(dtype), tc.to(dtype), dim=-1)
 
-    return _row_mean(rows, [s2, t2], m, chunk_size)
+def _ce_rows(smoothing: float):
+    def rows(s: Tensor, y: Tensor) -> Tensor:
+        log_q = F.log_softmax(s.to(_compute_dtype(s)), dim=-1)  # [n, V]
+        nll = -log_q.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1)  # ignored rows: any index, zeroed later
+        if smoothing == 0.0:
+            return nll
+        return (1.0 - smoothing) * nll - smoothing * log_q.mean(-1)
+
+    return rows
+
+
+def _check_labels(s: Tensor, labels: Tensor, ignore_index: int):
+    """``[N, V]`` logits, ``[N]`` labels and the ``[N]`` mask of counted positions."""
+    if labels.shape != s.shape[:-1]:
+        raise KdlibError(f"labels shape {tuple(labels.shape)} must equal the logits' shape "
+                         f"without the vocabulary dimension, {tuple(s.shape[:-1])}")
+    s2, _, m = _flat(s, None, labels != ignore_index)
+    return s2, labels.reshape(-1), m
 
 
 def cross_entropy(s: Tensor, labels: Tensor, label_smoothing: float = 0.0,
@@ -329,19 +370,8 @@ def cross_entropy(s: Tensor, labels: Tensor, label_smoothing: float = 0.0,
     mixes in the uniform distribution), computed in float32 chunk by chunk.
     """
     smoothing = check_unit_interval(label_smoothing, "label_smoothing")
-    if labels.shape != s.shape[:-1]:
-        raise KdlibError(f"labels shape {tuple(labels.shape)} must equal the logits' shape "
-                         f"without the vocabulary dimension, {tuple(s.shape[:-1])}")
-    s2, _, m = _flat(s, None, labels != ignore_index)
-
-    def rows(sc: Tensor, yc: Tensor) -> Tensor:
-        log_q = F.log_softmax(sc.to(_compute_dtype(sc)), dim=-1)  # [n, V]
-        nll = -log_q.gather(-1, yc.clamp_min(0)[:, None]).squeeze(-1)  # ignored rows: any index, zeroed later
-        if smoothing == 0.0:
-            return nll
-        return (1.0 - smoothing) * nll - smoothing * log_q.mean(-1)
-
-    return _row_mean(rows, [s2, labels.reshape(-1)], m, chunk_size)
+    s2, y, m = _check_labels(s, labels, ignore_index)
+    return _row_mean(_ce_rows(smoothing), [s2, y], m, chunk_size)
 
 
 # --------------------------------------------------------------------------
@@ -354,6 +384,44 @@ class TopKTargets(NamedTuple):
     log_probs: Tensor  # [..., k] at the run's temperature
     ids: Tensor  # [..., k]
     log_tail: Tensor  # [...]
+
+
+def _sparse_tensors(s: Tensor, topk_log_probs: Tensor, topk_ids: Tensor,
+                    log_tail: Optional[Tensor]) -> list[Tensor]:
+    """The cache's tensors as rows next to ``[N, V]`` logits: [lp [N, k], ids [N, k]] (+ tail [N] when k < V)."""
+    V, k = s.shape[-1], topk_ids.shape[-1]
+    if topk_log_probs.shape != topk_ids.shape or topk_ids.shape[:-1] != s.shape[:-1]:
+        raise KdlibError(f"cache tensors {tuple(topk_log_probs.shape)} / {tuple(topk_ids.shape)} do not fit "
+                         f"student logits {tuple(s.shape)}: expected [..., k] with the logits' leading dims")
+    if k > V:
+        raise KdlibError(f"top-k of {k} exceeds the student's vocabulary of {V}")
+    tensors = [topk_log_probs.reshape(-1, k), topk_ids.reshape(-1, k)]
+    if k < V:
+        if log_tail is None or log_tail.shape != s.shape[:-1]:
+            raise KdlibError(f"k = {k} < V = {V} needs the teacher's log tail mass of shape {tuple(s.shape[:-1])}")
+        tensors.append(log_tail.reshape(-1))
+    return tensors
+
+
+def _sparse_rows(name: str, temperature: float, param: Optional[float]):
+    """Per-row divergence on the k+1 buckets of a top-k cache (k buckets when the tail is absent)."""
+
+    def rows(s: Tensor, lp_k: Tensor, ids: Tensor, tail: Optional[Tensor] = None) -> Tensor:
+        dtype = _compute_dtype(s)
+        log_q = _log_probs(s, temperature, dtype)  # [n, V]
+        ids = ids.to(torch.long, copy=True)  # gather saves it for backward: not an inference tensor
+        log_q_k = log_q.gather(-1, ids)  # [n, k]
+        # exp(-1e4) is exactly 0 in float32 and float64: an empty teacher bucket
+        # (log mass -inf) then contributes 0, where -inf would give 0·inf = NaN.
+        log_p = lp_k.to(dtype).clamp_min(-1e4)
+        if tail is None:
+            return _divergence_from_log_probs(name, log_p, log_q_k, param)
+        log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), dim=-1)  # [n]
+        log_p = torch.cat([log_p, tail.to(dtype).clamp_min(-1e4)[:, None]], dim=-1)  # [n, k+1]
+        log_q = torch.cat([log_q_k, log_q_tail[:, None]], dim=-1)  # [n, k+1]
+        return _divergence_from_log_probs(name, log_p, log_q, param)
+
+    return rows
 
 
 def sparse_divergence(name: str, s: Tensor, topk_log_probs: Tensor, topk_ids: Tensor,
@@ -369,36 +437,9 @@ def sparse_divergence(name: str, s: Tensor, topk_log_probs: Tensor, topk_ids: Te
     lose information, so sparse KL <= dense KL (and likewise for JS).
     """
     T, param = _check_divergence(name, temperature, param)
-    V, k = s.shape[-1], topk_ids.shape[-1]
-    if topk_log_probs.shape != topk_ids.shape or topk_ids.shape[:-1] != s.shape[:-1]:
-        raise KdlibError(f"cache tensors {tuple(topk_log_probs.shape)} / {tuple(topk_ids.shape)} do not fit "
-                         f"student logits {tuple(s.shape)}: expected [..., k] with the logits' leading dims")
-    if k > V:
-        raise KdlibError(f"top-k of {k} exceeds the student's vocabulary of {V}")
-    with_tail = k < V
-    if with_tail and (log_tail is None or log_tail.shape != s.shape[:-1]):
-        raise KdlibError(f"k = {k} < V = {V} needs the teacher's log tail mass of shape {tuple(s.shape[:-1])}")
+    tensors = _sparse_tensors(s, topk_log_probs, topk_ids, log_tail)
     s2, _, m = _flat(s, None, mask)
-    tensors = [s2, topk_log_probs.reshape(-1, k), topk_ids.reshape(-1, k)]
-    if with_tail:
-        tensors.append(log_tail.reshape(-1))
-
-    def rows(sc: Tensor, lp_k: Tensor, ids: Tensor, tail: Optional[Tensor] = None) -> Tensor:
-        dtype = _compute_dtype(sc)
-        log_q = _log_probs(sc, T, dtype)  # [n, V]
-        ids = ids.to(torch.long, copy=True)  # gather saves it for backward: not an inference tensor
-        log_q_k = log_q.gather(-1, ids)  # [n, k]
-        # exp(-1e4) is exactly 0 in float32 and float64: an empty teacher bucket
-        # (log mass -inf) then contributes 0, where -inf would give 0·inf = NaN.
-        log_p = lp_k.to(dtype).clamp_min(-1e4)
-        if tail is None:
-            return _divergence_from_log_probs(name, log_p, log_q_k, param)
-        log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), dim=-1)  # [n]
-        log_p = torch.cat([log_p, tail.to(dtype).clamp_min(-1e4)[:, None]], dim=-1)  # [n, k+1]
-        log_q = torch.cat([log_q_k, log_q_tail[:, None]], dim=-1)  # [n, k+1]
-        return _divergence_from_log_probs(name, log_p, log_q, param)
-
-    return (T * T) * _row_mean(rows, tensors, m, chunk_size)
+    return (T * T) * _row_mean(_sparse_rows(name, T, param), [s2, *tensors], m, chunk_size)
 
 
 def sparse_kl(s, topk_log_probs, topk_ids, log_tail, temperature=1.0, mask=None, chunk_size=AUTO):
@@ -418,6 +459,61 @@ def sparse_generalized_jsd(s, topk_log_probs, topk_ids, log_tail, beta=0.5, temp
     """Generalized JSD on the k+1 buckets of a top-k cache; see ``sparse_divergence``."""
     return sparse_divergence("gjsd", s, topk_log_probs, topk_ids, log_tail, temperature, mask,
                              param=beta, chunk_size=chunk_size)
+
+
+# --------------------------------------------------------------------------
+# CE + divergence + cosine in one pass (what an experiment's objective runs)
+
+
+def output_losses(s: Tensor, labels: Tensor, teacher: Union[Tensor, TopKTargets, None] = None, *,
+                  w_ce: float = 1.0, divergence: Optional[str] = None, w_div: float = 1.0,
+                  temperature: float = 1.0, param: Optional[float] = None, cosine: bool = False,
+                  w_cos: float = 1.0, label_smoothing: float = 0.0, ignore_index: int = -100,
+                  chunk_size: ChunkSize = AUTO) -> tuple[Tensor, dict]:
+    """The vocabulary-sized losses of one experiment, fused: one chunked pass, one gradient buffer.
+
+    s: student logits [..., V]; labels [...] (``ignore_index`` = not counted,
+    for every term); teacher: its logits [..., V], a ``TopKTargets`` (the
+    cache; sparse divergence, no cosine) or None (CE only). Returns
+    ``(total, parts)``: ``w_ce·CE + w_div·T²·D + w_cos·(1 − cos)`` with a
+    gradient, and the unweighted terms, detached, named ``ce``, the divergence's
+    name and ``cos``. Each term equals its own function (``cross_entropy``,
+    ``divergence``/``sparse_divergence``, ``cosine_loss``); run together they
+    share one chunk loop and one ``[N, V]`` gradient instead of one per term.
+    """
+    smoothing = check_unit_interval(label_smoothing, "label_smoothing")
+    s2, y, m = _check_labels(s, labels, ignore_index)
+    names, weights, fns = ["ce"], [w_ce], [(_ce_rows(smoothing), [0, 1])]
+    tensors = [s2, y]
+    if (divergence is not None or cosine) and teacher is None:
+        raise KdlibError("a divergence or the cosine loss needs the teacher's outputs; none were given")
+    if isinstance(teacher, TopKTargets):
+        if cosine:
+            raise KdlibError("the cosine loss needs the teacher's logits; a top-k cache has only its top-k")
+        teacher_tensors = _sparse_tensors(s, teacher.log_probs, teacher.ids,
+                                          teacher.log_tail if teacher.ids.shape[-1] < s.shape[-1] else None)
+    elif teacher is not None:
+        teacher_tensors = [_flat(s, teacher, None)[1]]
+    else:
+        teacher_tensors = []
+    where = list(range(2, 2 + len(teacher_tensors)))
+    tensors += teacher_tensors
+    if divergence is not None:
+        T, param = _check_divergence(divergence, temperature, param)
+        rows = (_sparse_rows if isinstance(teacher, TopKTargets) else _divergence_rows)(divergence, T, param)
+        names.append(divergence)
+        weights.append(w_div)
+        fns.append((lambda *xs, rows=rows, T2=T * T: T2 * rows(*xs), [0, *where]))
+    if cosine:
+        names.append("cos")
+        weights.append(w_cos)
+        fns.append((_cosine_rows, [0, 2]))
+
+    def rows_fn(*xs: Tensor) -> Tensor:
+        return torch.stack([fn(*[xs[i] for i in idx]) for fn, idx in fns], dim=-1)  # [n, terms]
+
+    total, means = _row_means(rows_fn, weights, tensors, m, chunk_size)
+    return total, dict(zip(names, means.unbind()))
 
 
 def teacher_top_k(t: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Optional[Tensor]]:

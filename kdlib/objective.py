@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from . import losses
@@ -78,39 +77,32 @@ class DistillationLoss(nn.Module):
         c = self.config
         s = student_out.logits
         mask = labels != -100  # [B, T]
-        parts = {"ce": losses.cross_entropy(s, labels, label_smoothing=c.label_smoothing)}
-        weights = {"ce": c.w_ce}
         if self.needs_teacher and teacher_out is None:
             raise KdlibError("this experiment distils from a teacher but no teacher outputs were given")
         if isinstance(teacher_out, TopKTargets):
             if not c.output_only:
                 raise KdlibError("a top-k cache only serves output-only experiments (a divergence, no "
                                  "cosine, no feature map); run this one with the teacher online")
-            k = teacher_out.ids.shape[-1]
-            parts[c.divergence] = losses.sparse_divergence(
-                c.divergence, s, teacher_out.log_probs, teacher_out.ids,
-                teacher_out.log_tail if k < s.shape[-1] else None, c.temperature, mask,
-                param=c.divergence_param)
-            weights[c.divergence] = c.w_div
-        elif c.divergence is not None:
-            parts[c.divergence] = losses.divergence(c.divergence, s, teacher_out.logits, c.temperature,
-                                                    mask, param=c.divergence_param)
-            weights[c.divergence] = c.w_div
-        if c.cosine:
-            parts["cos"] = losses.cosine_loss(s, teacher_out.logits, mask)
-            weights["cos"] = c.w_cos
+            target = teacher_out
+        else:
+            target = teacher_out.logits if (c.divergence is not None or c.cosine) else None
+        # CE, the divergence and the cosine share one chunked pass over the vocabulary.
+        total, parts = losses.output_losses(
+            s, labels, target, w_ce=c.w_ce, divergence=c.divergence, w_div=c.w_div, temperature=c.temperature,
+            param=c.divergence_param, cosine=c.cosine, w_cos=c.w_cos, label_smoothing=c.label_smoothing)
         if self.needs_hidden_states:
-            parts["feat"] = losses.hidden_mse(_states(student_out, "hidden_states", "student"),
-                                              _states(teacher_out, "hidden_states", "teacher"),
-                                              self.pairs, self.projectors, mask, c.feature_norm)
-            weights["feat"] = c.w_feat
+            feat = losses.hidden_mse(_states(student_out, "hidden_states", "student"),
+                                     _states(teacher_out, "hidden_states", "teacher"),
+                                     self.pairs, self.projectors, mask, c.feature_norm)
         elif self.needs_attentions:
-            parts["feat"] = losses.attention_mse(_states(student_out, "attentions", "student"),
-                                                 _states(teacher_out, "attentions", "teacher"),
-                                                 self.pairs, mask)
-            weights["feat"] = c.w_feat
-        total = sum(weights[k] * v for k, v in parts.items())
-        return LossOutput(total, {k: v.detach() for k, v in parts.items()})
+            feat = losses.attention_mse(_states(student_out, "attentions", "student"),
+                                        _states(teacher_out, "attentions", "teacher"), self.pairs, mask)
+        else:
+            feat = None
+        if feat is not None:
+            total = total + c.w_feat * feat
+            parts["feat"] = feat.detach()
+        return LossOutput(total, parts)
 
 
 def _states(out, what: str, who: str):

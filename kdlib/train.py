@@ -40,6 +40,7 @@ from .fileio import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from .grid import parse
 from .models import TinyGPT, load_teacher, teacher_forward, teacher_shape
 from .objective import DistillationLoss
+from .perf import flops_per_token, mfu, peak_tflops
 
 TEACHER_SOURCES = ("auto", "online", "cache")
 
@@ -300,6 +301,85 @@ def check_budget(cfg: ExperimentConfig, run_dir, budget: Optional[StorageBudget]
             "elsewhere (train.resume_dir), or raise the budget.")
 
 
+class FiniteGuard:
+    """Remembers, on the device, the first step whose loss was not finite, and which parts were not.
+
+    ``update`` costs a few tiny kernels and no host sync; ``check`` (one sync)
+    runs where the loop synchronises anyway: before a log line, an evaluation
+    or a save. A bad step is therefore reported at the next such point, and
+    nothing after it (weights, metrics) is ever written.
+    """
+
+    def __init__(self):
+        self.step: Optional[torch.Tensor] = None  # 0 = every step so far was finite
+        self.bad: Optional[torch.Tensor] = None  # [1 + parts] the first bad step's non-finite terms
+        self.names: list[str] = []
+
+    def update(self, step: int, out) -> None:
+        values = torch.stack([out.total.detach().float(), *[v.float() for v in out.parts.values()]])
+        bad = ~torch.isfinite(values)
+        if self.step is None:
+            self.names = ["total", *out.parts]
+            self.step, self.bad = torch.zeros((), dtype=torch.long, device=bad.device), torch.zeros_like(bad)
+        first = bad.any() & (self.step == 0)
+        self.step = torch.where(first, step, self.step)
+        self.bad = torch.where(first, bad, self.bad)
+
+    def check(self, student_path, resume_path) -> None:
+        if self.step is None or int(self.step) == 0:
+            return
+        bad = [n for n, b in zip(self.names, self.bad.tolist()) if b and n != "total"] or ["total"]
+        raise KdlibError(f"step {int(self.step)}: the loss is not finite (component: {', '.join(bad)}); the "
+                         f"run stopped. The last good student is {student_path} and the resume state "
+                         f"{resume_path}; lower the learning rate or use fp32")
+
+
+def optimizer_step(accelerator, trainee: nn.Module, optimizer, scheduler, windows, batch, teacher_out_fn,
+                   t, guard: FiniteGuard, step: int) -> dict:
+    """One optimizer step: ``t.grad_accum`` micro-batches, clipping, AdamW, the schedule.
+
+    The inner loop that training and ``kdlib.bench`` share. ``windows``/``batch``:
+    the sampler's window indices and ``[batch_size·grad_accum, block + 1]`` tokens
+    (shared by all processes: each takes its share); ``teacher_out_fn(idx, ids)``
+    gives the teacher's outputs (or None). Returns the step's mean loss parts as
+    device tensors, ``total`` included: no host sync here (fp16 loss scaling aside).
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_process = t.batch_size // world
+    device = accelerator.device
+    batch = torch.from_numpy(batch)
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    parts_sum: dict = {}
+    for micro in range(t.grad_accum):
+        lo = micro * t.batch_size + rank * per_process  # this process's share of this micro-batch
+        idx = windows[lo:lo + per_process]
+        win = batch[lo:lo + per_process].to(device, non_blocking=True)
+        ids, labels = win[:, :-1], win[:, 1:]  # [b, T] each
+        teacher_out = teacher_out_fn(idx, ids)
+        last = micro == t.grad_accum - 1
+        with (nullcontext() if last else accelerator.no_sync(trainee)), accelerator.autocast():
+            out = trainee(ids, labels, teacher_out)
+            guard.update(step, out)
+            accelerator.backward(out.total / t.grad_accum)
+        for k, v in out.parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v / t.grad_accum
+        parts_sum["total"] = parts_sum.get("total", 0.0) + out.total.detach() / t.grad_accum
+    if t.grad_clip > 0:
+        accelerator.clip_grad_norm_(trainee.parameters(), t.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts_sum
+
+
+def make_optimizer(trainee: nn.Module, t, device) -> torch.optim.Optimizer:
+    """AdamW with the config's groups; the fused CUDA kernel on a GPU (one launch for all parameters)."""
+    extra = {"fused": True} if torch.device(device).type == "cuda" else {}
+    return torch.optim.AdamW(param_groups(trainee, t.weight_decay, t.decay_all), lr=t.lr, betas=tuple(t.betas),
+                             **extra)
+
+
 def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_source: str = "auto",
           teacher: Optional[nn.Module] = None, budget: Optional[StorageBudget] = None, progress: bool = True,
           log: Callable[[str], None] = print, stop_after: Optional[int] = None) -> dict:
@@ -337,11 +417,13 @@ def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_s
 
 def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, progress, log, stop_after, tqdm):
     t = cfg.train
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if t.batch_size % world:
         raise KdlibError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({world})")
     torch.manual_seed(cfg.seed)
     student = TinyGPT(cfg.model)
+    if t.compile:
+        student.compile()  # in place: parameter names, checkpoints and resume states stay the same
     if source == "online" and teacher is None:
         spec = parse(cfg.exp, cfg.loss.feature)
         teacher = load_teacher(cfg.teacher, device=accelerator.device, need_attentions=spec.needs_attentions,
@@ -351,8 +433,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
     objective = DistillationLoss(cfg.loss, cfg.model, teacher if source == "online" else None)
     cache = TopKCache(cache_dir, "train", cache_identity(cfg, splits["train"])) if source == "cache" else None
     trainee = Trainee(student, objective)
-    optimizer = torch.optim.AdamW(param_groups(trainee, t.weight_decay, t.decay_all), lr=t.lr,
-                                  betas=tuple(t.betas))
+    optimizer = make_optimizer(trainee, t, accelerator.device)
     sampler = WindowSampler(splits["train"].tokens(), cfg.data.block_size, t.batch_size * t.grad_accum, cfg.seed)
     steps_per_epoch = sampler.batches_per_epoch
     total = min(t.max_steps or steps_per_epoch * t.epochs, steps_per_epoch * t.epochs)
@@ -394,61 +475,53 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
     last_val = None
     stopped_early = False
     steps_this_process = 0
-    t_log, tokens_log = time.perf_counter(), 0
+    tokens_log = 0
+    spec_h, spec_a = objective.needs_hidden_states, objective.needs_attentions
+    if source == "online":
+        def teacher_out_fn(idx, ids):
+            return teacher_forward(teacher, ids, spec_h, spec_a)
+    elif source == "cache":
+        def teacher_out_fn(idx, ids):
+            return cache.batch(idx, accelerator.device)
+    else:
+        def teacher_out_fn(idx, ids):
+            return None
+    flops_token = flops_per_token(n_student, cfg.model.n_layer, cfg.model.n_embd, cfg.data.block_size,
+                                  *((n_teacher, *teacher_shape(teacher)) if source == "online" else ()))
+    peak = peak_tflops(None if accelerator.device.type == "cuda" else device_name())
+    guard = FiniteGuard()
+    clock = _TrainClock(state["wall"])
+    wall_log = state["wall"]
     while state["step"] < total:
-        t0 = time.perf_counter()
         trainee.train()
-        parts_sum: dict = {}
         windows, batch = sampler.next_batch()  # [batch_size · grad_accum] windows, shared by all processes
-        per_process = t.batch_size // world
-        for micro in range(t.grad_accum):
-            lo = micro * t.batch_size + rank * per_process  # this process's share of this micro-batch
-            idx, win = windows[lo:lo + per_process], torch.from_numpy(batch[lo:lo + per_process]).to(accelerator.device)
-            ids, labels = win[:, :-1], win[:, 1:]  # [b, T] each
-            if source == "online":
-                spec_h, spec_a = objective.needs_hidden_states, objective.needs_attentions
-                teacher_out = teacher_forward(teacher, ids, spec_h, spec_a)
-            elif source == "cache":
-                teacher_out = cache.batch(idx, accelerator.device)
-            else:
-                teacher_out = None
-            last = micro == t.grad_accum - 1
-            with (nullcontext() if last else accelerator.no_sync(trainee)), accelerator.autocast():
-                out = trainee(ids, labels, teacher_out)
-                if not torch.isfinite(out.total):
-                    bad = [k for k, v in out.parts.items() if not torch.isfinite(v)] or ["total"]
-                    raise KdlibError(f"step {state['step'] + 1}: the loss is not finite (component: "
-                                     f"{', '.join(bad)}); the run stopped. The last good student is "
-                                     f"{paths.student} and the resume state {paths.resume}; lower the "
-                                     "learning rate or use fp32")
-                accelerator.backward(out.total / t.grad_accum)
-            for k, v in out.parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / t.grad_accum
-            parts_sum["total"] = parts_sum.get("total", 0.0) + out.total.detach() / t.grad_accum
-        if t.grad_clip > 0:
-            accelerator.clip_grad_norm_(trainee.parameters(), t.grad_clip)
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        parts_sum = optimizer_step(accelerator, trainee, optimizer, scheduler, windows, batch, teacher_out_fn,
+                                   t, guard, state["step"] + 1)
         faults.point("step")
         state["step"] += 1
         steps_this_process += 1
         state["tokens"] += tokens_per_step
         tokens_log += tokens_per_step
-        state["wall"] += time.perf_counter() - t0
         epoch = state["step"] / steps_per_epoch
         row = None
         if state["step"] % t.log_every == 0 or state["step"] == total:
-            now = time.perf_counter()
+            guard.check(paths.student, paths.resume)
             parts = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in parts_sum.items()}
+            state["wall"] = clock.wall()  # after the sync above: the GPU has finished these steps
             total_loss = parts.pop("total")
+            speed = tokens_log / max(state["wall"] - wall_log, 1e-9)
             row = {"step": state["step"], "epoch": round(epoch, 4), "tokens": state["tokens"],
                    "lr": lr, "loss": total_loss,
                    **{f"loss_{k}": v for k, v in parts.items()},
-                   "tokens_per_s": tokens_log / max(now - t_log, 1e-9), "peak_mem_mib": _peak_mem()}
-            t_log, tokens_log = now, 0
+                   "tokens_per_s": speed, "peak_mem_mib": _peak_mem()}
+            utilisation = mfu(speed, flops_token, peak)
+            if utilisation is not None:
+                row["mfu"] = utilisation
+            wall_log, tokens_log = state["wall"], 0
         if state["step"] % eval_every == 0 or state["step"] == total:
+            guard.check(paths.student, paths.resume)
+            clock.pause()
             val = perplexity(accelerator.unwrap_model(trainee).student, val_tokens, cfg.data.block_size,
                              stride=cfg.data.block_size, batch_size=t.eval_batch_size)
             last_val = val
@@ -463,17 +536,23 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             else:
                 state["bad_evals"] += 1
             stopped_early = state["bad_evals"] >= t.patience
+            clock.resume()
         if row is not None and accelerator.is_main_process:
             metrics.append(row)
             with open(paths.metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}",
                             val_ppl=f"{last_val:.1f}" if last_val else "-",
-                            tok_s=f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "-")
+                            tok_s=f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "-",
+                            **({"mfu": f"{row['mfu']:.0%}"} if "mfu" in row else {}))
         bar.update(1)
         at_eval = state["step"] % eval_every == 0
         if at_eval or stopped_early or state["step"] == total or (stop_after and steps_this_process >= stop_after):
+            guard.check(paths.student, paths.resume)
+            state["wall"] = clock.wall()
+            clock.pause()
             _save_resume(paths, cfg, trainee, optimizer, scheduler, sampler, state, accelerator, budget)
+            clock.resume()
         if stopped_early:
             log(f"early stop at step {state['step']}: no improvement in {t.patience} evaluations")
             break
@@ -481,6 +560,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             bar.close()
             return {"stopped_at": state["step"]}
     bar.close()
+    state["wall"] = clock.wall()
     summary = _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_student, n_teacher, source)
     if accelerator.is_main_process:
         atomic_write_json(paths.summary, summary)
@@ -492,6 +572,23 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             f"test ppl {summary['test_ppl']:.2f} (stride {summary['eval_stride']})")
     accelerator.wait_for_everyone()
     return summary
+
+
+class _TrainClock:
+    """Training wall time without a per-step sync: read it right after a host sync (a log line,
+    an evaluation, a save), when the GPU has caught up; evaluations and saves are left out."""
+
+    def __init__(self, base: float):
+        self.base, self.start, self.excluded, self.paused_at = base, time.perf_counter(), 0.0, None
+
+    def wall(self) -> float:
+        return self.base + time.perf_counter() - self.start - self.excluded
+
+    def pause(self) -> None:
+        self.paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        self.excluded += time.perf_counter() - self.paused_at
 
 
 def _peak_mem() -> float:

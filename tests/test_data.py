@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import snapshot
-import torch
 
 from kdlib import cli
 from kdlib.config import DataConfig, ExperimentConfig, preset

@@ -1,0 +1,76 @@
+"""Throughput accounting: FLOPs per token, a device's peak, model FLOPs utilisation (MFU).
+
+MFU = achieved model FLOP/s ÷ the device's peak. Model FLOPs follow the
+PaLM/nanoGPT convention: per token, 6·N for the student's forward and backward
+(N parameters, tied embeddings counted once: the output projection is a real
+matmul, the embedding lookup is free), 2·N for a teacher that only runs
+forward, plus attention, 12·L·d·T for the student (forward + backward) and
+4·L·d·T for the teacher (forward), T the sequence length (full, not causal,
+score matrices: the convention, so numbers compare with other reports).
+Recomputation and the loss's vocabulary work are not model FLOPs: they lower
+MFU, which is the point of measuring it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .errors import KdlibError
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's
+# datasheets, by a substring of torch.cuda.get_device_name(); first match wins.
+# Anything else: pass the peak in (--peak-tflops, KDLIB_PEAK_TFLOPS).
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L4", 121.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
+PEAK_ENV = "KDLIB_PEAK_TFLOPS"
+
+
+def flops_per_token(n_student: int, student_layers: int, student_width: int, seq_len: int,
+                    n_teacher: int = 0, teacher_layers: int = 0, teacher_width: int = 0) -> float:
+    """Model FLOPs per trained token: student forward + backward, teacher forward (0 when cached)."""
+    student = 6 * n_student + 12 * student_layers * student_width * seq_len
+    teacher = 2 * n_teacher + 4 * teacher_layers * teacher_width * seq_len if n_teacher else 0
+    return float(student + teacher)
+
+
+def peak_tflops(device_name: Optional[str] = None, override: Optional[float] = None) -> Optional[float]:
+    """The device's peak TFLOP/s: ``override``, else $KDLIB_PEAK_TFLOPS, else the table; None if unknown."""
+    if override is not None:
+        return _positive(override, "the peak TFLOP/s")
+    env = os.environ.get(PEAK_ENV)
+    if env:
+        try:
+            return _positive(float(env), f"${PEAK_ENV}")
+        except ValueError:
+            raise KdlibError(f"${PEAK_ENV} must be a number of TFLOP/s (e.g. 312 for an A100), got {env!r}") from None
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def mfu(tokens_per_s: float, flops_token: float, peak: Optional[float]) -> Optional[float]:
+    """Achieved fraction of ``peak`` TFLOP/s (None when the peak is unknown)."""
+    if peak is None:
+        return None
+    return tokens_per_s * flops_token / (peak * 1e12)
+
+
+def _positive(value: float, what: str) -> float:
+    if not value > 0:
+        raise KdlibError(f"{what} must be > 0, got {value!r}")
+    return float(value)

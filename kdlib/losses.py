@@ -14,17 +14,20 @@ Conventions (design.md §4), shared by every function here:
 
 Memory: over V = 50,257 and thousands of positions, each ``[N, V]`` float32
 temporary is hundreds of MB. The vocabulary-sized losses therefore run through
-``_RowMean``, which processes ``chunk_size`` positions at a time in the forward
-pass and recomputes each chunk in the backward pass. Its only full-size
+``_RowMean``, which processes ``chunk_size`` positions at a time and computes
+each chunk's gradient as soon as its forward is done. Its only full-size
 allocation is the gradient itself (one ``[N, V]`` tensor in the input's
-dtype). ``chunk_size=None`` runs the same row formula densely through plain
-autograd: the reference the chunked path is tested against.
+dtype), and nothing is recomputed. ``output_losses`` runs an experiment's CE,
+divergence and cosine in one such pass. ``chunk_size=None`` runs the same row
+formulas densely through plain autograd: the reference the chunked path is
+tested against.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -133,9 +136,11 @@ class _RowMean(torch.autograd.Function):
 
     When a gradient is wanted, each chunk's gradient is computed right after its
     forward (its temporaries freed at once) into one full-size buffer per input;
-    backward only scales that buffer in place by the incoming gradient. So the
-    buffers are the only full-size allocation and nothing is recomputed (the
-    scheme of Liger's fused losses). float16 inputs get a float32 buffer: their
+    the first backward scales that buffer in place by the incoming gradient and
+    hands it over. So the buffers are the only full-size allocation and nothing
+    is recomputed (the scheme of Liger's fused losses). A later backward through
+    the same graph (``retain_graph``, gradcheck) recomputes chunk by chunk.
+    float16 slices are differentiated in float32 into a float32 buffer: their
     per-element gradients (~1e-9 before loss scaling) would underflow in fp16.
     Tensors that need no gradient (teacher outputs, labels) may be
     inference-mode tensors. First derivatives only.
@@ -143,38 +148,70 @@ class _RowMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows_fn, weights, chunk, mask, want_grad, *tensors):
-        n = tensors[0].shape[0]
         needs = [want_grad and need for need in ctx.needs_input_grad[5:]]
-        grads = [torch.empty_like(x, dtype=torch.float32 if x.dtype == torch.float16 else x.dtype)
-                 if need else None for x, need in zip(tensors, needs)]
         w = torch.tensor(weights, dtype=_compute_dtype(*tensors), device=tensors[0].device)  # [k]
-        count = _count(mask, n, w)
-        sums = torch.zeros_like(w)  # [k]
-        for a in range(0, n, chunk):
-            keep = None if mask is None else mask[a:a + chunk, None]  # [c, 1]
-            with torch.enable_grad() if any(needs) else torch.no_grad():
-                parts = [x[a:a + chunk].detach().requires_grad_(need) for x, need in zip(tensors, needs)]
-                values = _masked(rows_fn(*parts), keep)  # [c, k]
-                if any(needs):
-                    got = torch.autograd.grad((values @ w).sum() / count, [p for p in parts if p.requires_grad])
-                    for g_full, g in zip([g for g in grads if g is not None], got):
-                        g_full[a:a + chunk] = g
-            sums += values.detach().sum(0)
+        count = _count(mask, tensors[0].shape[0], w)
+        grads, sums = _RowMean.run(rows_fn, w, chunk, mask, count, needs, tensors)
+        # Weak references to the inputs that get a gradient: holding the logits
+        # until backward would cost a full-size tensor; they are needed only by a
+        # second backward, when the caller still holds them anyway.
+        ctx.inputs = [_WeakRows(x) if need else x for x, need in zip(tensors, needs)]
+        ctx.dtypes = [x.dtype for x in tensors]
+        ctx.grads, ctx.args = grads, (rows_fn, w, chunk, mask, count, needs)
         means = sums / count
-        ctx.grads, ctx.dtypes, ctx.applied = grads, [x.dtype for x in tensors], None
         ctx.mark_non_differentiable(means)
         return (means * w).sum(), means
 
     @staticmethod
+    def run(rows_fn, w, chunk, mask, count, needs, tensors):
+        """(gradient buffers of Σ w·means, or None per input; the [k] masked row sums)."""
+        grads = [torch.empty_like(x, dtype=torch.float32 if x.dtype == torch.float16 else x.dtype)
+                 if need else None for x, need in zip(tensors, needs)]
+        sums = torch.zeros_like(w)  # [k]
+        for a in range(0, tensors[0].shape[0], chunk):
+            keep = None if mask is None else mask[a:a + chunk, None]  # [c, 1]
+            with torch.enable_grad() if any(needs) else torch.no_grad():
+                parts = [_grad_slice(x[a:a + chunk]) if need else x[a:a + chunk] for x, need in zip(tensors, needs)]
+                values = _masked(rows_fn(*parts), keep)  # [c, k]
+                if any(needs):
+                    wanted = [p for p, need in zip(parts, needs) if need]
+                    got = torch.autograd.grad((values @ w).sum() / count, wanted, allow_unused=True)
+                    for g_full, g in zip([g for g in grads if g is not None], got):
+                        g_full[a:a + chunk] = 0 if g is None else g
+            sums += values.detach().sum(0)
+        return grads, sums
+
+    @staticmethod
     @once_differentiable
     def backward(ctx, grad_total, _grad_means):
-        # In place: a second [N, V] tensor is what this function exists to avoid.
-        # A second backward (retain_graph, gradcheck) rescales by the ratio.
-        factor = grad_total if ctx.applied is None else grad_total / ctx.applied
-        ctx.applied = grad_total
-        grads = [None if g is None else g.mul_(factor.to(g.dtype)).to(dtype)
-                 for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        if ctx.grads is not None:  # the first backward: in place, then handed over
+            grads, ctx.grads = ctx.grads, None
+        else:
+            tensors = [x() if isinstance(x, _WeakRows) else x for x in ctx.inputs]
+            if any(x is None for x in tensors):
+                raise KdlibError("a second backward through a chunked loss needs its inputs, which are gone; "
+                                 "compute the loss again (or use chunk_size=None)")
+            grads, _ = _RowMean.run(*ctx.args, tensors)
+        grads = [None if g is None else g.mul_(grad_total.to(g.dtype)).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
         return (None, None, None, None, None, *grads)
+
+
+class _WeakRows:
+    """A weak reference to a tensor that is usually a view (``logits.reshape(-1, V)``): it refers
+    to the view's base, which the caller may hold, and rebuilds the view from it."""
+
+    def __init__(self, x: Tensor):
+        base = x._base if x._base is not None else x
+        self.ref, self.view = weakref.ref(base), (x.size(), x.stride(), x.storage_offset())
+
+    def __call__(self) -> Optional[Tensor]:
+        base = self.ref()
+        return None if base is None else base.detach().as_strided(*self.view)
+
+
+def _grad_slice(x: Tensor) -> Tensor:
+    """A leaf copy of rows of ``x`` to differentiate, float16 widened to float32 (see ``_RowMean``)."""
+    return (x.float() if x.dtype == torch.float16 else x.detach()).detach().requires_grad_(True)
 
 
 def _row_means(rows_fn: Callable[..., Tensor], weights: Sequence[float], tensors: Sequence[Tensor],

@@ -49,6 +49,7 @@ from .memory import MiB, peak_cpu_bytes
 from .perf import flops_per_token, mfu, peak_tflops
 
 PATHS = ("reference", "kdlib", "cached")
+FEATURES = {"hidden": "hidden states", "attention": "attention maps"}
 SECTIONS = ("train", "divergence", "prep")
 STUDY_EPOCH_TOKENS = 1_650_000  # tokens per epoch of the original study (reference/original_study.md)
 STUDY_EPOCHS = 50
@@ -64,10 +65,12 @@ class Shapes:
     teacher: dict  # transformers.GPT2Config fields
     batch_size: int
     block_size: int
-    divergence_rows: int  # N of the divergence-only benchmark (its V is the student's vocabulary)
+    divergence_rows: int  # N x V of the divergence-only benchmark
+    divergence_vocab: int
     prep_mb: float  # megabytes of text for the data-preparation benchmark
     warmup: int = 3
     steps: int = 10
+    divergence_repeats: int = 3
 
     @property
     def vocab_size(self) -> int:
@@ -78,17 +81,19 @@ SHAPES = {
     # The study: TinyGPT 8x512 (50.95M parameters) from GPT-2 small's shape (124M), 64 x 128 tokens.
     "study": Shapes("study", asdict(TinyGPTConfig()),
                     dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-                    batch_size=64, block_size=128, divergence_rows=8192, prep_mb=32),
+                    batch_size=64, block_size=128, divergence_rows=8192, divergence_vocab=50257, prep_mb=32),
     # The study's proportions (teacher 1.5x deeper and wider) at a size 2 CPU cores run in minutes.
     "cpu": Shapes("cpu", dict(vocab_size=8192, block_size=64, n_layer=4, n_head=4, n_embd=128, d_ff=512,
                               dropout=0.0),
                   dict(n_layer=6, n_embd=192, n_head=6, vocab_size=8192, n_positions=64),
-                  batch_size=16, block_size=64, divergence_rows=8192, prep_mb=16, warmup=2, steps=5),
+                  batch_size=16, block_size=64, divergence_rows=8192, divergence_vocab=50257, prep_mb=16,
+                  warmup=2, steps=5, divergence_repeats=1),
     # Seconds: for CI and tests (no thresholds).
     "smoke": Shapes("smoke", dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, d_ff=64,
                                   dropout=0.0),
                     dict(n_layer=3, n_embd=48, n_head=2, vocab_size=512, n_positions=32),
-                    batch_size=4, block_size=32, divergence_rows=256, prep_mb=0.5, warmup=1, steps=2),
+                    batch_size=4, block_size=32, divergence_rows=256, divergence_vocab=512, prep_mb=0.5,
+                    warmup=1, steps=2, divergence_repeats=1),
 }
 
 
@@ -573,9 +578,11 @@ def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence
                 log(f"{exp:>18} {path:>9}: {r.tokens_per_s:12,.0f} tokens/s  {r.step_ms:9.1f} ms/step  "
                     f"{r.peak_mem_mib:9,.0f} MiB" + (f"  MFU {r.mfu:.1%}" if r.mfu is not None else ""))
         report["train"] = [asdict(r) for r in results]
-        report["grid_hours"] = grid_estimate(results)
+        if shapes.name == "study":  # at other shapes the hours would not be the study's
+            report["grid_hours"] = grid_estimate(results)
     if "divergence" in sections:
-        report["divergence"] = divergence_bench(shapes.divergence_rows, shapes.vocab_size, dev)
+        report["divergence"] = divergence_bench(shapes.divergence_rows, shapes.divergence_vocab, dev,
+                                                repeats=shapes.divergence_repeats)
         for r in report["divergence"]:
             log(f"{r['divergence']:>3} {r['impl']:>8}: {r['ms']:9.1f} ms  {r['peak_mib']:9,.0f} MiB")
     if "prep" in sections:
@@ -593,7 +600,7 @@ def to_markdown(report: dict) -> str:
              f"Command: `{report['command']}`",
              f"Shapes: {report['shapes']['name']} (batch {report['shapes']['batch_size']} x "
              f"{report['shapes']['block_size']} tokens, V = {report['shapes']['student']['vocab_size']:,}); "
-             f"kdlib's feature loss: {report['feature']} states/maps; torch.compile: {report['compile']}; "
+             f"kdlib's feature loss: {FEATURES[report['feature']]}; torch.compile: {report['compile']}; "
              f"peak: {report['peak_tflops'] or 'unknown'} TFLOP/s", ""]
     if "train" in report:
         rows = report["train"]

@@ -27,9 +27,11 @@ from safetensors.torch import load_file
 
 import kdlib.config
 import kdlib.losses
+import kdlib.models
 import kdlib.train
 from kdlib.cache import build_cache
-from kdlib.checkpoint import MiB, StorageBudget, load_student, save_resume, save_student, student_metadata
+from kdlib.checkpoint import (MiB, StorageBudget, load_resume, load_student, save_resume, save_student,
+                              student_metadata)
 from kdlib.cli import main as cli_main
 from kdlib.config import ExperimentConfig, preset
 from kdlib.data import WindowSampler, load_split
@@ -40,7 +42,7 @@ from kdlib.objective import DistillationLoss
 from kdlib.train import estimate_run_bytes, run_name, train
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
-TIMING_KEYS = ("tokens_per_s", "peak_mem_mib")  # wall-clock and RSS: differ between any two runs
+TIMING_KEYS = ("tokens_per_s", "peak_mem_mib", "mfu")  # wall-clock and RSS: differ between any two runs
 
 
 def _load_make_golden():
@@ -224,6 +226,52 @@ def test_nan_loss_stops_with_step_and_component_and_keeps_the_student(component,
     # The step named is the failing one, numbered as metrics.jsonl numbers steps
     # (row "step": k = after k optimizer steps): step 8, not step 7 (whose finite loss is logged).
     assert msg.startswith(f"step {bad_call}:"), msg
+
+
+def test_nan_between_log_lines_is_reported_with_its_own_step_and_nothing_after_it_is_written(
+        tmp_path, data_dir, monkeypatch):
+    # The step checks finiteness on the device (no host sync); the check is read at the next
+    # log line, evaluation or save. The step named is still the bad one, and nothing from it or
+    # after it reaches metrics.jsonl, the student or the resume state.
+    real = kdlib.losses._divergence_rows
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        rows = real(*args, **kwargs)
+        return (lambda *xs: rows(*xs) * float("inf")) if calls["n"] == 7 else rows
+
+    monkeypatch.setattr(kdlib.losses, "_divergence_rows", poisoned)
+    cfg = small_cfg("kl", max_steps=12, eval_every=5, log_every=4)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KdlibError, match=r"^step 7: the loss is not finite \(component: kl\)"):
+        run(cfg, run_dir, data_dir)
+    rows = metric_rows(run_dir)
+    assert [r["step"] for r in rows] == [4, 5]  # a log line at 4, an evaluation at 5; 8 never written
+    assert student_metadata(run_dir / "student.safetensors")["meta"]["step"] == 5
+    assert load_resume(run_dir / "resume.safetensors")["state"]["step"] == 5
+
+
+def test_metrics_show_mfu_when_the_peak_is_known(tmp_path, data_dir, monkeypatch):
+    from kdlib.perf import PEAK_ENV, flops_per_token
+
+    monkeypatch.setenv(PEAK_ENV, "0.001")  # a made-up 1 GFLOP/s CPU, so MFU is a readable number
+    cfg = small_cfg("kl", max_steps=4, log_every=2)
+    run(cfg, tmp_path / "run", data_dir)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    teacher = cfg.teacher.random_init
+    n_student = sum(p.numel() for p in TinyGPT(cfg.model).parameters())
+    n_teacher = sum(p.numel() for p in kdlib.models.random_teacher(teacher).parameters())
+    flops = flops_per_token(n_student, cfg.model.n_layer, cfg.model.n_embd, cfg.data.block_size,
+                            n_teacher, teacher["n_layer"], teacher["n_embd"])
+    logged = [r for r in rows if "tokens_per_s" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    for r in logged:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e9)
+    monkeypatch.delenv(PEAK_ENV)
+    run(small_cfg("kl", max_steps=2, log_every=1), tmp_path / "run2", data_dir)
+    rows = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert all("mfu" not in r and r["tokens_per_s"] > 0 for r in rows)  # a CPU's peak is unknown
 
 
 # --------------------------------------------------------------------------

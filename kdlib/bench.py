@@ -23,6 +23,7 @@ and MFU (``kdlib.perf``) when the device's peak is known.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from .errors import KdlibError, choices
 from .grid import EXPERIMENTS, parse
 from .losses import layer_pairs, teacher_top_k
 from .memory import MiB, peak_cpu_bytes
-from .perf import flops_per_token, mfu, peak_tflops
+from .perf import flop_params, flops_per_token, mfu, peak_tflops
 
 PATHS = ("reference", "kdlib", "cached")
 FEATURES = {"hidden": "hidden states", "attention": "attention maps"}
@@ -139,13 +140,15 @@ def token_windows(shapes: Shapes, n_batches: int = 4, seed: int = 0) -> np.ndarr
 
 
 def _teacher(shapes: Shapes, dev: torch.device, *, reference: bool, need_attentions: bool):
-    from .models import load_teacher, random_teacher
+    from .models import _use_eager_attention, load_teacher, random_teacher
 
     model = random_teacher(shapes.teacher)
-    if reference:  # as the notebook had it: float32, trainable, eager attention, eval mode
-        from .models import _use_eager_attention
-
-        _use_eager_attention(model)
+    if reference:
+        # As the notebook had it: float32, trainable, eval mode; Hugging Face's default attention
+        # (SDPA), eager only where attention maps are trained on. Giving the reference the same
+        # attention kernel as kdlib keeps its gap to kdlib about the method, not the kernel.
+        if need_attentions:
+            _use_eager_attention(model)
         return model.to(dev).eval()
     return load_teacher(model, device=dev, need_attentions=need_attentions)
 
@@ -193,13 +196,13 @@ class ReferenceStep:
         self.spec = parse(exp)
         torch.manual_seed(0)
         self.student = TinyGPT(TinyGPTConfig(**shapes.student)).to(dev).train()
-        self.teacher = _teacher(shapes, dev, reference=True, need_attentions=True) \
-            if self.spec.needs_teacher else None
         n_s, n_t = shapes.student["n_layer"], shapes.teacher["n_layer"]
         layer_map = self.spec.feature_map
         if layer_map == "layerwise" and (n_s, n_t) == (8, 12):
             layer_map = "study"  # the notebook's odd-layer map
         self.pairs = layer_pairs(layer_map, n_s, n_t) if layer_map else []
+        self.teacher = _teacher(shapes, dev, reference=True, need_attentions=bool(self.pairs)) \
+            if self.spec.needs_teacher else None
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=4e-4, betas=(0.9, 0.95), weight_decay=0.01)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
         self.dev = dev
@@ -259,7 +262,7 @@ class KdlibStep:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 10**6, 1, 0.1))
         self.trainee, self.optimizer, self.scheduler = self.accelerator.prepare(trainee, optimizer, scheduler)
         self.guard = FiniteGuard()
-        self.n_student = sum(p.numel() for p in student.parameters())
+        self.n_student = flop_params(student)
         self.n_teacher = 0
         self.teacher_shape = (0, 0)
         if cached:
@@ -267,7 +270,7 @@ class KdlibStep:
         elif teacher is not None:
             h, a = objective.needs_hidden_states, objective.needs_attentions
             self.teacher_out_fn = lambda idx, ids: teacher_forward(teacher, ids, h, a)
-            self.n_teacher = sum(p.numel() for p in teacher.parameters())
+            self.n_teacher = flop_params(teacher)
             self.teacher_shape = (shapes.teacher["n_layer"], shapes.teacher["n_embd"])
         else:
             self.teacher_out_fn = lambda idx, ids: None
@@ -286,7 +289,8 @@ class KdlibStep:
                   "ids": ids.cpu().numpy().astype(token_dtype(self.cfg.model.vocab_size)),
                   "tail": tail.float().cpu().numpy().astype(TAIL_DTYPE)}
         del teacher, logits
-        return lambda idx, ids: targets_from_arrays(arrays, idx, self.dev)
+        dev = self.dev  # not self: a closure over self would keep this step alive in a cycle
+        return lambda idx, ids: targets_from_arrays(arrays, idx, dev)
 
     def __call__(self, idx, batch: np.ndarray) -> float:
         from .train import optimizer_step
@@ -317,8 +321,16 @@ class Result:
     note: str = ""
 
 
+def _release(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _peak_memory(step: Callable[[], object], dev: torch.device) -> float:
-    """Peak bytes of one step: the CUDA allocator's statistic, or the profiler's replay on the CPU."""
+    """GPU: the most bytes allocated at once since the measurement began (weights, optimizer state
+    and activations: what has to fit). CPU: the most extra bytes one step allocates (the profiler's
+    replay; weights and optimizer state, allocated earlier, are not in it)."""
     if dev.type == "cuda":
         return float(torch.cuda.max_memory_allocated(dev))
     return float(peak_cpu_bytes(step))
@@ -328,13 +340,13 @@ def measure(shapes: Shapes, exp: str, path: str, *, feature: str = "hidden", com
             peak: Optional[float] = None, dev: Optional[torch.device] = None) -> Result:
     """Tokens/s (median of ``shapes.steps`` timed steps after ``shapes.warmup``), peak memory, MFU."""
     dev = dev or device()
+    _release(dev)  # what earlier measurements left must not count in this one's peak
     windows = token_windows(shapes)
     if path == "reference":
         step = ReferenceStep(shapes, exp, dev)
-        flops = flops_per_token(sum(p.numel() for p in step.student.parameters()), shapes.student["n_layer"],
-                                shapes.student["n_embd"], shapes.block_size,
-                                *((sum(p.numel() for p in step.teacher.parameters()), shapes.teacher["n_layer"],
-                                   shapes.teacher["n_embd"]) if step.teacher is not None else ()))
+        flops = flops_per_token(flop_params(step.student), shapes.student["n_layer"], shapes.student["n_embd"],
+                                shapes.block_size, *((flop_params(step.teacher), shapes.teacher["n_layer"],
+                                                      shapes.teacher["n_embd"]) if step.teacher is not None else ()))
     elif path in ("kdlib", "cached"):
         step = KdlibStep(shapes, exp, dev, cached=path == "cached", feature=feature, compile=compile,
                          windows=windows)
@@ -615,6 +627,11 @@ def to_markdown(report: dict) -> str:
             util = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
             lines.append(f"| {r['exp']} | {r['path']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
                          f"{r['peak_mem_mib']:,.0f} | {util} | {x_ref} | {x_cached} |")
+        lines += ["", "Peak MiB: " + ("the most GPU memory allocated at once (weights, optimizer state, "
+                                          "activations)" if report["device"] == "cuda" else
+                                          "the extra memory one step allocates (weights and optimizer state "
+                                          "not included)") + ". The feature-map experiments' reference trains on "
+                  f"attention maps (as the notebook did), kdlib on {FEATURES[report['feature']]}."]
         hours = report.get("grid_hours", {})
         if hours:
             lines += ["", f"The 14-experiment grid at {STUDY_EPOCHS} epochs of {STUDY_EPOCH_TOKENS:,} tokens, at "
@@ -627,6 +644,9 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {r['divergence']} | {r['impl']} | {r['n']:,} x {r['v']:,} | {r['ms']:.1f} | "
                          f"{r['peak_mib']:,.0f} | {r['x_nv_f32']:.2f} | {r['mem_vs_dense']:.3f} | "
                          f"{r['time_vs_dense']:.2f} |")
+        if any(r["impl"] == "liger" for r in report["divergence"]):
+            lines += ["", "liger: Liger-Kernel's Triton loss, fed log-probabilities computed outside it "
+                      "(two more [N, V] tensors than its fused best case)."]
         lines.append("")
     if "prep" in report:
         p = report["prep"]

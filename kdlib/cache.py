@@ -132,9 +132,14 @@ def targets_from_arrays(arrays: dict, windows: Sequence[int], device=None) -> To
     idx = np.asarray(windows, dtype=np.int64)
     ids = np.ascontiguousarray(arrays["ids"][idx])
     ids = ids.astype(np.int32) if ids.dtype == np.uint16 else ids.astype(np.int64)  # torch has no uint16 ops
-    return TopKTargets(torch.from_numpy(np.ascontiguousarray(arrays["logp"][idx])).to(device).float(),
-                       torch.from_numpy(ids).to(device).long(),
-                       torch.from_numpy(np.ascontiguousarray(arrays["tail"][idx])).to(device).float())
+    cuda = device is not None and torch.device(device).type == "cuda"
+
+    def move(a: np.ndarray) -> torch.Tensor:
+        # Pinned and asynchronous on a GPU: a copy from pageable memory would wait for the GPU.
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+    return TopKTargets(move(arrays["logp"][idx]).float(), move(ids).long(), move(arrays["tail"][idx]).float())
 
 
 def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: PathLike, split: str = "train",

@@ -335,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", nargs="+", default=list(("reference", "kdlib", "cached")),
                    choices=("reference", "kdlib", "cached"), help="paths to measure (default: all three)")
     p.add_argument("--sections", nargs="+", default=["train", "divergence", "prep"],
-                   choices=("train", "divergence", "prep"), help="what to measure (default: everything)")
+                   choices=("train", "divergence", "prep"),
+                   help="what to measure (default: everything; the dense divergences at 8,192 x 50,257 "
+                        "need ~16 GB of memory)")
     p.add_argument("--feature", default="hidden", choices=("hidden", "attention"),
                    help="kdlib's feature loss: hidden states (default, SDPA) or attention maps (the study's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student on the kdlib paths")

@@ -17,8 +17,9 @@ temporary is hundreds of MB. The vocabulary-sized losses therefore run through
 ``_RowMean``, which processes ``chunk_size`` positions at a time and computes
 each chunk's gradient as soon as its forward is done. Its only full-size
 allocation is the gradient itself (one ``[N, V]`` tensor in the input's
-dtype), and nothing is recomputed. ``output_losses`` runs an experiment's CE,
-divergence and cosine in one such pass. ``chunk_size=None`` runs the same row
+dtype; float32 for float16 input), and nothing is recomputed.
+``output_losses`` runs an experiment's CE, divergence and cosine in one such
+pass. ``chunk_size=None`` runs the same row
 formulas densely through plain autograd: the reference the chunked path is
 tested against.
 """
@@ -41,7 +42,7 @@ ChunkSize = Union[int, str, None]
 AUTO = "auto"
 # Elements in one [rows, V] temporary of a chunk: 2**22 float32 = 16 MiB (83
 # rows at V = 50,257). A chunk keeps up to ~10 such temporaries alive (JS), so
-# they add under 10% to the one [8192, V] gradient the backward pass must hold.
+# they add under 10% to the one [8192, V] gradient buffer that must be held.
 _CHUNK_ELEMENTS = 2**22
 _LN2 = math.log(2.0)
 
@@ -118,11 +119,18 @@ def _masked(values: Tensor, mask: Optional[Tensor]) -> Tensor:
     return values if mask is None else torch.where(mask, values, values.new_zeros(()))
 
 
-def _count(mask: Optional[Tensor], n: int, like: Tensor) -> Tensor:
-    """Counted positions as a tensor (>= 1, so no position gives 0, not NaN); no host sync."""
+def _count(mask: Optional[Tensor], n: int, dtype: torch.dtype) -> Union[Tensor, float]:
+    """Counted positions (>= 1, so no position gives 0, not NaN): a device tensor from the mask, or
+    a Python number (a tensor made from a number would be a host-to-device copy: a sync)."""
     if mask is None:
-        return like.new_tensor(max(n, 1))
-    return mask.sum().clamp_min(1).to(like.dtype)
+        return float(max(n, 1))
+    return mask.sum().clamp_min(1).to(dtype)
+
+
+def _weighted(values: Tensor, weights: Sequence[float]) -> Tensor:
+    """Σ_k weights[k] · values[..., k], with Python-number weights: no host-to-device copy, and
+    no matmul (which autocast would run in bf16/fp16)."""
+    return sum(w * values[..., k] for k, w in enumerate(weights))
 
 
 class _RowMean(torch.autograd.Function):
@@ -149,25 +157,24 @@ class _RowMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_fn, weights, chunk, mask, want_grad, *tensors):
         needs = [want_grad and need for need in ctx.needs_input_grad[5:]]
-        w = torch.tensor(weights, dtype=_compute_dtype(*tensors), device=tensors[0].device)  # [k]
-        count = _count(mask, tensors[0].shape[0], w)
-        grads, sums = _RowMean.run(rows_fn, w, chunk, mask, count, needs, tensors)
+        count = _count(mask, tensors[0].shape[0], _compute_dtype(*tensors))
+        grads, sums = _RowMean.run(rows_fn, weights, chunk, mask, count, needs, tensors)
         # Weak references to the inputs that get a gradient: holding the logits
         # until backward would cost a full-size tensor; they are needed only by a
         # second backward, when the caller still holds them anyway.
         ctx.inputs = [_WeakRows(x) if need else x for x, need in zip(tensors, needs)]
         ctx.dtypes = [x.dtype for x in tensors]
-        ctx.grads, ctx.args = grads, (rows_fn, w, chunk, mask, count, needs)
+        ctx.grads, ctx.args = grads, (rows_fn, weights, chunk, mask, count, needs)
         means = sums / count
         ctx.mark_non_differentiable(means)
-        return (means * w).sum(), means
+        return _weighted(means, weights), means
 
     @staticmethod
-    def run(rows_fn, w, chunk, mask, count, needs, tensors):
-        """(gradient buffers of Σ w·means, or None per input; the [k] masked row sums)."""
+    def run(rows_fn, weights, chunk, mask, count, needs, tensors):
+        """(gradient buffers of Σ weights·means, or None per input; the [k] masked row sums)."""
         grads = [torch.empty_like(x, dtype=torch.float32 if x.dtype == torch.float16 else x.dtype)
                  if need else None for x, need in zip(tensors, needs)]
-        sums = torch.zeros_like(w)  # [k]
+        sums = 0.0
         for a in range(0, tensors[0].shape[0], chunk):
             keep = None if mask is None else mask[a:a + chunk, None]  # [c, 1]
             with torch.enable_grad() if any(needs) else torch.no_grad():
@@ -175,7 +182,7 @@ class _RowMean(torch.autograd.Function):
                 values = _masked(rows_fn(*parts), keep)  # [c, k]
                 if any(needs):
                     wanted = [p for p, need in zip(parts, needs) if need]
-                    got = torch.autograd.grad((values @ w).sum() / count, wanted, allow_unused=True)
+                    got = torch.autograd.grad(_weighted(values, weights).sum() / count, wanted, allow_unused=True)
                     for g_full, g in zip([g for g in grads if g is not None], got):
                         g_full[a:a + chunk] = 0 if g is None else g
             sums += values.detach().sum(0)
@@ -220,10 +227,9 @@ def _row_means(rows_fn: Callable[..., Tensor], weights: Sequence[float], tensors
     chunk = _chunk_rows(chunk_size, tensors[0].shape[-1])
     dtype = _compute_dtype(*tensors)
     if chunk is None:  # dense reference: one autograd graph over all rows
-        w = torch.tensor(weights, dtype=dtype, device=tensors[0].device)
         values = _masked(rows_fn(*tensors), None if mask is None else mask[:, None])  # [N, k]
-        means = values.sum(0) / _count(mask, tensors[0].shape[0], values)
-        return (means * w).sum(), means.detach()
+        means = values.sum(0) / _count(mask, tensors[0].shape[0], values.dtype)
+        return _weighted(means, weights), means.detach()
     if tensors[0].shape[0] == 0:
         zero = tensors[0].new_zeros((), dtype=dtype)
         return zero, zero.new_zeros(len(weights))

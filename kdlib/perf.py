@@ -14,25 +14,40 @@ MFU, which is the point of measuring it.
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import torch
+from torch import nn
 
 from .errors import KdlibError
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's
-# datasheets, by a substring of torch.cuda.get_device_name(); first match wins.
-# Anything else: pass the peak in (--peak-tflops, KDLIB_PEAK_TFLOPS).
+# datasheets, by a regular expression on torch.cuda.get_device_name() (whole
+# words: "L4" is not "L40S"); the first match wins. Anything else: pass the
+# peak in (--peak-tflops, KDLIB_PEAK_TFLOPS).
 PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("L4", 121.0),
-    ("V100", 125.0),
-    ("T4", 65.0),
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b.*\bNVL\b", 835.0),
+    (r"\bH100\b", 989.0),
+    (r"\bH200\b", 989.0),
+    (r"\bA100\b", 312.0),
+    (r"\bL40S\b", 362.0),
+    (r"\bL40\b", 181.0),
+    (r"\bL4\b", 121.0),
+    (r"\bV100\b", 125.0),
+    (r"\bT4\b", 65.0),
 )
 PEAK_ENV = "KDLIB_PEAK_TFLOPS"
+
+
+def flop_params(model: nn.Module) -> int:
+    """Parameters that take part in a matmul per token: all, less learned position embeddings
+    (a lookup; ``wpe`` in GPT-2 and TinyGPT). Tied input/output embeddings count once, as the
+    output projection."""
+    lookups = sum(m.weight.numel() for name, m in model.named_modules()
+                  if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] == "wpe")
+    return sum(p.numel() for p in model.parameters()) - lookups
 
 
 def flops_per_token(n_student: int, student_layers: int, student_width: int, seq_len: int,
@@ -57,8 +72,8 @@ def peak_tflops(device_name: Optional[str] = None, override: Optional[float] = N
         if not torch.cuda.is_available():
             return None
         device_name = torch.cuda.get_device_name()
-    for key, value in PEAK_TFLOPS:
-        if key in device_name:
+    for pattern, value in PEAK_TFLOPS:
+        if re.search(pattern, device_name):
             return value
     return None
 

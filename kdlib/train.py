@@ -40,7 +40,7 @@ from .fileio import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from .grid import parse
 from .models import TinyGPT, load_teacher, teacher_forward, teacher_shape
 from .objective import DistillationLoss
-from .perf import flops_per_token, mfu, peak_tflops
+from .perf import flop_params, flops_per_token, mfu, peak_tflops
 
 TEACHER_SOURCES = ("auto", "online", "cache")
 
@@ -243,6 +243,8 @@ def _check_config(paths: RunPaths, cfg: ExperimentConfig) -> None:
             saved = ExperimentConfig.load(paths.config)
         except KdlibError as e:
             raise KdlibError(f"{e}\nThe run folder {paths.root} has an unreadable config; use another folder") from None
+        # Speed-only settings may change between a run and its continuation.
+        saved.train.compile = cfg.train.compile
         if saved != cfg:
             diff = [k for k in ("preset", "exp", "seed", "model", "teacher", "loss", "data", "cache", "train")
                     if getattr(saved, k) != getattr(cfg, k)]
@@ -325,8 +327,18 @@ class FiniteGuard:
         self.step = torch.where(first, step, self.step)
         self.bad = torch.where(first, bad, self.bad)
 
-    def check(self, student_path, resume_path) -> None:
-        if self.step is None or int(self.step) == 0:
+    def check(self, student_path, resume_path, accelerator=None) -> None:
+        """Raise if a step so far was not finite. With ``accelerator`` (several processes), every
+        process raises when any one saw it, so none is left waiting in a collective."""
+        mine = self.step is not None and int(self.step) > 0
+        if accelerator is not None and accelerator.num_processes > 1:
+            flag = torch.tensor(float(mine), device=accelerator.device)
+            if float(accelerator.reduce(flag, "sum")) == 0:
+                return
+            if not mine:
+                raise KdlibError("another process saw a non-finite loss; the run stopped (its message "
+                                 "names the step and the component)")
+        elif not mine:
             return
         bad = [n for n, b in zip(self.names, self.bad.tolist()) if b and n != "total"] or ["total"]
         raise KdlibError(f"step {int(self.step)}: the loss is not finite (component: {', '.join(bad)}); the "
@@ -418,6 +430,8 @@ def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_s
 def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, progress, log, stop_after, tqdm):
     t = cfg.train
     world = accelerator.num_processes
+    # Read (and a bad $KDLIB_PEAK_TFLOPS refused) before anything is written.
+    peak = peak_tflops(None if accelerator.device.type == "cuda" else "cpu")
     if t.batch_size % world:
         raise KdlibError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({world})")
     torch.manual_seed(cfg.seed)
@@ -486,9 +500,8 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
     else:
         def teacher_out_fn(idx, ids):
             return None
-    flops_token = flops_per_token(n_student, cfg.model.n_layer, cfg.model.n_embd, cfg.data.block_size,
-                                  *((n_teacher, *teacher_shape(teacher)) if source == "online" else ()))
-    peak = peak_tflops(None if accelerator.device.type == "cuda" else device_name())
+    flops_token = flops_per_token(flop_params(student), cfg.model.n_layer, cfg.model.n_embd, cfg.data.block_size,
+                                  *((flop_params(teacher), *teacher_shape(teacher)) if source == "online" else ()))
     guard = FiniteGuard()
     clock = _TrainClock(state["wall"])
     wall_log = state["wall"]
@@ -506,7 +519,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
         epoch = state["step"] / steps_per_epoch
         row = None
         if state["step"] % t.log_every == 0 or state["step"] == total:
-            guard.check(paths.student, paths.resume)
+            guard.check(paths.student, paths.resume, accelerator)
             parts = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in parts_sum.items()}
             state["wall"] = clock.wall()  # after the sync above: the GPU has finished these steps
             total_loss = parts.pop("total")
@@ -515,12 +528,12 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
                    "lr": lr, "loss": total_loss,
                    **{f"loss_{k}": v for k, v in parts.items()},
                    "tokens_per_s": speed, "peak_mem_mib": _peak_mem()}
-            utilisation = mfu(speed, flops_token, peak)
+            utilisation = mfu(speed / world, flops_token, peak)  # tokens are global, the peak per device
             if utilisation is not None:
                 row["mfu"] = utilisation
             wall_log, tokens_log = state["wall"], 0
         if state["step"] % eval_every == 0 or state["step"] == total:
-            guard.check(paths.student, paths.resume)
+            guard.check(paths.student, paths.resume, accelerator)
             clock.pause()
             val = perplexity(accelerator.unwrap_model(trainee).student, val_tokens, cfg.data.block_size,
                              stride=cfg.data.block_size, batch_size=t.eval_batch_size)
@@ -548,7 +561,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
         bar.update(1)
         at_eval = state["step"] % eval_every == 0
         if at_eval or stopped_early or state["step"] == total or (stop_after and steps_this_process >= stop_after):
-            guard.check(paths.student, paths.resume)
+            guard.check(paths.student, paths.resume, accelerator)
             state["wall"] = clock.wall()
             clock.pause()
             _save_resume(paths, cfg, trainee, optimizer, scheduler, sampler, state, accelerator, budget)

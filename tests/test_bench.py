@@ -151,8 +151,10 @@ def test_flops_per_token_of_the_study_shapes():
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
                                         ("NVIDIA A100-SXM4-40GB", 312.0), ("Tesla T4", 65.0),
-                                        ("NVIDIA L4", 121.0), ("NVIDIA H200", 989.0), ("Some GPU", None),
-                                        ("x86_64", None)])
+                                        ("NVIDIA L4", 121.0), ("NVIDIA H200", 989.0), ("NVIDIA L40S", 362.0),
+                                        ("NVIDIA L40", 181.0), ("NVIDIA H100 NVL", 835.0),
+                                        ("Tesla V100-SXM2-16GB", 125.0), ("Some GPU", None), ("x86_64", None),
+                                        ("cpu", None)])
 def test_peak_by_device_name(name, peak, monkeypatch):
     monkeypatch.delenv(PEAK_ENV, raising=False)
     assert peak_tflops(name) == peak

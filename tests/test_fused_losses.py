@@ -594,3 +594,21 @@ def test_fused_path_keeps_one_full_size_gradient(student, mem_case):
     assert chunked <= full + allowance
     assert dense >= 3 * full
     assert chunked / dense <= 0.5
+
+
+def test_weights_stay_in_float32_under_autocast():
+    # Under bf16 autocast a matmul of the terms with their weights would round the weights (and
+    # the 1/count scale) to bf16; the chunked gradient must match the dense one as in float32.
+    torch.manual_seed(0)
+    s = torch.randn(37, 64, requires_grad=True)
+    t = torch.randn(37, 64)
+    y = torch.randint(0, 64, (37,))
+    grads = {}
+    for chunk in (5, None):
+        s.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, _ = L.output_losses(s, y, t, w_ce=0.3, divergence="kl", w_div=0.7, temperature=2.0,
+                                            cosine=True, w_cos=0.05, chunk_size=chunk)
+        total.backward()
+        grads[chunk] = s.grad.clone()
+    torch.testing.assert_close(grads[5], grads[None], rtol=1e-6, atol=1e-9)

@@ -253,15 +253,16 @@ def test_nan_between_log_lines_is_reported_with_its_own_step_and_nothing_after_i
 
 
 def test_metrics_show_mfu_when_the_peak_is_known(tmp_path, data_dir, monkeypatch):
-    from kdlib.perf import PEAK_ENV, flops_per_token
+    from kdlib.perf import PEAK_ENV, flop_params, flops_per_token
 
     monkeypatch.setenv(PEAK_ENV, "0.001")  # a made-up 1 GFLOP/s CPU, so MFU is a readable number
     cfg = small_cfg("kl", max_steps=4, log_every=2)
     run(cfg, tmp_path / "run", data_dir)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     teacher = cfg.teacher.random_init
-    n_student = sum(p.numel() for p in TinyGPT(cfg.model).parameters())
-    n_teacher = sum(p.numel() for p in kdlib.models.random_teacher(teacher).parameters())
+    n_student = flop_params(TinyGPT(cfg.model))
+    n_teacher = flop_params(kdlib.models.random_teacher(teacher))
+    assert n_student == sum(p.numel() for p in TinyGPT(cfg.model).parameters()) - 64 * 32  # less wpe
     flops = flops_per_token(n_student, cfg.model.n_layer, cfg.model.n_embd, cfg.data.block_size,
                             n_teacher, teacher["n_layer"], teacher["n_embd"])
     logged = [r for r in rows if "tokens_per_s" in r]
@@ -272,6 +273,20 @@ def test_metrics_show_mfu_when_the_peak_is_known(tmp_path, data_dir, monkeypatch
     run(small_cfg("kl", max_steps=2, log_every=1), tmp_path / "run2", data_dir)
     rows = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert all("mfu" not in r and r["tokens_per_s"] > 0 for r in rows)  # a CPU's peak is unknown
+
+
+def test_compiled_student_trains_and_a_run_may_continue_without_compiling(tmp_path, data_dir):
+    # torch.compile (inductor, on the CPU here) in place: parameter names, checkpoints and the
+    # resume state are those of the plain model, so the flag may change between sessions.
+    cfg = small_cfg("kl", max_steps=3)
+    cfg.train.compile = True
+    out = run(cfg, tmp_path / "run", data_dir, stop_after=2)
+    assert out == {"stopped_at": 2}
+    assert load_resume(tmp_path / "run" / "resume.safetensors")["state"]["step"] == 2
+    cfg.train.compile = False
+    summary = run(cfg, tmp_path / "run", data_dir)
+    assert summary["steps"] == 3 and math.isfinite(summary["test_ppl"])
+    assert ExperimentConfig.load(tmp_path / "run" / "config.json").train.compile is True  # as first written
 
 
 # --------------------------------------------------------------------------

@@ -255,3 +255,10 @@ def test_cli_bad_experiment_is_a_clean_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "klx" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+
+
+def test_reference_in_its_own_process_reports_back():
+    # On a GPU the reference runs in a subprocess with CUDA_LAUNCH_BLOCKING=1; the plumbing is
+    # the same on the CPU.
+    r = bench.measure_reference_isolated(SMOKE, "kl", None)
+    assert r.exp == "kl" and r.path == "reference" and r.tokens_per_s > 0

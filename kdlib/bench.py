@@ -88,7 +88,7 @@ SHAPES = {
                               dropout=0.0),
                   dict(n_layer=6, n_embd=192, n_head=6, vocab_size=8192, n_positions=64),
                   batch_size=16, block_size=64, divergence_rows=8192, divergence_vocab=50257, prep_mb=16,
-                  warmup=2, steps=5, divergence_repeats=1),
+                  warmup=2, steps=8, divergence_repeats=1),
     # Seconds: for CI and tests (no thresholds).
     "smoke": Shapes("smoke", dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, d_ff=64,
                                   dropout=0.0),

@@ -459,6 +459,9 @@ def _sparse_rows(name: str, temperature: float, param: Optional[float]):
         log_p = lp_k.to(dtype).clamp_min(-1e4)
         if tail is None:
             return _divergence_from_log_probs(name, log_p, log_q_k, param)
+        # The student's mass outside the teacher's top-k, summed over the rest of the
+        # vocabulary. (1 − Σ_k q_k would skip that pass, but cancels: a tail of 1e-5 would keep
+        # ~10% error in float32, and confident students at T = 1 have such tails.)
         log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), dim=-1)  # [n]
         log_p = torch.cat([log_p, tail.to(dtype).clamp_min(-1e4)[:, None]], dim=-1)  # [n, k+1]
         log_q = torch.cat([log_q_k, log_q_tail[:, None]], dim=-1)  # [n, k+1]

@@ -113,6 +113,44 @@ def test_sparse_is_a_lower_bound_for_k_below_v(name):
         assert sparse.item() <= dense.item() * (1 + 1e-6) + 1e-7, (case, V, k, T, sparse, dense)
 
 
+def _bucketed_reference(s, t, k, T):
+    """KL(p‖q) and JS over the k+1 buckets, float64, the student's tail summed element by element."""
+    log_p = torch.log_softmax(t.double() / T, -1)
+    log_q = torch.log_softmax(s.double() / T, -1)
+    top, ids = log_p.topk(k, -1)
+    in_top = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, ids, True)
+    p = torch.cat([top.exp(), (log_p.exp() * ~in_top).sum(-1, keepdim=True)], -1)
+    q = torch.cat([log_q.gather(-1, ids).exp(), (log_q.exp() * ~in_top).sum(-1, keepdim=True)], -1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()
+    m = (p + q) / 2
+    js = 0.5 * ((p * (p.log() - m.log())).sum(-1) + (q * (q.log() - m.log())).sum(-1)).mean()
+    return {"kl": kl * T * T, "js": js * T * T}
+
+
+@pytest.mark.parametrize("name", ["kl", "js"])
+@pytest.mark.parametrize("T, scale", [(2.0, 3.0), (1.0, 3.0),
+                                      # a confident student: its mass outside the teacher's
+                                      # top-k is 1e-8..1e-5, where 1 − Σ_k q_k would cancel
+                                      (1.0, 12.0)])
+def test_student_tail_mass_matches_an_elementwise_float64_sum(name, T, scale):
+    # The student's tail bucket must be its mass outside the teacher's top-k to float precision,
+    # also when that mass is tiny. Values and gradients against a float64 reference.
+    rtol = 1e-5
+    V, k, n = 2000, 32, 24
+    t = logits((n, V), 1, scale=3.0, dtype=F64)
+    s = (t + 0.5 * logits((n, V), 2, scale=1.0, dtype=F64)) * (scale / 3.0)
+    lp, ids, tail = L.teacher_top_k(t, k, T)
+    for dtype, tol in ((F64, 1e-10), (F32, rtol)):
+        x = s.detach().to(dtype).clone().requires_grad_(True)
+        got = L.sparse_divergence(name, x, lp.to(dtype), ids, tail.to(dtype), T)
+        y = s.detach().clone().requires_grad_(True)
+        want = _bucketed_reference(y, t, k, T)[name]
+        assert_close(got.double(), want, rtol=tol, atol=1e-12)
+        got.backward()
+        want.backward()
+        assert_close(x.grad.double(), y.grad, rtol=max(tol, 1e-10) * 10, atol=1e-8 if dtype == F32 else 1e-14)
+
+
 def test_sparse_kl_grows_with_k():
     # k refines the buckets of every smaller k: the sparse KL cannot decrease
     s, t = logits((6, 40), 1), logits((6, 40), 2, scale=4.0)

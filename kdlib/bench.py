@@ -256,7 +256,7 @@ class KdlibStep:
         teacher = None
         if spec.needs_teacher:
             teacher = _teacher(shapes, dev, reference=False, need_attentions=spec.needs_attentions)
-        objective = DistillationLoss(cfg.loss, cfg.model, teacher)
+        objective = DistillationLoss(cfg.loss, cfg.model, teacher, compile=compile)
         trainee = Trainee(student, objective)
         optimizer = make_optimizer(trainee, cfg.train, dev)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 10**6, 1, 0.1))

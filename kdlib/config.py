@@ -256,8 +256,9 @@ class TrainConfig:
     eval_every: Optional[int] = None  # steps between evaluations; None = once per epoch
     eval_batch_size: int = 8  # windows per forward pass when scoring perplexity
     log_every: int = 10  # steps between metrics.jsonl lines (each costs a host sync)
-    # torch.compile the student: faster steps on a GPU after a minute or two of
-    # compiling; off by default (compile time dominates short runs, and CPUs gain little).
+    # torch.compile the student and the vocabulary-sized losses' formulas: faster
+    # steps after a minute or two of compiling; off by default (compile time
+    # dominates short runs).
     compile: bool = False
     # Where the resume state (optimizer, scheduler, RNG, data position) lives:
     # None = inside the run folder (counted in its storage budget); a local

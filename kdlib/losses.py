@@ -26,6 +26,7 @@ tested against.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import weakref
@@ -515,7 +516,7 @@ def output_losses(s: Tensor, labels: Tensor, teacher: Union[Tensor, TopKTargets,
                   w_ce: float = 1.0, divergence: Optional[str] = None, w_div: float = 1.0,
                   temperature: float = 1.0, param: Optional[float] = None, cosine: bool = False,
                   w_cos: float = 1.0, label_smoothing: float = 0.0, ignore_index: int = -100,
-                  chunk_size: ChunkSize = AUTO) -> tuple[Tensor, dict]:
+                  chunk_size: ChunkSize = AUTO, compile: bool = False) -> tuple[Tensor, dict]:
     """The vocabulary-sized losses of one experiment, fused: one chunked pass, one gradient buffer.
 
     s: student logits [..., V]; labels [...] (``ignore_index`` = not counted,
@@ -526,14 +527,15 @@ def output_losses(s: Tensor, labels: Tensor, teacher: Union[Tensor, TopKTargets,
     name and ``cos``. Each term equals its own function (``cross_entropy``,
     ``divergence``/``sparse_divergence``, ``cosine_loss``); run together they
     share one chunk loop and one ``[N, V]`` gradient instead of one per term.
+    ``compile=True`` runs the per-chunk formulas through ``torch.compile``,
+    which fuses their passes over the vocabulary (compiled once per formula).
     """
     smoothing = check_unit_interval(label_smoothing, "label_smoothing")
     s2, y, m = _check_labels(s, labels, ignore_index)
-    names, weights, fns = ["ce"], [w_ce], [(_ce_rows(smoothing), [0, 1])]
-    tensors = [s2, y]
     if (divergence is not None or cosine) and teacher is None:
         raise KdlibError("a divergence or the cosine loss needs the teacher's outputs; none were given")
-    if isinstance(teacher, TopKTargets):
+    sparse = isinstance(teacher, TopKTargets)
+    if sparse:
         if cosine:
             raise KdlibError("the cosine loss needs the teacher's logits; a top-k cache has only its top-k")
         teacher_tensors = _sparse_tensors(s, teacher.log_probs, teacher.ids,
@@ -542,24 +544,49 @@ def output_losses(s: Tensor, labels: Tensor, teacher: Union[Tensor, TopKTargets,
         teacher_tensors = [_flat(s, teacher, None)[1]]
     else:
         teacher_tensors = []
-    where = list(range(2, 2 + len(teacher_tensors)))
-    tensors += teacher_tensors
+    names, weights = ["ce"], [w_ce]
+    T = None
     if divergence is not None:
         T, param = _check_divergence(divergence, temperature, param)
-        rows = (_sparse_rows if isinstance(teacher, TopKTargets) else _divergence_rows)(divergence, T, param)
         names.append(divergence)
         weights.append(w_div)
-        fns.append((lambda *xs, rows=rows, T2=T * T: T2 * rows(*xs), [0, *where]))
     if cosine:
         names.append("cos")
         weights.append(w_cos)
+    key = (smoothing, divergence, T, param, sparse, len(teacher_tensors), cosine)
+    rows_fn = _compiled_output_rows(*key) if compile else _output_rows(*key)
+    total, means = _row_means(rows_fn, weights, [s2, y, *teacher_tensors], m, chunk_size)
+    return total, dict(zip(names, means.unbind()))
+
+
+def _output_rows(smoothing, divergence, T, param, sparse, n_teacher, cosine):
+    """The per-row [n, terms] formula of ``output_losses``; its tensors: s, labels, then the teacher's."""
+    where = list(range(2, 2 + n_teacher))
+    fns = [(_ce_rows(smoothing), [0, 1])]
+    if divergence is not None:
+        rows = (_sparse_rows if sparse else _divergence_rows)(divergence, T, param)
+        fns.append((lambda *xs, rows=rows, T2=T * T: T2 * rows(*xs), [0, *where]))
+    if cosine:
         fns.append((_cosine_rows, [0, 2]))
 
     def rows_fn(*xs: Tensor) -> Tensor:
         return torch.stack([fn(*[xs[i] for i in idx]) for fn, idx in fns], dim=-1)  # [n, terms]
 
-    total, means = _row_means(rows_fn, weights, tensors, m, chunk_size)
-    return total, dict(zip(names, means.unbind()))
+    return rows_fn
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_output_rows(*key):
+    # One compiled function per formula, kept: a new closure per call would be compiled again.
+    # Dynamic shapes: the last chunk of a batch is shorter.
+    compiled = torch.compile(_output_rows(*key), dynamic=True)
+
+    def rows_fn(*xs: Tensor) -> Tensor:
+        # A compiled graph saves its inputs for backward, which inference-mode tensors (an
+        # online teacher's logits) refuse: their chunk is copied (a [chunk, V] copy).
+        return compiled(*[x.clone() if x.is_inference() else x for x in xs])
+
+    return rows_fn
 
 
 def teacher_top_k(t: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Optional[Tensor]]:

@@ -34,13 +34,15 @@ class DistillationLoss(nn.Module):
         student: the student's ``TinyGPTConfig`` (layers and width for the feature maps).
         teacher: the teacher model, or its (n_layer, hidden size); needed when
             the experiment has a feature loss, else may be None.
+        compile: run the vocabulary-sized losses' formulas through ``torch.compile``.
     """
 
     def __init__(self, config: LossConfig, student: TinyGPTConfig,
-                 teacher: Union[nn.Module, tuple[int, int], None] = None):
+                 teacher: Union[nn.Module, tuple[int, int], None] = None, compile: bool = False):
         super().__init__()
         config.validate()
         self.config = config.effective()
+        self.compile = compile  # torch.compile the output losses' per-chunk formulas
         self.pairs: list[tuple[int, int]] = []
         self.projectors: Optional[nn.ModuleList] = None
         if self.config.feature_map is not None:
@@ -89,7 +91,8 @@ class DistillationLoss(nn.Module):
         # CE, the divergence and the cosine share one chunked pass over the vocabulary.
         total, parts = losses.output_losses(
             s, labels, target, w_ce=c.w_ce, divergence=c.divergence, w_div=c.w_div, temperature=c.temperature,
-            param=c.divergence_param, cosine=c.cosine, w_cos=c.w_cos, label_smoothing=c.label_smoothing)
+            param=c.divergence_param, cosine=c.cosine, w_cos=c.w_cos, label_smoothing=c.label_smoothing,
+            compile=self.compile)
         if self.needs_hidden_states:
             feat = losses.hidden_mse(_states(student_out, "hidden_states", "student"),
                                      _states(teacher_out, "hidden_states", "teacher"),

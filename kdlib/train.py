@@ -444,7 +444,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
                                student_vocab_size=cfg.model.vocab_size)
     elif teacher is not None:
         teacher = teacher.to(accelerator.device)
-    objective = DistillationLoss(cfg.loss, cfg.model, teacher if source == "online" else None)
+    objective = DistillationLoss(cfg.loss, cfg.model, teacher if source == "online" else None, compile=t.compile)
     cache = TopKCache(cache_dir, "train", cache_identity(cfg, splits["train"])) if source == "cache" else None
     trainee = Trainee(student, objective)
     optimizer = make_optimizer(trainee, t, accelerator.device)

@@ -612,3 +612,35 @@ def test_weights_stay_in_float32_under_autocast():
         total.backward()
         grads[chunk] = s.grad.clone()
     torch.testing.assert_close(grads[5], grads[None], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("teacher_kind", ["logits", "top-k"])
+def test_compiled_formulas_equal_the_eager_ones(teacher_kind):
+    # compile=True runs the per-chunk formulas through torch.compile (inductor; a C++ compiler on
+    # the CPU): same values and gradients, an inference-mode teacher included, a short last chunk
+    # (dynamic shapes) included.
+    torch.manual_seed(0)
+    N, V = 45, 96
+    s = torch.randn(N, V, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    y[::7] = -100
+    with torch.inference_mode():
+        t = torch.randn(N, V) * 2
+    if teacher_kind == "top-k":
+        teacher, cosine = L.TopKTargets(*L.teacher_top_k(t.clone(), 8, 2.0)), False
+    else:
+        teacher, cosine = t, True
+    results = []
+    for compile in (False, True):
+        s.grad = None
+        total, parts = L.output_losses(s, y, teacher, w_ce=0.5, divergence="kl", w_div=0.5, temperature=2.0,
+                                       cosine=cosine, w_cos=0.05, label_smoothing=0.1, chunk_size=10,
+                                       compile=compile)
+        total.backward()
+        results.append((total.detach(), {k: v for k, v in parts.items()}, s.grad.clone()))
+    (t0, p0, g0), (t1, p1, g1) = results
+    assert_close(t1, t0, rtol=1e-5, atol=1e-6)
+    assert p1.keys() == p0.keys()
+    for k in p0:
+        assert_close(p1[k], p0[k], rtol=1e-5, atol=1e-6)
+    assert_close(g1, g0, rtol=1e-4, atol=1e-7)

@@ -282,12 +282,14 @@ class KdlibStep:
         from .data import token_dtype
         from .models import teacher_forward
 
-        logits = torch.cat([teacher_forward(teacher, torch.from_numpy(windows[i:i + 8, :-1]).to(self.dev)).logits
-                            for i in range(0, len(windows), 8)])
-        logp, ids, tail = teacher_top_k(logits, k, temperature)
-        arrays = {"logp": logp.to(torch.float16).cpu().numpy().astype(LOGP_DTYPE),
-                  "ids": ids.cpu().numpy().astype(token_dtype(self.cfg.model.vocab_size)),
-                  "tail": tail.float().cpu().numpy().astype(TAIL_DTYPE)}
+        parts = []
+        for i in range(0, len(windows), 8):  # a few windows at a time: [8, T, V] logits, not the pool's
+            logits = teacher_forward(teacher, torch.from_numpy(windows[i:i + 8, :-1]).to(self.dev)).logits
+            parts.append([x.cpu() for x in teacher_top_k(logits, k, temperature)])
+        logp, ids, tail = (torch.cat(x) for x in zip(*parts))
+        arrays = {"logp": logp.to(torch.float16).numpy().astype(LOGP_DTYPE),
+                  "ids": ids.numpy().astype(token_dtype(self.cfg.model.vocab_size)),
+                  "tail": tail.float().numpy().astype(TAIL_DTYPE)}
         del teacher, logits
         dev = self.dev  # not self: a closure over self would keep this step alive in a cycle
         return lambda idx, ids: targets_from_arrays(arrays, idx, dev)
@@ -583,6 +585,7 @@ def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence
                 if path == "cached" and not parse(exp).output_only:
                     continue
                 if path == "reference" and dev.type == "cuda":
+                    _release(dev)  # the subprocess needs the memory this process still caches
                     r = measure_reference_isolated(shapes, exp, peak)
                 else:
                     r = measure(shapes, exp, path, feature=feature, compile=compile, peak=peak, dev=dev)

@@ -610,7 +610,7 @@ def smoke_every_step(_orig=kdlib.config.PRESETS["smoke"]):
     return cfg
 
 
-def launch_ddp(tmp_path: Path, argv: list, timeout: int = 180):
+def launch_ddp(tmp_path: Path, argv: list, timeout: int = 180, script_text: str = None, expect_ok: bool = True):
     """`accelerate launch` of kdlib.cli.main(argv) on 2 CPU processes; (process, seconds, [rank records]).
 
     Launched with --multi_gpu: without CUDA (CUDA_VISIBLE_DEVICES="") accelerate then runs
@@ -620,7 +620,7 @@ def launch_ddp(tmp_path: Path, argv: list, timeout: int = 180):
     world each process saw.
     """
     script = tmp_path / "ddp_main.py"
-    script.write_text(DDP_MAIN)
+    script.write_text(script_text or DDP_MAIN)
     record = tmp_path / f"record-{time.monotonic_ns()}"
     record.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "KDLIB_TEST_RECORD": str(record),
@@ -632,6 +632,8 @@ def launch_ddp(tmp_path: Path, argv: list, timeout: int = 180):
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     elapsed = time.perf_counter() - t0
     print(f"two-process launch: {elapsed:.1f} s")
+    if not expect_ok:
+        return proc, elapsed
     assert proc.returncode == 0, f"exit {proc.returncode}\n" + proc.stdout[-3000:] + proc.stderr[-6000:]
     seen = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(s["num_processes"] == 2 and s["distributed_type"].endswith("MULTI_CPU") for s in seen), seen
@@ -662,6 +664,39 @@ def test_two_process_ddp_matches_one_process(tmp_path, data_dir, monkeypatch):
     s_one = json.loads((tmp_path / "one" / "kl-seed0" / "summary.json").read_text())
     assert s_ddp["steps"] == s_one["steps"] == 6 and s_ddp["tokens"] == s_one["tokens"]
     assert s_ddp["test_ppl"] == pytest.approx(s_one["test_ppl"], rel=1e-3)
+
+
+DDP_NAN_MAIN = DDP_MAIN.replace("from kdlib.cli import main\n", """from kdlib.cli import main
+import kdlib.losses
+
+if os.environ.get("RANK") == "1":  # the divergence of rank 1 only turns NaN at its 3rd step
+    _real, _calls = kdlib.losses._divergence_rows, {"n": 0}
+
+    def _poisoned(*a, **k):
+        _calls["n"] += 1
+        rows = _real(*a, **k)
+        return (lambda *xs: rows(*xs) * float("nan")) if _calls["n"] == 3 else rows
+
+    kdlib.losses._divergence_rows = _poisoned
+""").replace("rc = main(sys.argv[1:])\n", """rc = main(sys.argv[1:])
+with open(os.path.join(os.environ["KDLIB_TEST_RECORD"], f"rc{os.environ['RANK']}"), "w") as f:
+    f.write(str(rc))
+""")
+
+
+def test_a_nan_on_one_process_stops_every_process(tmp_path, data_dir):
+    # The step checks finiteness without a host sync; at the next log line every process learns
+    # whether any one saw a non-finite loss, so none is left waiting in a collective.
+    args = [*DDP_ARGS, "--data-dir", str(data_dir), "--runs", str(tmp_path / "runs")]
+    proc, elapsed = launch_ddp(tmp_path, args, timeout=180, script_text=DDP_NAN_MAIN, expect_ok=False)
+    assert proc.returncode != 0
+    records = sorted(tmp_path.glob("record-*"))[-1]
+    assert [(records / f"rc{r}").read_text() for r in (0, 1)] == ["2", "2"]  # both stopped with an error
+    err = proc.stdout + proc.stderr
+    assert "step 3: the loss is not finite (component: kl)" in err
+    assert "another process saw a non-finite loss" in err
+    rows = metric_rows(tmp_path / "runs" / "kl-seed0")
+    assert [r["step"] for r in rows] == [1, 2]
 
 
 def test_two_process_launch_on_a_finished_run_skips_it(tmp_path, data_dir, monkeypatch):

@@ -47,7 +47,7 @@ from .errors import KdlibError, choices
 from .grid import EXPERIMENTS, parse
 from .losses import layer_pairs, teacher_top_k
 from .memory import MiB, peak_cpu_bytes
-from .perf import flop_params, flops_per_token, mfu, peak_tflops
+from .perf import flop_params, flops_per_token, measured_peak_tflops, mfu, peak_tflops
 
 PATHS = ("reference", "kdlib", "cached")
 FEATURES = {"hidden": "hidden states", "attention": "attention maps"}
@@ -87,7 +87,7 @@ SHAPES = {
     "cpu": Shapes("cpu", dict(vocab_size=8192, block_size=64, n_layer=4, n_head=4, n_embd=128, d_ff=512,
                               dropout=0.0),
                   dict(n_layer=6, n_embd=192, n_head=6, vocab_size=8192, n_positions=64),
-                  batch_size=16, block_size=64, divergence_rows=8192, divergence_vocab=50257, prep_mb=16,
+                  batch_size=16, block_size=64, divergence_rows=8192, divergence_vocab=50257, prep_mb=32,
                   warmup=2, steps=8, divergence_repeats=1),
     # Seconds: for CI and tests (no thresholds).
     "smoke": Shapes("smoke", dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, d_ff=64,
@@ -529,10 +529,22 @@ def prep_bench(megabytes: float, tokenizer=None) -> dict:
 # the whole benchmark
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import transformers
 
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "kdlib": __version__}
     if torch.cuda.is_available():
@@ -575,8 +587,13 @@ def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence
             raise KdlibError(f"unknown benchmark path {p!r}; choose from: {choices(PATHS)}")
     exps = [parse(e).name for e in exps]  # refuses a bad name before any work
     dev = device()
-    peak = peak_tflops(None if dev.type == "cuda" else "cpu", peak)
-    report = {"command": command or " ".join(sys.argv), "machine": machine(), "device": dev.type, "peak_tflops": peak,
+    peak_source = "given" if isinstance(peak, (int, float)) else None
+    if peak == "measure":
+        peak, peak_source = measured_peak_tflops(dev), "measured: the best 2048^3 matmul"
+    else:
+        peak = peak_tflops(None if dev.type == "cuda" else "cpu", peak)
+        peak_source = peak_source or ("datasheet" if peak is not None else None)
+    report = {"command": command or " ".join(sys.argv), "machine": machine(), "device": dev.type, "peak_tflops": peak, "peak_source": peak_source,
               "shapes": asdict(shapes), "feature": feature, "compile": compile}
     if "train" in sections:
         results = []
@@ -616,7 +633,8 @@ def to_markdown(report: dict) -> str:
              f"Shapes: {report['shapes']['name']} (batch {report['shapes']['batch_size']} x "
              f"{report['shapes']['block_size']} tokens, V = {report['shapes']['student']['vocab_size']:,}); "
              f"kdlib's feature loss: {FEATURES[report['feature']]}; torch.compile: {report['compile']}; "
-             f"peak: {report['peak_tflops'] or 'unknown'} TFLOP/s", ""]
+             "peak: " + (f"{report['peak_tflops']:.3g} TFLOP/s ({report.get('peak_source')})"
+                         if report["peak_tflops"] else "unknown (MFU needs --peak-tflops)"), ""]
     if "train" in report:
         rows = report["train"]
         by = {(r["exp"], r["path"]): r for r in rows}

@@ -54,6 +54,18 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _peak(text: str):
+    if text == "measure":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of TFLOP/s or 'measure', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the peak must be > 0 TFLOP/s, got {text}")
+    return value
+
+
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -341,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", default="hidden", choices=("hidden", "attention"),
                    help="kdlib's feature loss: hidden states (default, SDPA) or attention maps (the study's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student on the kdlib paths")
-    p.add_argument("--peak-tflops", type=float,
-                   help="the device's peak TFLOP/s for MFU (default: known GPUs, or $KDLIB_PEAK_TFLOPS)")
+    p.add_argument("--peak-tflops", type=_peak,
+                   help="the device's peak TFLOP/s for MFU, or 'measure' (the best large matmul here); "
+                        "default: the datasheet value of known GPUs, or $KDLIB_PEAK_TFLOPS")
     p.add_argument("--steps", type=_positive_int, help="timed steps per measurement (default: per shapes)")
     p.add_argument("--warmup", type=_positive_int, help="warm-up steps per measurement (default: per shapes)")
     p.add_argument("--out", help="folder for bench.json and bench.md")

@@ -262,3 +262,30 @@ def test_reference_in_its_own_process_reports_back():
     # the same on the CPU.
     r = bench.measure_reference_isolated(SMOKE, "kl", None)
     assert r.exp == "kl" and r.path == "reference" and r.tokens_per_s > 0
+
+
+def test_peak_can_be_measured_for_mfu_on_a_cpu(tmp_path):
+    from kdlib.perf import measured_peak_tflops
+
+    assert 0 < measured_peak_tflops(n=256, repeats=2) < 1e4
+    out = tmp_path / "b"
+    assert main(["bench", "--shapes", "smoke", "--exps", "kl", "--paths", "kdlib", "--sections", "train",
+                 "--peak-tflops", "measure", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["peak_source"].startswith("measured") and report["peak_tflops"] > 0
+    r = report["train"][0]
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / (report["peak_tflops"] * 1e12))
+    assert "measured" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "fast"])
+def test_bad_peak_is_an_argument_error(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--shapes", "smoke", "--peak-tflops", bad])
+    assert e.value.code == 2
+    assert "--peak-tflops" in capsys.readouterr().err
+
+
+def test_machine_names_the_processor():
+    info = bench.machine()
+    assert info["cpu"] and info["cpu"] not in ("", "x86_64") or not Path("/proc/cpuinfo").exists()

@@ -59,13 +59,13 @@ def losses_check() -> int:
         y[::5] = -100
         out = {}
         for chunk in ("auto", None):
-            s = s0.to(dtype).requires_grad_(True)
+            s = s0.clone().to(dtype).requires_grad_(True)  # a fresh leaf per run: no shared .grad
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 total, parts = losses.output_losses(s, y, t, w_ce=0.5, divergence="kl", w_div=0.5,
                                                     temperature=2.0, cosine=True, w_cos=0.05,
                                                     label_smoothing=0.1, chunk_size=chunk)
             total.backward()
-            out[chunk] = (total.float(), s.grad.float())
+            out[chunk] = (total.detach().float().clone(), s.grad.float().clone())
         (ta, ga), (tb, gb) = out["auto"], out[None]
         dv = (ta - tb).abs().item() / tb.abs().item()
         dg = ((ga - gb).norm() / gb.norm()).item()
@@ -77,19 +77,39 @@ def losses_check() -> int:
 
 
 def fp16() -> int:
-    """A few optimizer steps with fp16 autocast, GradScaler and fused AdamW (the T4 preset's path)."""
+    """The T4 preset's path on any GPU: fp16 autocast with loss scaling, an fp16 teacher, fused AdamW,
+    at GPT-2's vocabulary (where per-element loss gradients are ~1e-9 before scaling). The first
+    step's gradient must match a float32 step's, and the steps must train."""
+    from dataclasses import replace
+
+    import kdlib.models as models
     import kdlib.train as train
     from kdlib import bench
 
-    shapes = bench.get_shapes("smoke")
+    smoke = bench.get_shapes("smoke")
+    shapes = replace(smoke, student={**smoke.student, "vocab_size": 50257},
+                     teacher={**smoke.teacher, "vocab_size": 50257})
     windows = bench.token_windows(shapes)
-    real = train.mixed_precision
+    B = shapes.batch_size
+    real_mp, real_half = train.mixed_precision, models._half_dtype
     train.mixed_precision = lambda precision: "fp16"  # what a T4 gets from "auto"
+    models._half_dtype = lambda device: torch.float16  # and its teacher's dtype
     try:
         step = bench.KdlibStep(shapes, "kl", torch.device("cuda"), windows=windows)
     finally:
-        train.mixed_precision = real
-    B = shapes.batch_size
+        train.mixed_precision, models._half_dtype = real_mp, real_half
+    # the first step's gradient, against the same step in float32 (same weights, same batch)
+    ids = torch.from_numpy(windows[:B]).cuda()
+    student = step.trainee.student
+    grads = {}
+    for name, ctx in (("fp16", torch.autocast("cuda", dtype=torch.float16)), ("fp32", torch.autocast("cuda", enabled=False))):
+        student.zero_grad(set_to_none=True)
+        with ctx:
+            out = step.trainee(ids[:, :-1], ids[:, 1:], step.teacher_out_fn(np.arange(B), ids[:, :-1]))
+        (out.total * (1024.0 if name == "fp16" else 1.0)).backward()  # a loss scale, as GradScaler's
+        grads[name] = student.lm_head.weight.grad.float() / (1024.0 if name == "fp16" else 1.0)
+    rel = ((grads["fp16"] - grads["fp32"]).norm() / grads["fp32"].norm()).item()
+    student.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in step.trainee.parameters()]
     for i in range(4):
         lo = (i % 4) * B
@@ -97,9 +117,12 @@ def fp16() -> int:
     step.finish()  # raises if a loss was not finite
     moved = sum(not torch.equal(a, b) for a, b in zip(before, step.trainee.parameters()))
     finite = all(torch.isfinite(p).all() for p in step.trainee.parameters())
-    print(f"fp16: {moved} of {len(before)} parameter tensors moved, all finite: {finite}, "
-          f"loss scale {step.accelerator.scaler.get_scale() if step.accelerator.scaler else None}")
-    return 0 if moved and finite else 1
+    scale = step.accelerator.scaler.get_scale() if step.accelerator.scaler else None
+    ok = rel < 5e-2 and moved == len(before) and finite
+    print(f"fp16: output-head gradient vs float32, relative difference {rel:.2e}; {moved} of {len(before)} "
+          f"parameter tensors moved in 4 steps; all finite: {finite}; loss scale {scale}: "
+          f"{'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
 
 
 CHECKS = {"syncs": syncs, "losses": losses_check, "fp16": fp16}

@@ -1,23 +1,65 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmarks.md in one command, sized for a session
-# lent a GPU for a few minutes (about 8 minutes on an H100; no network needed).
-# Run from the repository root; results go to $OUT (default: bench-gpu).
-#   0. benchmarks/gpu_checks.py: no host sync in the step, chunked == dense on the GPU,
-#      the fp16 path (logged to $OUT/checks.txt; a failure does not stop the benchmarks);
-#   1. the divergences alone at 8,192 x 50,257 (dense vs chunked, Liger if installed);
-#   2. the 14 experiments x 3 paths at the study's shapes (the reference in its own
-#      process with CUDA_LAUNCH_BLOCKING=1), 2 warm-up + 5 timed steps each;
-#   3. kl and layerwise-kl-cos again with torch.compile.
-set -euo pipefail
+# The GPU checks and measurements of docs/benchmarks.md, for a session lent a GPU
+# (no network needed; kdlib runs from this working tree). Results go to $OUT
+# (default: bench-gpu); every benchmark rewrites its bench.json / bench.md after
+# each measurement, so a stage cut short keeps what it measured.
+#
+#   bash benchmarks/gpu_session.sh                      # every stage (~10 min on an H100)
+#   bash benchmarks/gpu_session.sh checks divergence train compile   # ~5 min: one device call
+#   bash benchmarks/gpu_session.sh reference             # ~5 min: a second call
+#
+# Stages (each under its own time limit; a failure is logged and the next stage runs):
+#   checks      benchmarks/gpu_checks.py: no host sync in the step, chunked == dense on
+#               the GPU (float32 and bf16 autocast), the fp16 + loss-scaling path
+#   divergence  the divergences alone at 8,192 x 50,257: dense vs chunked (vs Liger)
+#   train       the 14 experiments, kdlib and cached paths, at the study's shapes
+#   reference   the 14 experiments, the original method (each in its own process with
+#               CUDA_LAUNCH_BLOCKING=1); its rows give the "x reference" ratios
+#   compile     kl and layerwise-kl-cos with torch.compile
+set -uo pipefail
 out="${OUT:-bench-gpu}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 py="${PYTHON:-python3}"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(checks divergence train reference compile)
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || true
-for check in syncs losses fp16; do
-    "$py" benchmarks/gpu_checks.py "$check" 2>&1 | tee -a "$out/checks.txt" || echo "check $check FAILED" | tee -a "$out/checks.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.log" || echo "== $name FAILED or timed out" | tee -a "$out/$name.log"
+}
+
+for s in "${stages[@]}"; do
+    case "$s" in
+        checks)
+            for check in syncs losses fp16; do
+                stage checks 120 "$py" benchmarks/gpu_checks.py "$check"
+            done ;;
+        divergence)
+            stage divergence 120 "$py" -m kdlib bench --shapes study --sections divergence --out "$out/divergence" ;;
+        train)
+            stage train 240 "$py" -m kdlib bench --shapes study --sections train --paths kdlib cached \
+                --warmup 3 --steps 10 --out "$out/train" ;;
+        reference)
+            stage reference 420 "$py" -m kdlib bench --shapes study --sections train --paths reference \
+                --warmup 1 --steps 3 --out "$out/reference" ;;
+        compile)
+            stage compile 240 "$py" -m kdlib bench --shapes study --sections train --paths kdlib cached \
+                --exps kl layerwise-kl-cos --compile --warmup 3 --steps 10 --out "$out/compile" ;;
+        *)
+            echo "unknown stage $s; stages: checks divergence train reference compile" >&2
+            exit 2 ;;
+    esac
 done
-"$py" -m kdlib bench --shapes study --sections divergence --out "$out/divergence"
-"$py" -m kdlib bench --shapes study --sections train --warmup 2 --steps 5 --out "$out/train"
-"$py" -m kdlib bench --shapes study --sections train --paths kdlib --exps kl layerwise-kl-cos \
-    --compile --warmup 3 --steps 5 --out "$out/compile"
+
+# One table with the ratios, from whatever stages have run so far (this call's or an earlier one's).
+parts=()
+for d in reference train divergence; do
+    [ -s "$out/$d/bench.json" ] && parts+=("$out/$d/bench.json")
+done
+if [ ${#parts[@]} -gt 0 ]; then
+    "$py" -m kdlib bench --merge "${parts[@]}" --out "$out/merged" > /dev/null && cat "$out/merged/bench.md"
+fi

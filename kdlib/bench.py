@@ -47,7 +47,7 @@ from .errors import KdlibError, choices
 from .grid import EXPERIMENTS, parse
 from .losses import layer_pairs, teacher_top_k
 from .memory import MiB, peak_cpu_bytes
-from .perf import flop_params, flops_per_token, measured_peak_tflops, mfu, peak_tflops
+from .perf import PEAK_ENV, flop_params, flops_per_token, measured_peak_tflops, mfu, peak_tflops
 
 PATHS = ("reference", "kdlib", "cached")
 FEATURES = {"hidden": "hidden states", "attention": "attention maps"}
@@ -577,8 +577,10 @@ def grid_estimate(results: Sequence[Result], epochs: int = STUDY_EPOCHS,
 
 def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence[str] = PATHS,
               sections: Sequence[str] = SECTIONS, feature: str = "hidden", compile: bool = False,
-              peak: Optional[float] = None, command: str = "", log: Callable[[str], None] = print) -> dict:
-    """Measure; return the report as a dict (``to_markdown`` renders it)."""
+              peak: Optional[float] = None, command: str = "", log: Callable[[str], None] = print,
+              out_dir=None) -> dict:
+    """Measure; return the report as a dict (``to_markdown`` renders it). With ``out_dir`` the
+    report is rewritten after every measurement, so a run cut short keeps what it measured."""
     for s in sections:
         if s not in SECTIONS:
             raise KdlibError(f"unknown benchmark section {s!r}; choose from: {choices(SECTIONS)}")
@@ -587,12 +589,13 @@ def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence
             raise KdlibError(f"unknown benchmark path {p!r}; choose from: {choices(PATHS)}")
     exps = [parse(e).name for e in exps]  # refuses a bad name before any work
     dev = device()
-    peak_source = "given" if isinstance(peak, (int, float)) else None
     if peak == "measure":
-        peak, peak_source = measured_peak_tflops(dev), "measured: the best 2048^3 matmul"
+        peak, peak_source = measured_peak_tflops(dev), "measured: this device's best large matmul"
+    elif peak is not None:
+        peak, peak_source = peak_tflops(override=peak), "given"
     else:
-        peak = peak_tflops(None if dev.type == "cuda" else "cpu", peak)
-        peak_source = peak_source or ("datasheet" if peak is not None else None)
+        peak = peak_tflops(None if dev.type == "cuda" else "cpu")
+        peak_source = None if peak is None else f"${PEAK_ENV}" if os.environ.get(PEAK_ENV) else "datasheet"
     report = {"command": command or " ".join(sys.argv), "machine": machine(), "device": dev.type, "peak_tflops": peak, "peak_source": peak_source,
               "shapes": asdict(shapes), "feature": feature, "compile": compile}
     if "train" in sections:
@@ -607,6 +610,9 @@ def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence
                 else:
                     r = measure(shapes, exp, path, feature=feature, compile=compile, peak=peak, dev=dev)
                 results.append(r)
+                report["train"] = [asdict(x) for x in results]
+                if out_dir is not None:
+                    write_report(report, out_dir)
                 log(f"{exp:>18} {path:>9}: {r.tokens_per_s:12,.0f} tokens/s  {r.step_ms:9.1f} ms/step  "
                     f"{r.peak_mem_mib:9,.0f} MiB" + (f"  MFU {r.mfu:.1%}" if r.mfu is not None else ""))
         report["train"] = [asdict(r) for r in results]
@@ -615,6 +621,8 @@ def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence
     if "divergence" in sections:
         report["divergence"] = divergence_bench(shapes.divergence_rows, shapes.divergence_vocab, dev,
                                                 repeats=shapes.divergence_repeats)
+        if out_dir is not None:
+            write_report(report, out_dir)
         for r in report["divergence"]:
             log(f"{r['divergence']:>3} {r['impl']:>8}: {r['ms']:9.1f} ms  {r['peak_mib']:9,.0f} MiB")
     if "prep" in sections:
@@ -623,13 +631,47 @@ def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence
     return report
 
 
+def merge_reports(reports: Sequence[dict], command: str = "") -> dict:
+    """One report from several of the same shapes and machine (paths measured in separate runs,
+    such as the reference in one device call and kdlib in another): their train rows in grid
+    order, their other sections. Refuses reports of different shapes or devices."""
+    if not reports:
+        raise KdlibError("nothing to merge: give bench.json files")
+    first = reports[0]
+    for r in reports[1:]:
+        for key in ("shapes", "device", "feature"):
+            if r.get(key) != first.get(key):
+                raise KdlibError(f"cannot merge benchmark reports with different {key}: "
+                                 f"{first.get(key)!r} and {r.get(key)!r}")
+        if r["machine"].get("gpu", r["machine"]["cpu"]) != first["machine"].get("gpu", first["machine"]["cpu"]):
+            raise KdlibError("cannot merge benchmark reports from different machines")
+    merged = {**first, "command": command or first["command"],
+              "merged_from": [r["command"] for r in reports]}
+    rows = {(row["exp"], row["path"]): row for r in reports for row in r.get("train", [])}
+    order = {e: i for i, e in enumerate(EXPERIMENTS)}
+    merged["train"] = sorted(rows.values(), key=lambda x: (order.get(x["exp"], len(order)), x["exp"],
+                                                           PATHS.index(x["path"])))
+    for section in ("divergence", "prep"):
+        found = [r[section] for r in reports if section in r]
+        if found:
+            merged[section] = found[-1]
+        else:
+            merged.pop(section, None)
+    if first["shapes"]["name"] == "study" and merged["train"]:
+        merged["grid_hours"] = grid_estimate([Result(**row) for row in merged["train"]])
+    if not merged["train"]:
+        merged.pop("train")
+    return merged
+
+
 def to_markdown(report: dict) -> str:
     """The report as Markdown: machine, command, then one table per section."""
     m = report["machine"]
     lines = [f"Machine: {m.get('gpu', m['cpu'])} ({m['cores']} CPU cores); Python {m['python']}, torch "
              f"{m['torch']}, transformers {m['transformers']}, kdlib {m['kdlib']}"
              + (f", CUDA {m['cuda']}" if "cuda" in m else ""),
-             f"Command: `{report['command']}`",
+             f"Command: `{report['command']}`" + ("; merged from " + "; ".join(
+                 f"`{c}`" for c in report["merged_from"]) if report.get("merged_from") else ""),
              f"Shapes: {report['shapes']['name']} (batch {report['shapes']['batch_size']} x "
              f"{report['shapes']['block_size']} tokens, V = {report['shapes']['student']['vocab_size']:,}); "
              f"kdlib's feature loss: {FEATURES[report['feature']]}; torch.compile: {report['compile']}; "

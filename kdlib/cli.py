@@ -68,12 +68,21 @@ def _peak(text: str):
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
+    from .fileio import read_json
 
+    if args.merge:
+        report = bench.merge_reports([read_json(Path(p), "benchmark report") for p in args.merge],
+                                     command="python -m kdlib bench " + " ".join(args.argv))
+        print(bench.to_markdown(report))
+        if args.out:
+            for path in bench.write_report(report, args.out):
+                print(f"wrote {path}")
+        return 0
     shapes = bench.get_shapes(args.shapes, steps=args.steps, warmup=args.warmup)
     command = "python -m kdlib bench " + " ".join(args.argv)
     report = bench.run_bench(shapes, exps=args.exps or bench.EXPERIMENTS, paths=args.paths,
                              sections=args.sections, feature=args.feature, compile=args.compile,
-                             peak=args.peak_tflops, command=command)
+                             peak=args.peak_tflops, command=command, out_dir=args.out)
     print()
     print(bench.to_markdown(report))
     if args.out:
@@ -283,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: the cache for output-only experiments when one matches, else online")
         p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
         p.add_argument("--compile", action="store_true",
-                       help="torch.compile the student (GPU: faster steps after a minute or two of compiling)")
+                       help="torch.compile the student and the loss formulas (faster steps after a "
+                            "minute or two of compiling)")
 
     p = sub.add_parser("train", help="train one experiment (resumes an interrupted run)",
                        description="Train one experiment in RUNS/EXP-seedSEED. Started again on the same "
@@ -352,13 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "need ~16 GB of memory)")
     p.add_argument("--feature", default="hidden", choices=("hidden", "attention"),
                    help="kdlib's feature loss: hidden states (default, SDPA) or attention maps (the study's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student on the kdlib paths")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and the loss formulas on the kdlib paths")
     p.add_argument("--peak-tflops", type=_peak,
                    help="the device's peak TFLOP/s for MFU, or 'measure' (the best large matmul here); "
                         "default: the datasheet value of known GPUs, or $KDLIB_PEAK_TFLOPS")
     p.add_argument("--steps", type=_positive_int, help="timed steps per measurement (default: per shapes)")
     p.add_argument("--warmup", type=_positive_int, help="warm-up steps per measurement (default: per shapes)")
-    p.add_argument("--out", help="folder for bench.json and bench.md")
+    p.add_argument("--out", help="folder for bench.json and bench.md (rewritten after every measurement)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="measure nothing: merge these bench.json files (the same shapes and machine, paths "
+                        "measured in separate runs) into one report, ratios included")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("badges", help="point every Open-in-Colab badge and install URL at a GitHub repo",

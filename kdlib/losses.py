@@ -231,9 +231,10 @@ def _row_means(rows_fn: Callable[..., Tensor], weights: Sequence[float], tensors
         values = _masked(rows_fn(*tensors), None if mask is None else mask[:, None])  # [N, k]
         means = values.sum(0) / _count(mask, tensors[0].shape[0], values.dtype)
         return _weighted(means, weights), means.detach()
-    if tensors[0].shape[0] == 0:
-        zero = tensors[0].new_zeros((), dtype=dtype)
-        return zero, zero.new_zeros(len(weights))
+    if tensors[0].shape[0] == 0:  # no rows: 0, still connected to the graph (backward works)
+        zero = tensors[0].sum().to(dtype) * 0.0 if tensors[0].is_floating_point() \
+            else tensors[0].new_zeros((), dtype=dtype)
+        return zero, zero.detach().new_zeros(len(weights))
     return _RowMean.apply(rows_fn, tuple(weights), chunk, mask, torch.is_grad_enabled(), *tensors)
 
 
@@ -554,7 +555,8 @@ def output_losses(s: Tensor, labels: Tensor, teacher: Union[Tensor, TopKTargets,
         names.append("cos")
         weights.append(w_cos)
     key = (smoothing, divergence, T, param, sparse, len(teacher_tensors), cosine)
-    rows_fn = _compiled_output_rows(*key) if compile else _output_rows(*key)
+    # Compiled on the chunked path only: the dense one is the plain-autograd reference.
+    rows_fn = _compiled_output_rows(*key) if compile and chunk_size is not None else _output_rows(*key)
     total, means = _row_means(rows_fn, weights, [s2, y, *teacher_tensors], m, chunk_size)
     return total, dict(zip(names, means.unbind()))
 
@@ -575,10 +577,21 @@ def _output_rows(smoothing, divergence, T, param, sparse, n_teacher, cosine):
     return rows_fn
 
 
+# Every configuration compiles the same code object (``_output_rows``' inner function), and
+# torch.compile keeps at most ``recompile_limit`` (8 by default) versions per code object
+# before it falls back to eager: a sweep over the 14 experiments needs more.
+_RECOMPILE_LIMIT = 64
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_output_rows(*key):
-    # One compiled function per formula, kept: a new closure per call would be compiled again.
-    # Dynamic shapes: the last chunk of a batch is shorter.
+    # One compiled wrapper per configuration, kept for the process. Dynamic shapes: the last
+    # chunk of a batch is shorter.
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and torch < 2.7's
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), _RECOMPILE_LIMIT))
     compiled = torch.compile(_output_rows(*key), dynamic=True)
 
     def rows_fn(*xs: Tensor) -> Tensor:

@@ -78,24 +78,27 @@ def peak_tflops(device_name: Optional[str] = None, override: Optional[float] = N
     return None
 
 
-def measured_peak_tflops(device=None, n: int = 2048, repeats: int = 5) -> float:
-    """TFLOP/s of an n x n x n matmul on ``device`` (bf16 on a GPU with it, else float32), the best
-    of ``repeats``: a stand-in peak where no datasheet value applies (a CPU). MFU against it reads
-    "of what this machine's matmul reaches", an upper bound of the usual figure."""
+def measured_peak_tflops(device=None, n: Optional[int] = None, repeats: int = 5) -> float:
+    """TFLOP/s of an n x n x n matmul on ``device`` (bf16 on a GPU with it, fp16 on an older GPU,
+    float32 on a CPU), the best of ``repeats`` after a warm-up: a stand-in peak where no datasheet
+    value applies (a CPU). MFU against it reads "of what this machine's matmul reaches"."""
     import time
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 \
-        else torch.float16 if device.type == "cuda" else torch.float32
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048)  # on a GPU a smaller product is as short as the launch
+    dtype = (torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16) if cuda \
+        else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: kernels chosen, memory allocated
     best = float("inf")
-    for _ in range(repeats + 1):  # the first one warms up
-        if device.type == "cuda":
+    for _ in range(repeats):
+        if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         a @ b
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e12

@@ -289,3 +289,56 @@ def test_bad_peak_is_an_argument_error(bad, capsys):
 def test_machine_names_the_processor():
     info = bench.machine()
     assert info["cpu"] and info["cpu"] not in ("", "x86_64") or not Path("/proc/cpuinfo").exists()
+
+
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    real, calls = bench.measure, {"n": 0}
+
+    def measure_then_die(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the session's time ran out
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "measure", measure_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(SMOKE, exps=["kl"], sections=["train"], out_dir=tmp_path, log=lambda *_: None)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["exp"], r["path"]) for r in report["train"]] == [("kl", "reference"), ("kl", "kdlib")]
+    assert "| kl | kdlib |" in (tmp_path / "bench.md").read_text()
+
+
+def test_peak_source_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv(PEAK_ENV, "0.5")
+    r = bench.run_bench(SMOKE, exps=["ce"], paths=["kdlib"], sections=["train"], log=lambda *_: None)
+    assert (r["peak_tflops"], r["peak_source"]) == (0.5, "$KDLIB_PEAK_TFLOPS")
+    r = bench.run_bench(SMOKE, exps=["ce"], paths=["kdlib"], sections=["train"], peak=2.0, log=lambda *_: None)
+    assert (r["peak_tflops"], r["peak_source"]) == (2.0, "given")
+    monkeypatch.delenv(PEAK_ENV)
+    r = bench.run_bench(SMOKE, exps=["ce"], paths=["kdlib"], sections=["train"], log=lambda *_: None)
+    assert (r["peak_tflops"], r["peak_source"]) == (None, None)
+    assert "unknown" in bench.to_markdown(r)
+
+
+def test_reports_of_separate_runs_merge_into_one_table(tmp_path, capsys):
+    a, b, m = tmp_path / "a", tmp_path / "b", tmp_path / "m"
+    assert main(["bench", "--shapes", "smoke", "--exps", "kl", "ce", "--paths", "reference", "--sections",
+                 "train", "--out", str(a)]) == 0
+    assert main(["bench", "--shapes", "smoke", "--exps", "kl", "--paths", "kdlib", "cached", "--sections",
+                 "train", "divergence", "--out", str(b)]) == 0
+    assert main(["bench", "--merge", str(a / "bench.json"), str(b / "bench.json"), "--out", str(m)]) == 0
+    report = json.loads((m / "bench.json").read_text())
+    assert [(r["exp"], r["path"]) for r in report["train"]] == [
+        ("ce", "reference"), ("kl", "reference"), ("kl", "kdlib"), ("kl", "cached")]
+    assert "divergence" in report and len(report["merged_from"]) == 2
+    md = (m / "bench.md").read_text()
+    ratio_row = next(x for x in md.splitlines() if x.startswith("| kl | cached |"))
+    assert ratio_row.rstrip(" |").split("|")[-2].strip()  # x reference, now computable
+    # reports of other shapes are refused, naming why
+    c = tmp_path / "c"
+    report["shapes"]["name"] = "cpu"
+    c.mkdir()
+    (c / "bench.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    assert main(["bench", "--merge", str(a / "bench.json"), str(c / "bench.json")]) == 2
+    assert "different shapes" in capsys.readouterr().err

@@ -644,3 +644,19 @@ def test_compiled_formulas_equal_the_eager_ones(teacher_kind):
     for k in p0:
         assert_close(p1[k], p0[k], rtol=1e-5, atol=1e-6)
     assert_close(g1, g0, rtol=1e-4, atol=1e-7)
+
+
+def test_compile_is_for_the_chunked_path_and_allows_every_configuration():
+    # The dense path stays plain autograd (a retained graph works); compiling raises torch's
+    # per-code-object recompile limit, which all configurations share, above the grid's needs.
+    import torch._dynamo
+
+    s = torch.randn(6, 16, requires_grad=True)
+    y = torch.randint(0, 16, (6,))
+    total, _ = L.output_losses(s, y, chunk_size=None, compile=True)
+    total.backward(retain_graph=True)
+    total.backward()
+    L.output_losses(s, y, chunk_size=4, compile=True)
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 0))
+    assert limit >= 64

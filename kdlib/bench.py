@@ -45,9 +45,9 @@ from . import __version__
 from .config import TinyGPTConfig, preset
 from .errors import KdlibError, choices
 from .grid import EXPERIMENTS, parse
-from .losses import layer_pairs, teacher_top_k
+from .losses import layer_pairs
 from .memory import MiB, peak_cpu_bytes
-from .perf import PEAK_ENV, flop_params, flops_per_token, measured_peak_tflops, mfu, peak_tflops
+from .perf import device_peak, flop_params, flops_per_token, measured_peak_tflops, mfu
 
 PATHS = ("reference", "kdlib", "cached")
 FEATURES = {"hidden": "hidden states", "attention": "attention maps"}
@@ -203,6 +203,9 @@ class ReferenceStep:
         self.pairs = layer_pairs(layer_map, n_s, n_t) if layer_map else []
         self.teacher = _teacher(shapes, dev, reference=True, need_attentions=bool(self.pairs)) \
             if self.spec.needs_teacher else None
+        self.n_student = flop_params(self.student)
+        self.n_teacher = flop_params(self.teacher) if self.teacher is not None else 0
+        self.teacher_shape = (shapes.teacher["n_layer"], shapes.teacher["n_embd"]) if self.n_teacher else (0, 0)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=4e-4, betas=(0.9, 0.95), weight_decay=0.01)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
         self.dev = dev
@@ -277,20 +280,12 @@ class KdlibStep:
         self.step_no = 0
 
     def _cache(self, teacher, windows: np.ndarray, temperature: float, k: int):
-        """The pool's top-k, computed as ``kdlib.cache`` stores it (fp16 log-probs, compact ids, fp32 tail)."""
-        from .cache import LOGP_DTYPE, TAIL_DTYPE, targets_from_arrays
-        from .data import token_dtype
-        from .models import teacher_forward
+        """The pool's top-k, as ``kdlib.cache`` stores it, computed a few windows at a time."""
+        from .cache import targets_from_arrays, topk_arrays
 
-        parts = []
-        for i in range(0, len(windows), 8):  # a few windows at a time: [8, T, V] logits, not the pool's
-            logits = teacher_forward(teacher, torch.from_numpy(windows[i:i + 8, :-1]).to(self.dev)).logits
-            parts.append([x.cpu() for x in teacher_top_k(logits, k, temperature)])
-        logp, ids, tail = (torch.cat(x) for x in zip(*parts))
-        arrays = {"logp": logp.to(torch.float16).numpy().astype(LOGP_DTYPE),
-                  "ids": ids.numpy().astype(token_dtype(self.cfg.model.vocab_size)),
-                  "tail": tail.float().numpy().astype(TAIL_DTYPE)}
-        del teacher, logits
+        parts = [topk_arrays(teacher, torch.from_numpy(windows[i:i + 8, :-1]).to(self.dev), k, temperature,
+                             self.cfg.model.vocab_size) for i in range(0, len(windows), 8)]
+        arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         dev = self.dev  # not self: a closure over self would keep this step alive in a cycle
         return lambda idx, ids: targets_from_arrays(arrays, idx, dev)
 
@@ -344,18 +339,12 @@ def measure(shapes: Shapes, exp: str, path: str, *, feature: str = "hidden", com
     dev = dev or device()
     _release(dev)  # what earlier measurements left must not count in this one's peak
     windows = token_windows(shapes)
-    if path == "reference":
-        step = ReferenceStep(shapes, exp, dev)
-        flops = flops_per_token(flop_params(step.student), shapes.student["n_layer"], shapes.student["n_embd"],
-                                shapes.block_size, *((flop_params(step.teacher), shapes.teacher["n_layer"],
-                                                      shapes.teacher["n_embd"]) if step.teacher is not None else ()))
-    elif path in ("kdlib", "cached"):
-        step = KdlibStep(shapes, exp, dev, cached=path == "cached", feature=feature, compile=compile,
-                         windows=windows)
-        flops = flops_per_token(step.n_student, shapes.student["n_layer"], shapes.student["n_embd"],
-                                shapes.block_size, *((step.n_teacher, *step.teacher_shape) if step.n_teacher else ()))
-    else:
+    if path not in PATHS:
         raise KdlibError(f"unknown benchmark path {path!r}; choose one of: {choices(PATHS)}")
+    step = ReferenceStep(shapes, exp, dev) if path == "reference" else \
+        KdlibStep(shapes, exp, dev, cached=path == "cached", feature=feature, compile=compile, windows=windows)
+    flops = flops_per_token(step.n_student, shapes.student["n_layer"], shapes.student["n_embd"], shapes.block_size,
+                            *((step.n_teacher, *step.teacher_shape) if step.n_teacher else ()))
     B = shapes.batch_size
     n_batches = len(windows) // B
 
@@ -591,15 +580,14 @@ def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence
     dev = device()
     if peak == "measure":
         peak, peak_source = measured_peak_tflops(dev), "measured: this device's best large matmul"
-    elif peak is not None:
-        peak, peak_source = peak_tflops(override=peak), "given"
     else:
-        peak = peak_tflops(None if dev.type == "cuda" else "cpu")
-        peak_source = None if peak is None else f"${PEAK_ENV}" if os.environ.get(PEAK_ENV) else "datasheet"
-    report = {"command": command or " ".join(sys.argv), "machine": machine(), "device": dev.type, "peak_tflops": peak, "peak_source": peak_source,
-              "shapes": asdict(shapes), "feature": feature, "compile": compile}
+        peak, peak_source = device_peak(None if dev.type == "cuda" else "cpu", peak)
+    report = {"command": command or " ".join(sys.argv), "machine": machine(), "device": dev.type,
+              "peak_tflops": peak, "peak_source": peak_source, "shapes": asdict(shapes), "feature": feature,
+              "compile": compile}
     if "train" in sections:
         results = []
+        report["train"] = []
         for exp in exps:
             for path in paths:
                 if path == "cached" and not parse(exp).output_only:
@@ -610,12 +598,11 @@ def run_bench(shapes: Shapes, exps: Sequence[str] = EXPERIMENTS, paths: Sequence
                 else:
                     r = measure(shapes, exp, path, feature=feature, compile=compile, peak=peak, dev=dev)
                 results.append(r)
-                report["train"] = [asdict(x) for x in results]
+                report["train"].append(asdict(r))
                 if out_dir is not None:
                     write_report(report, out_dir)
                 log(f"{exp:>18} {path:>9}: {r.tokens_per_s:12,.0f} tokens/s  {r.step_ms:9.1f} ms/step  "
                     f"{r.peak_mem_mib:9,.0f} MiB" + (f"  MFU {r.mfu:.1%}" if r.mfu is not None else ""))
-        report["train"] = [asdict(r) for r in results]
         if shapes.name == "study":  # at other shapes the hours would not be the study's
             report["grid_hours"] = grid_estimate(results)
     if "divergence" in sections:

@@ -126,6 +126,18 @@ class TopKCache:
         return targets_from_arrays(self.arrays, windows, device)
 
 
+def topk_arrays(teacher: nn.Module, ids: torch.Tensor, k: int, temperature: float, vocab_size: int) -> dict:
+    """What the cache stores for the windows ``ids`` [B, T]: the teacher's top-k log-probs at T
+    (``logp`` [B, T, k]), their ids (``ids``) and the log tail mass (``tail`` [B, T]; -inf when
+    k = V), as numpy arrays in the cache's dtypes."""
+    logits = teacher_forward(teacher, ids).logits  # [B, T, V]
+    logp, top, tail = teacher_top_k(logits, k, temperature)
+    return {"logp": logp.to(torch.float16).cpu().numpy().astype(LOGP_DTYPE),
+            "ids": top.cpu().numpy().astype(token_dtype(vocab_size)),
+            "tail": (tail.float().cpu().numpy() if tail is not None
+                     else np.full(ids.shape, -np.inf)).astype(TAIL_DTYPE)}
+
+
 def targets_from_arrays(arrays: dict, windows: Sequence[int], device=None) -> TopKTargets:
     """Rows ``windows`` of the cache's arrays (``logp``, ``ids``, ``tail``) as ``TopKTargets`` on ``device``.
     Stored dtypes travel to the device; conversion happens there."""
@@ -199,12 +211,9 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
         for b in range(chunk_start, chunk_end, cfg.cache.batch_size):
             e = min(b + cfg.cache.batch_size, chunk_end)
             toks = window_inputs(flat, b, e, T)  # [e - b, T]: the windows' inputs, as the sampler cuts them
-            logits = teacher_forward(teacher, torch.from_numpy(toks).to(dev)).logits  # [b, T, V]
-            logp, ids, tail = teacher_top_k(logits, k, temperature)
-            arrays["logp"][b:e] = logp.to(torch.float16).cpu().numpy()
-            arrays["ids"][b:e] = ids.cpu().numpy().astype(arrays["ids"].dtype)
-            arrays["tail"][b:e] = (tail.cpu().numpy() if tail is not None
-                                   else np.full((e - b, T), -np.inf, dtype=np.float32))
+            for name, values in topk_arrays(teacher, torch.from_numpy(toks).to(dev), k, temperature,
+                                            cfg.model.vocab_size).items():
+                arrays[name][b:e] = values
             bar.update(e - b)
         for a in arrays.values():
             a.flush()

@@ -70,20 +70,15 @@ def _bench(args: argparse.Namespace) -> int:
     from . import bench
     from .fileio import read_json
 
-    if args.merge:
-        report = bench.merge_reports([read_json(Path(p), "benchmark report") for p in args.merge],
-                                     command="python -m kdlib bench " + " ".join(args.argv))
-        print(bench.to_markdown(report))
-        if args.out:
-            for path in bench.write_report(report, args.out):
-                print(f"wrote {path}")
-        return 0
-    shapes = bench.get_shapes(args.shapes, steps=args.steps, warmup=args.warmup)
     command = "python -m kdlib bench " + " ".join(args.argv)
-    report = bench.run_bench(shapes, exps=args.exps or bench.EXPERIMENTS, paths=args.paths,
-                             sections=args.sections, feature=args.feature, compile=args.compile,
-                             peak=args.peak_tflops, command=command, out_dir=args.out)
-    print()
+    if args.merge:
+        report = bench.merge_reports([read_json(Path(p), "benchmark report") for p in args.merge], command=command)
+    else:
+        shapes = bench.get_shapes(args.shapes, steps=args.steps, warmup=args.warmup)
+        report = bench.run_bench(shapes, exps=args.exps or bench.EXPERIMENTS, paths=args.paths,
+                                 sections=args.sections, feature=args.feature, compile=args.compile,
+                                 peak=args.peak_tflops, command=command, out_dir=args.out)
+        print()
     print(bench.to_markdown(report))
     if args.out:
         for path in bench.write_report(report, args.out):

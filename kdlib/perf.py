@@ -58,24 +58,30 @@ def flops_per_token(n_student: int, student_layers: int, student_width: int, seq
     return float(student + teacher)
 
 
-def peak_tflops(device_name: Optional[str] = None, override: Optional[float] = None) -> Optional[float]:
-    """The device's peak TFLOP/s: ``override``, else $KDLIB_PEAK_TFLOPS, else the table; None if unknown."""
+def device_peak(device_name: Optional[str] = None, override: Optional[float] = None) -> tuple:
+    """(peak TFLOP/s, where it came from): ``override`` ("given"), else $KDLIB_PEAK_TFLOPS, else
+    the table by ``device_name`` (default: this process's GPU) ("datasheet"); (None, None) if unknown."""
     if override is not None:
-        return _positive(override, "the peak TFLOP/s")
+        return _positive(override, "the peak TFLOP/s"), "given"
     env = os.environ.get(PEAK_ENV)
     if env:
         try:
-            return _positive(float(env), f"${PEAK_ENV}")
+            return _positive(float(env), f"${PEAK_ENV}"), f"${PEAK_ENV}"
         except ValueError:
             raise KdlibError(f"${PEAK_ENV} must be a number of TFLOP/s (e.g. 312 for an A100), got {env!r}") from None
     if device_name is None:
         if not torch.cuda.is_available():
-            return None
+            return None, None
         device_name = torch.cuda.get_device_name()
     for pattern, value in PEAK_TFLOPS:
         if re.search(pattern, device_name):
-            return value
-    return None
+            return value, "datasheet"
+    return None, None
+
+
+def peak_tflops(device_name: Optional[str] = None, override: Optional[float] = None) -> Optional[float]:
+    """The device's peak TFLOP/s (see ``device_peak``); None if unknown."""
+    return device_peak(device_name, override)[0]
 
 
 def measured_peak_tflops(device=None, n: Optional[int] = None, repeats: int = 5) -> float:
@@ -84,11 +90,12 @@ def measured_peak_tflops(device=None, n: Optional[int] = None, repeats: int = 5)
     value applies (a CPU). MFU against it reads "of what this machine's matmul reaches"."""
     import time
 
+    from .models import _half_dtype
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     n = n or (8192 if cuda else 2048)  # on a GPU a smaller product is as short as the launch
-    dtype = (torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16) if cuda \
-        else torch.float32
+    dtype = _half_dtype(device)  # the teacher's: bf16 where native, else fp16; float32 on a CPU
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up: kernels chosen, memory allocated

@@ -53,7 +53,8 @@ class StorageBudget:
 
     ``check(path, n_bytes)`` raises before a write that would take the folder
     over the limit; replacing a file only counts the growth. Usage is reported
-    per top-level entry (one run folder each).
+    per run folder: top-level entries, and the runs inside a preset's folder
+    (``RESULTS/PRESET/RUN``, the default layout) as ``PRESET/RUN``.
     """
 
     def __init__(self, root: PathLike, limit_bytes: int = 100 * MiB):
@@ -63,10 +64,16 @@ class StorageBudget:
         self.limit_bytes = limit_bytes
 
     def usage(self) -> dict[str, int]:
-        """Bytes per top-level entry of the results folder, largest first."""
+        """Bytes per run folder (or other top-level entry) of the results folder, largest first."""
         if not self.root.is_dir():
             return {}
-        sizes = {p.name: _size(p) for p in self.root.iterdir()}
+        sizes = {}
+        for p in self.root.iterdir():
+            if _preset_folder(p):
+                for child in p.iterdir():
+                    sizes[f"{p.name}/{child.name}"] = _size(child)
+            else:
+                sizes[p.name] = _size(p)
         return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
 
     def used(self) -> int:
@@ -106,8 +113,16 @@ class StorageBudget:
         return "\n".join(lines)
 
 
+def _preset_folder(p: Path) -> bool:
+    """A preset's folder of the default layout (RESULTS/PRESET/RUN): named like a preset, not a run."""
+    from .config import PRESETS
+
+    return p.name in PRESETS and p.is_dir() and not p.is_symlink() and not (p / "config.json").is_file()
+
+
 def delete_weights(budget: StorageBudget, runs: Union[str, Sequence[str]]) -> int:
-    """Delete the ``.safetensors`` files of run folders ``runs`` (direct children of the budget's root).
+    """Delete the ``.safetensors`` files of run folders ``runs`` (``RUN`` or ``PRESET/RUN`` in the
+    budget's root).
 
     Config, metrics and summary stay. Every name is checked before anything is
     deleted; a run folder that leads outside the results folder (a symlink) is
@@ -117,14 +132,17 @@ def delete_weights(budget: StorageBudget, runs: Union[str, Sequence[str]]) -> in
     root = budget.root.resolve()
     folders = []
     for run in runs:
-        if not run or run in (".", "..") or Path(run).name != run or "\\" in run:
-            raise KdlibError(f"run name {run!r} must be a folder name inside {budget.root}, without "
-                             "path separators or '..'; nothing was deleted")
+        parts = run.split("/") if isinstance(run, str) else []
+        if not run or len(parts) > 2 or any(not p or p in (".", "..") or "\\" in p for p in parts) \
+                or (len(parts) == 2 and not _preset_folder(budget.root / parts[0])):
+            raise KdlibError(f"run name {run!r} must be a run folder inside {budget.root} (RUN, or PRESET/RUN "
+                             "in a preset's folder), without '..'; nothing was deleted")
         folder = budget.root / run
         if not folder.is_dir():
-            names = ", ".join(p.name for p in budget.root.iterdir() if p.is_dir()) if budget.root.is_dir() else ""
-            raise KdlibError(f"no run folder {folder} (runs there: {names or 'none'}); nothing was deleted")
-        if folder.is_symlink() or folder.resolve().parent != root:
+            names = ", ".join(budget.usage()) if budget.root.is_dir() else ""
+            raise KdlibError(f"no run folder {folder} (there: {names or 'none'}); nothing was deleted")
+        expected = root.joinpath(*parts[:-1])
+        if folder.is_symlink() or (budget.root / parts[0]).is_symlink() or folder.resolve().parent != expected:
             raise KdlibError(f"{folder} leads outside {budget.root}; nothing was deleted")
         folders.append(folder)
     freed = 0

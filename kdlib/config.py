@@ -21,6 +21,8 @@ from typing import Any, Optional, Union
 
 from .errors import KdlibError, choices
 
+TEACHER_SOURCES = ("online", "cache")
+
 
 # --------------------------------------------------------------------------
 # dataclasses
@@ -160,8 +162,14 @@ class TeacherConfig:
     # GPT2Config fields for a randomly initialised teacher instead of ``name``:
     # offline smoke runs, tests and speed benchmarks (where weights don't matter).
     random_init: Optional[dict] = None
+    # The frozen teacher's dtype. "auto" = fp16 on a GPU, fp32 on a CPU: GPT-2's
+    # logits sit near -60..-75, where bf16's 8-bit mantissa makes the teacher's
+    # probabilities several percent wrong and fp16's 11 bits about 8x less
+    # (measured: docs/benchmarks.md, "Teacher precision"); fp32 on a GPU is exact but slow.
+    dtype: str = "auto"  # "auto", "fp32", "fp16" or "bf16"
 
     def validate(self) -> None:
+        _one_of(self, "dtype", ("auto", "fp32", "fp16", "bf16"))
         if not self.name.strip():
             raise KdlibError("teacher.name is empty; give a Hugging Face model id (e.g. 'gpt2') or a folder")
         if self.random_init is not None:
@@ -198,9 +206,18 @@ class DataConfig:
     # A split with fewer tokens per character is refused: GPT-2 BPE gives about
     # 0.2-0.3 on English; the study's truncation gave 0.003.
     min_tokens_per_char: float = 0.05
+    # Train on a seeded subset of whole training documents of about this many
+    # tokens (None = the whole split). The study preset: the ~1.65M tokens the
+    # original actually trained on, so its 50 epochs are its regime done honestly.
+    train_tokens: Optional[int] = None
+    subset_seed: int = 0  # which documents the subset takes
 
     def validate(self) -> None:
         _positive(self, "block_size")
+        if self.train_tokens is not None:
+            _positive(self, "train_tokens")
+        if isinstance(self.subset_seed, bool) or not isinstance(self.subset_seed, int) or self.subset_seed < 0:
+            raise KdlibError(f"data.subset_seed must be a whole number >= 0, got {self.subset_seed!r}")
         if self.dataset is not None and self.text_files:
             raise KdlibError(f"data.text_files is set but data.dataset is {self.dataset!r} too; set "
                              "data.dataset to None to use the files")
@@ -246,14 +263,21 @@ class TrainConfig:
     decay_all: bool = True  # the study decayed every parameter; False = matrices only
     batch_size: int = 64  # windows per optimizer step (before gradient accumulation)
     grad_accum: int = 1
-    epochs: int = 50
-    max_steps: Optional[int] = None  # stop after this many optimizer steps, whatever the epoch
+    # The run's token budget, the same for every experiment of a preset: the
+    # schedule (warmup, cosine decay) is laid over it. None = ``epochs`` passes
+    # over the training windows. ``kdlib plan`` shows tokens, steps and epochs.
+    max_tokens: Optional[int] = None
+    epochs: int = 50  # passes over the training windows when max_tokens is None
+    max_steps: Optional[int] = None  # cut the budget to this many optimizer steps (short tries, tests)
     warmup_frac: float = 0.05  # linear warmup over this fraction of all steps
     min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio × lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     precision: str = "fp32"  # "auto" (bf16/fp16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"
     patience: int = 6  # evaluations without improvement before early stopping
-    eval_every: Optional[int] = None  # steps between evaluations; None = once per epoch
+    # Tokens between evaluations on the whole validation split (about 20 per run
+    # draw a curve); eval_every (steps), when set, wins; both None = once per epoch.
+    eval_every_tokens: Optional[int] = None
+    eval_every: Optional[int] = None  # steps between evaluations
     eval_batch_size: int = 8  # windows per forward pass when scoring perplexity
     log_every: int = 10  # steps between metrics.jsonl lines (each costs a host sync)
     # torch.compile the student and the vocabulary-sized losses' formulas: faster
@@ -264,6 +288,19 @@ class TrainConfig:
     # None = inside the run folder (counted in its storage budget); a local
     # path such as /content/resume keeps the ~2x-model-size file off Drive.
     resume_dir: Optional[str] = None
+    # The resume state is also saved after this many seconds of training since
+    # the last save (and at every evaluation): an interruption loses minutes.
+    save_every_s: float = 600.0
+    # Where the teacher's outputs come from, for every KD experiment of the run:
+    # "online" (the teacher runs in every step) or "cache" (the top-k cache,
+    # output-only experiments only: a sparse, weaker objective, labelled as such).
+    teacher_source: str = "online"
+    # Where the students' weights go. "run": each run's best student in its run
+    # folder. "best": every student in weights_dir (outside the results folder),
+    # and the results folder keeps a copy of its best finished run's only: what
+    # lets a 14 x 3 sweep of 97 MiB students fit a 100 MiB results folder.
+    weights: str = "run"
+    weights_dir: Optional[str] = None  # for weights="best": a local folder, e.g. kdlib-local/weights
 
     def validate(self) -> None:
         _in_range(self, "lr", 0.0, math.inf, low_open=True)
@@ -273,9 +310,15 @@ class TrainConfig:
         _in_range(self, "weight_decay", 0.0, math.inf)
         for name in ("batch_size", "grad_accum", "epochs", "patience", "eval_batch_size", "log_every"):
             _positive(self, name)
-        for name in ("max_steps", "eval_every"):
+        for name in ("max_tokens", "max_steps", "eval_every", "eval_every_tokens"):
             if getattr(self, name) is not None:
                 _positive(self, name)
+        _in_range(self, "save_every_s", 0.0, math.inf, low_open=True)
+        _one_of(self, "teacher_source", TEACHER_SOURCES)
+        _one_of(self, "weights", ("run", "best"))
+        if self.weights == "best" and not self.weights_dir:
+            raise KdlibError("train.weights is 'best' but train.weights_dir is not set; give a local folder "
+                             "for the students (e.g. kdlib-local/weights), or use train.weights = 'run'")
         _in_range(self, "warmup_frac", 0.0, 1.0)
         _in_range(self, "min_lr_ratio", 0.0, 1.0)
         _in_range(self, "grad_clip", 0.0, math.inf)
@@ -323,6 +366,9 @@ class ExperimentConfig:
         if spec.apply(self.loss) != self.loss:
             raise KdlibError(f"the loss components in this config do not match experiment {self.exp!r}; "
                              "build it with config.with_experiment(name)")
+        if self.train.teacher_source == "cache" and spec.needs_teacher and not spec.output_only:
+            raise KdlibError(f"experiment {self.exp!r} needs the teacher online (features or cosine need its "
+                             "full outputs); a top-k cache cannot serve it: use train.teacher_source = 'online'")
         if self.cache.top_k > self.model.vocab_size:
             raise KdlibError(f"cache.top_k ({self.cache.top_k}) exceeds the vocabulary ({self.model.vocab_size})")
         if self.data.block_size > self.model.block_size:
@@ -365,9 +411,18 @@ class ExperimentConfig:
 # presets
 
 
+# Large files of the study-sized presets go to the working folder's local disk
+# (on Colab /content, not Drive): the resume state is ~12 bytes per parameter
+# (611 MiB for the study's student), and 42 students of 97 MiB each would not fit
+# a 100 MiB results folder, which keeps the best one (train.weights = "best").
+LOCAL_RESUME_DIR = "kdlib-local/resume"
+LOCAL_WEIGHTS_DIR = "kdlib-local/weights"
+
+
 def _smoke() -> ExperimentConfig:
     # Tiny everything: for tests and CI, seconds on a CPU. The teacher and the
     # tokenizer are built locally (no hub), so vocab_size is a small BPE's.
+    # 20 steps of 8 x 32 tokens, an evaluation after each: a curve of 20 points.
     return ExperimentConfig(
         preset="smoke", seed=0,
         model=TinyGPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32, d_ff=64,
@@ -377,14 +432,15 @@ def _smoke() -> ExperimentConfig:
         loss=LossConfig(),
         data=DataConfig(dataset="python-docs", max_chars=100_000, tokenizer="bpe", block_size=32),
         cache=CacheConfig(top_k=16, batch_size=8, chunk_windows=16),
-        train=TrainConfig(lr=1e-3, batch_size=8, epochs=1, max_steps=20, warmup_frac=0.1,
-                          precision="fp32", patience=3),
+        train=TrainConfig(lr=1e-3, batch_size=8, max_tokens=20 * 8 * 32, warmup_frac=0.1,
+                          precision="fp32", patience=3, eval_every_tokens=8 * 32),
     )
 
 
 def _demo() -> ExperimentConfig:
     # Offline, minutes on 2 CPU cores: a small GPT-2-architecture teacher and
     # tokenizer trained locally on real text, then the grid with a small student.
+    # 3 epochs of ~0.14M tokens; an evaluation every 25 steps (~17 per run).
     return ExperimentConfig(
         preset="demo", seed=0,
         model=TinyGPTConfig(vocab_size=2048, block_size=128, n_layer=3, n_head=4, n_embd=128, d_ff=512,
@@ -400,6 +456,10 @@ def _study() -> ExperimentConfig:
     # The original study's model and loss values exactly (reference/original_study.md),
     # with the data pipeline done right. Its "hidden MSE" was computed on
     # head-averaged attention maps with an odd-layer map: kept, so runs compare.
+    # Its regime done honestly: 50 epochs over a seeded subset of whole
+    # documents the size it actually trained on (~1.65M tokens: 82.5M tokens a
+    # run), validated on the whole validation split every epoch, tested once at
+    # the end (docs/protocol.md).
     return ExperimentConfig(
         preset="study", seed=42,
         model=TinyGPTConfig(),
@@ -408,19 +468,31 @@ def _study() -> ExperimentConfig:
                         # KL runs: 0.5·T²·KL + 0.5·CE with label smoothing 0.1; the
                         # no-KD run: plain CE.
                         overrides={"kl": {"label_smoothing": 0.1}, "none": {"w_ce": 1.0}}),
-        data=DataConfig(),
-        train=TrainConfig(),
+        data=DataConfig(train_tokens=1_650_000),
+        train=TrainConfig(log_every=50, resume_dir=LOCAL_RESUME_DIR, weights="best",
+                          weights_dir=LOCAL_WEIGHTS_DIR),
     )
+
+
+# Tokens per run of the Colab presets, sized by `python -m kdlib plan` (docs/protocol.md):
+# colab-a100: <= 15 min a run on an A100 and 14 x 3 runs <= 8 A100-hours; colab-t4:
+# <= 30 min a run on a T4 and 14 runs <= 6 T4-hours. Both under one pass over
+# WikiText-103's ~119M training tokens: no window is seen twice.
+COLAB_TOKENS = {"a100": 100_000_000, "t4": 40_000_000}
 
 
 def _colab(gpu: str) -> ExperimentConfig:
     # The corrected protocol (hidden-state features, spread layer map, decay on
     # matrices only, mixed precision) sized for one Colab GPU.
     cfg = _study()
-    cfg.preset = f"colab-{gpu}"
+    cfg.preset, cfg.seed = f"colab-{gpu}", 0
     cfg.loss = LossConfig()
+    cfg.data = DataConfig()
+    tokens = COLAB_TOKENS[gpu]
     cfg.train = TrainConfig(decay_all=False, precision="bf16" if gpu == "a100" else "fp16",
-                            batch_size=64 if gpu == "a100" else 32, grad_accum=1 if gpu == "a100" else 2)
+                            batch_size=64 if gpu == "a100" else 32, grad_accum=1 if gpu == "a100" else 2,
+                            max_tokens=tokens, eval_every_tokens=tokens // 20, log_every=100,
+                            resume_dir=LOCAL_RESUME_DIR, weights="best", weights_dir=LOCAL_WEIGHTS_DIR)
     return cfg
 
 
@@ -431,6 +503,17 @@ PRESETS = {
     "colab-a100": lambda: _colab("a100"),
     "colab-t4": lambda: _colab("t4"),
 }
+
+# The seeds a preset's sweep runs, the same for `train` (its first), `sweep`, the
+# notebooks and the panel. Three for the Colab presets: a confidence interval.
+SEEDS = {"smoke": (0,), "demo": (0,), "study": (42,), "colab-a100": (0, 1, 2), "colab-t4": (0, 1, 2)}
+
+
+def preset_seeds(name: str) -> tuple:
+    """The seeds of preset ``name``'s sweep (its config's ``seed`` is the first)."""
+    if name not in SEEDS:
+        raise KdlibError(f"unknown preset {name!r}; choose one of: {choices(PRESETS)}")
+    return SEEDS[name]
 
 
 def preset(name: str, exp: Optional[str] = None) -> ExperimentConfig:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -84,6 +85,50 @@ def _split_documents(docs: Sequence[str], data: DataConfig) -> dict[str, list[st
     if not out["train"]:
         raise KdlibError("no text is left for the train split after validation and test; give more text")
     return out
+
+
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")  # " = Title = ": a WikiText article starts
+
+
+def documents(pieces: Sequence[str]) -> list[list[str]]:
+    """``pieces`` (a split's text pieces, in order) grouped into whole documents.
+
+    WikiText (one piece per line) starts an article at each top-level title line;
+    text given as lines is cut at blank lines; any other piece (a Python
+    documentation topic, a paragraph of a ratio-split file) is one document.
+    """
+    if any(_WIKITEXT_TITLE.match(p) for p in pieces[:10_000]):
+        starts = (i for i, p in enumerate(pieces) if _WIKITEXT_TITLE.match(p))
+    elif sum(p.endswith("\n") and "\n" not in p[:-1] for p in pieces[:1000]) > 0.9 * min(len(pieces), 1000):
+        starts = (i for i, p in enumerate(pieces) if p.strip() and (i == 0 or not pieces[i - 1].strip()))
+    else:
+        starts = range(len(pieces))
+    bounds = sorted(set([0, *starts])) + [len(pieces)]
+    return [list(pieces[a:b]) for a, b in zip(bounds, bounds[1:]) if any(p.strip() for p in pieces[a:b])]
+
+
+def train_subset(tok, pieces: Sequence[str], n_tokens: int, seed: int) -> tuple[list[str], dict]:
+    """A seeded subset of whole documents of ``pieces`` holding at least ``n_tokens`` tokens (the
+    last document taken whole), in corpus order; and a description of it for the manifest."""
+    docs = documents(pieces)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for start in range(0, len(order), 64):
+        batch = order[start:start + 64]
+        for i in batch:
+            if total >= n_tokens:
+                break
+            total += sum(ids.size for ids in _encode(tok, docs[i]))
+            chosen.append(i)
+        if total >= n_tokens:
+            break
+    if total < n_tokens:
+        raise KdlibError(f"data.train_tokens is {n_tokens:,} but the whole train split has {total:,} tokens; "
+                         "lower it, or set it to None to train on the whole split")
+    chosen.sort()
+    subset = [p for i in chosen for p in docs[i]]
+    return subset, {"tokens": n_tokens, "seed": seed, "documents": len(chosen), "of_documents": len(docs)}
 
 
 def _read_file(path: str) -> str:
@@ -346,8 +391,14 @@ def _prepare_staged(cfg, folder: Path, staging: Path, texts, source, tokenizer, 
     tok_info = {"vocab_size": len(tok), "hash": tokenizer_hash(tok)}
     tok_name = getattr(tokenizer, "name_or_path", None) or data.tokenizer or cfg.teacher.name
     manifests, reused = {}, set()
+    subset = None
+    if data.train_tokens is not None:
+        texts = dict(texts)
+        texts["train"], subset = train_subset(tok, texts["train"], data.train_tokens, data.subset_seed)
     for split in SPLITS:
         inputs = {"source": source, "text_sha256": _sha256_texts(texts[split]), "tokenizer": tok_info}
+        if split == "train" and subset is not None:
+            inputs["subset"] = {"tokens": subset["tokens"], "seed": subset["seed"]}
         existing = _reusable(folder, split, inputs)
         if existing is not None:
             m = existing.manifest
@@ -370,6 +421,9 @@ def _prepare_staged(cfg, folder: Path, staging: Path, texts, source, tokenizer, 
             atomic_write_json(folder / f"{split}.json", m)
         log(f"{split:<11}{m['texts']:>10,}{m['chars']:>15,}{m['tokens']:>14,}"
             f"{m['tokens'] / m['chars']:>13.3f}" + ("  (reused)" if split in reused else ""))
+        if split == "train" and subset is not None:
+            log(f"{'':<11}train is a seeded subset (data.train_tokens {subset['tokens']:,}, subset_seed "
+                f"{subset['seed']}): {subset['documents']:,} whole documents of {subset['of_documents']:,}")
         out[split] = TokenSplit(folder / f"{split}.bin", m)
     return out
 

@@ -165,6 +165,21 @@ def _half_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+TEACHER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_teacher_dtype(name: str, device) -> torch.dtype:
+    """The torch dtype of ``teacher.dtype`` on ``device``: "auto" is fp16 on a GPU (the half
+    precision closest to fp32 for GPT-2's large-offset logits: docs/benchmarks.md, "Teacher
+    precision") and float32 on a CPU (where half-precision matmuls are slow)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in TEACHER_DTYPES:
+        raise KdlibError(f"unknown teacher dtype {name!r}; choose one of: auto, {', '.join(TEACHER_DTYPES)}")
+    return TEACHER_DTYPES[name]
+
+
 def _from_pretrained(name: str, dtype: torch.dtype, attn: str, revision: Optional[str]) -> nn.Module:
     import transformers
     from transformers import AutoModelForCausalLM
@@ -193,7 +208,9 @@ def load_teacher(name_or_path: Union[str, nn.Module, TeacherConfig] = "gpt2", *,
     ``student_vocab_size`` the vocabularies are checked to match.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or _half_dtype(device)
+    if dtype is None:
+        dtype = resolve_teacher_dtype(name_or_path.dtype, device) if isinstance(name_or_path, TeacherConfig) \
+            else _half_dtype(device)
     attn = "eager" if need_attentions else "sdpa"
     if isinstance(name_or_path, TeacherConfig):
         cfg = name_or_path

@@ -32,17 +32,15 @@ from torch import nn
 from . import __version__, faults
 from .cache import TopKCache, cache_identity
 from .checkpoint import (MiB, StorageBudget, load_resume, save_resume, save_student)
-from .config import ExperimentConfig
-from .data import SPLITS, WindowSampler, check_vocab, load_split, prepare
+from .config import TEACHER_SOURCES, ExperimentConfig
+from .data import SPLITS, WindowSampler, check_vocab, load_split, n_windows, prepare
 from .errors import KdlibError
 from .evaluate import perplexity
 from .fileio import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from .grid import parse
-from .models import TinyGPT, load_teacher, teacher_forward, teacher_shape
+from .models import TinyGPT, load_teacher, resolve_teacher_dtype, teacher_forward, teacher_shape
 from .objective import DistillationLoss
 from .perf import flop_params, flops_per_token, mfu, peak_tflops
-
-TEACHER_SOURCES = ("auto", "online", "cache")
 
 
 class Trainee(nn.Module):
@@ -64,6 +62,59 @@ def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's budget in steps and tokens, from its config and the size of its training split."""
+
+    tokens_per_step: int  # batch_size · grad_accum · block_size
+    steps_per_epoch: int  # whole batches of non-overlapping windows in the training split
+    steps: int  # optimizer steps of the run (the schedule is laid over them)
+    warmup: int
+    eval_every: int  # steps between evaluations
+    evals: int  # evaluations in a run that is not stopped early
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def epochs(self) -> float:
+        return self.steps / self.steps_per_epoch
+
+
+def schedule(cfg: ExperimentConfig, train_tokens: int) -> Schedule:
+    """Steps, warmup and evaluation cadence of ``cfg`` on a training split of ``train_tokens`` tokens.
+
+    The budget is ``train.max_tokens`` (rounded down to whole steps), else ``train.epochs`` passes;
+    ``train.max_steps`` cuts it. Evaluations every ``eval_every`` steps, else every
+    ``eval_every_tokens`` tokens, else once per epoch, and at the last step.
+    """
+    t = cfg.train
+    per_step = t.batch_size * t.grad_accum * cfg.data.block_size
+    per_epoch = n_windows(train_tokens, cfg.data.block_size) // (t.batch_size * t.grad_accum)
+    if per_epoch < 1:
+        raise KdlibError(f"{train_tokens:,} tokens make {n_windows(train_tokens, cfg.data.block_size)} windows of "
+                         f"{cfg.data.block_size} tokens, fewer than one batch of {t.batch_size * t.grad_accum}; "
+                         "use more data or a smaller batch")
+    if t.max_tokens is not None:
+        if t.max_tokens < per_step:
+            raise KdlibError(f"train.max_tokens ({t.max_tokens:,}) is less than one step of {per_step:,} tokens "
+                             "(batch_size x grad_accum x block_size)")
+        total = t.max_tokens // per_step
+    else:
+        total = per_epoch * t.epochs
+    if t.max_steps is not None:
+        total = min(total, t.max_steps)
+    if t.eval_every is not None:
+        every = t.eval_every
+    elif t.eval_every_tokens is not None:
+        every = max(1, round(t.eval_every_tokens / per_step))
+    else:
+        every = per_epoch
+    evals = total // every + (1 if total % every else 0)
+    return Schedule(per_step, per_epoch, total, max(1, int(t.warmup_frac * total)), every, evals)
 
 
 def param_groups(module: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
@@ -102,6 +153,13 @@ def device_name() -> str:
 class RunPaths:
     root: Path
     resume_dir: Optional[Path] = None
+    weights_dir: Optional[Path] = None  # train.weights = "best": the students live here
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, run_dir) -> "RunPaths":
+        t = cfg.train
+        return cls(Path(run_dir), Path(t.resume_dir) if t.resume_dir else None,
+                   Path(t.weights_dir) if t.weights == "best" else None)
 
     @property
     def config(self) -> Path:
@@ -117,6 +175,18 @@ class RunPaths:
 
     @property
     def student(self) -> Path:
+        """Where the run writes its best student: the run folder, or weights_dir under a name that
+        is unique to this run folder (two results folders may hold runs of the same name)."""
+        if self.weights_dir is not None:
+            import hashlib
+
+            tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:10]
+            return self.weights_dir / f"{self.root.name}-{tag}.safetensors"
+        return self.kept_student
+
+    @property
+    def kept_student(self) -> Path:
+        """The student's place in the run folder (with weights = "best", a copy of the best run's)."""
         return self.root / "student.safetensors"
 
     @property
@@ -131,9 +201,28 @@ class RunPaths:
 
 
 def run_name(cfg: ExperimentConfig) -> str:
-    """The run folder's name: experiment and seed (feature kind added when it is attention maps)."""
+    """The run folder's name: experiment and seed, the feature kind when it is attention maps, and
+    ``-topK`` when the teacher's outputs come from the top-k cache (``kl-top32-seed0``)."""
     spec = parse(cfg.exp, cfg.loss.feature)
-    return f"{spec.name}{'-attn' if spec.needs_attentions else ''}-seed{cfg.seed}"
+    cached = f"-top{cfg.cache.top_k}" if teacher_source_of(cfg) == "cache" else ""
+    return f"{spec.name}{'-attn' if spec.needs_attentions else ''}{cached}-seed{cfg.seed}"
+
+
+def run_dir(results_dir, cfg: ExperimentConfig) -> Path:
+    """A run's folder in a results folder: ``RESULTS/PRESET/RUN_NAME``, so presets never collide."""
+    return Path(results_dir) / cfg.preset / run_name(cfg)
+
+
+def teacher_source_of(cfg: ExperimentConfig) -> str:
+    """Where this run's teacher outputs come from: "none" (no KD term), "online" or "cache"."""
+    if not parse(cfg.exp, cfg.loss.feature).needs_teacher:
+        return "none"
+    return cfg.train.teacher_source
+
+
+def source_label(cfg: ExperimentConfig) -> str:
+    """How reports name the teacher source next to the experiment: "" online, "top-32 cache"."""
+    return f"top-{cfg.cache.top_k} cache" if teacher_source_of(cfg) == "cache" else ""
 
 
 class RunLock:
@@ -192,30 +281,12 @@ def _load_data(cfg: ExperimentConfig, data_dir: Path, log) -> dict:
     return splits
 
 
-def _teacher_source(cfg: ExperimentConfig, requested: str, cache_dir: Optional[Path], tokens, log=print) -> str:
-    if requested not in TEACHER_SOURCES:
-        raise KdlibError(f"unknown teacher source {requested!r}; choose one of: {', '.join(TEACHER_SOURCES)}")
-    spec = parse(cfg.exp, cfg.loss.feature)
-    if not spec.needs_teacher:
-        return "none"
-    if requested == "cache" and not spec.output_only:
-        raise KdlibError(f"experiment {cfg.exp!r} needs the teacher online (features or cosine need its "
-                         "full outputs); a top-k cache cannot serve it")
-    if requested == "online" or not spec.output_only:
-        return "online"
-    available = cache_dir is not None and (cache_dir / "train.cache.json").is_file()
-    if requested == "cache" and not available:
-        raise KdlibError(f"no top-k cache in {cache_dir}; build it with `python -m kdlib cache`")
-    if not available:
-        return "online"
-    try:
-        TopKCache(cache_dir, "train", cache_identity(cfg, tokens))
-    except KdlibError as e:
-        if requested == "cache":
-            raise
-        log(f"not using the top-k cache: {e}")
-        return "online"
-    return "cache"
+def _open_cache(cfg: ExperimentConfig, cache_dir: Optional[Path], tokens) -> TopKCache:
+    """The run's top-k cache, refused with a message naming the mismatch (never a silent fallback)."""
+    if cache_dir is None or not (cache_dir / "train.cache.json").is_file():
+        raise KdlibError(f"train.teacher_source is 'cache' but there is no top-k cache in {cache_dir}; build it "
+                         "with `python -m kdlib cache`, or train with the teacher online (--teacher-source online)")
+    return TopKCache(cache_dir, "train", cache_identity(cfg, tokens))
 
 
 def _rng_state() -> dict:
@@ -245,6 +316,7 @@ def _check_config(paths: RunPaths, cfg: ExperimentConfig) -> None:
             raise KdlibError(f"{e}\nThe run folder {paths.root} has an unreadable config; use another folder") from None
         # Speed-only settings may change between a run and its continuation.
         saved.train.compile = cfg.train.compile
+        saved.train.save_every_s = cfg.train.save_every_s
         if saved != cfg:
             diff = [k for k in ("preset", "exp", "seed", "model", "teacher", "loss", "data", "cache", "train")
                     if getattr(saved, k) != getattr(cfg, k)]
@@ -266,22 +338,33 @@ def teacher_shape_hint(cfg: ExperimentConfig) -> tuple[int, int]:
     return 12, 768
 
 
-def estimate_run_bytes(cfg: ExperimentConfig, with_resume: bool,
-                       teacher_shape: Optional[tuple[int, int]] = None) -> int:
-    """What a run will write: the fp16 student, and (optionally) the float32 resume state (weights and
-    both AdamW moments of the student and the feature projectors), plus 1 MiB for metrics."""
-    from .losses import layer_pairs
-
+def student_parameters(cfg: ExperimentConfig) -> int:
+    """The student's parameter count, from its config (tied embeddings counted once)."""
     m = cfg.model
     per_block = 4 * m.n_embd * m.n_embd + 2 * m.n_embd * m.d_ff + 9 * m.n_embd + m.d_ff
-    student = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + m.n_layer * per_block + 2 * m.n_embd \
+    return m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + m.n_layer * per_block + 2 * m.n_embd \
         + (m.block_size * m.n_embd if m.positions == "learned" else 0)
-    projectors = 0
-    if cfg.loss.needs_hidden_states:
-        n_teacher, d_teacher = teacher_shape or teacher_shape_hint(cfg)
-        pairs = layer_pairs(cfg.loss.layer_map_name, m.n_layer, n_teacher)
-        projectors = len(pairs) * (m.n_embd * d_teacher + d_teacher)
-    return 2 * student + (12 * (student + projectors) if with_resume else 0) + MiB
+
+
+def projector_parameters(cfg: ExperimentConfig, teacher_shape: Optional[tuple[int, int]] = None) -> int:
+    """Parameters of the hidden-state feature loss's projectors (0 without them)."""
+    from .losses import layer_pairs
+
+    if not cfg.loss.needs_hidden_states:
+        return 0
+    n_teacher, d_teacher = teacher_shape or teacher_shape_hint(cfg)
+    pairs = layer_pairs(cfg.loss.layer_map_name, cfg.model.n_layer, n_teacher)
+    return len(pairs) * (cfg.model.n_embd * d_teacher + d_teacher)
+
+
+def estimate_run_bytes(cfg: ExperimentConfig, with_resume: bool,
+                       teacher_shape: Optional[tuple[int, int]] = None, with_student: bool = True) -> int:
+    """What a run will write: the fp16 student (``with_student``), and (optionally) the float32 resume
+    state (weights and both AdamW moments of the student and the feature projectors), plus 1 MiB for
+    config, metrics and summary."""
+    student = student_parameters(cfg)
+    resume = 12 * (student + projector_parameters(cfg, teacher_shape)) if with_resume else 0
+    return (2 * student if with_student else 0) + resume + MiB
 
 
 def check_budget(cfg: ExperimentConfig, run_dir, budget: Optional[StorageBudget],
@@ -289,9 +372,10 @@ def check_budget(cfg: ExperimentConfig, run_dir, budget: Optional[StorageBudget]
     """Refuse before training, not after hours, if the run's files will not fit the budget."""
     if budget is None:
         return
-    paths = RunPaths(Path(run_dir), Path(cfg.train.resume_dir) if cfg.train.resume_dir else None)
+    paths = RunPaths.of(cfg, run_dir)
     inside = paths.resume.resolve().is_relative_to(budget.root.resolve())
-    need = estimate_run_bytes(cfg, inside, teacher_shape)
+    need = estimate_run_bytes(cfg, inside, teacher_shape,
+                              with_student=paths.student.resolve().is_relative_to(budget.root.resolve()))
     have = sum(f.stat().st_size for f in paths.root.rglob("*") if f.is_file()) if paths.root.is_dir() else 0
     if budget.used() - have + need > budget.limit_bytes:
         raise KdlibError(
@@ -300,7 +384,8 @@ def check_budget(cfg: ExperimentConfig, run_dir, budget: Optional[StorageBudget]
             f"{(budget.limit_bytes - budget.used() + have) / MiB:.1f} MiB left of its "
             f"{budget.limit_bytes / MiB:.0f} MiB budget; nothing was started.\n{budget.report()}\n"
             "Free space (`python -m kdlib storage DIR --delete-weights RUN`), put the resume state "
-            "elsewhere (train.resume_dir), or raise the budget.")
+            "elsewhere (train.resume_dir), keep the students outside the results folder (train.weights = "
+            "'best' with train.weights_dir), or raise the budget.")
 
 
 class FiniteGuard:
@@ -392,19 +477,28 @@ def make_optimizer(trainee: nn.Module, t, device) -> torch.optim.Optimizer:
                              **extra)
 
 
-def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_source: str = "auto",
+def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_source: Optional[str] = None,
           teacher: Optional[nn.Module] = None, budget: Optional[StorageBudget] = None, progress: bool = True,
           log: Callable[[str], None] = print, stop_after: Optional[int] = None) -> dict:
     """Train ``cfg`` in ``run_dir`` on the prepared data in ``data_dir``; return the summary.
 
-    ``stop_after`` ends the process's work after that many optimizer steps with
-    the resume state saved (for tests of resuming and for time-sliced sessions).
+    ``teacher_source`` ("online" or "cache"), when given, sets ``cfg.train.teacher_source``:
+    the source is part of the run's config, recorded in config.json and the summary, and a
+    continued run keeps it. ``stop_after`` ends the process's work after that many optimizer
+    steps with the resume state saved (for tests of resuming and for time-sliced sessions).
     """
+    import dataclasses
+
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    if teacher_source is not None:
+        if teacher_source not in TEACHER_SOURCES:
+            raise KdlibError(f"unknown teacher source {teacher_source!r}; choose one of: "
+                             f"{', '.join(TEACHER_SOURCES)} (the top-k cache is used only when asked for)")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, teacher_source=teacher_source))
     cfg.validate()
-    paths = RunPaths(Path(run_dir), Path(cfg.train.resume_dir) if cfg.train.resume_dir else None)
+    paths = RunPaths.of(cfg, run_dir)
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     # The scheduler steps once per optimizer step, not once per process (accelerate's default).
@@ -422,52 +516,59 @@ def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_s
             for stale in paths.root.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
         splits = _load_data(cfg, data_dir, log)
-        source = _teacher_source(cfg, teacher_source, cache_dir, splits["train"], log)
-        return _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, progress, log,
+        source = teacher_source_of(cfg)
+        cache = _open_cache(cfg, cache_dir, splits["train"]) if source == "cache" else None
+        return _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progress, log,
                     stop_after, tqdm)
 
 
-def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, progress, log, stop_after, tqdm):
+def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progress, log, stop_after, tqdm):
     t = cfg.train
     world = accelerator.num_processes
     # Read (and a bad $KDLIB_PEAK_TFLOPS refused) before anything is written.
     peak = peak_tflops(None if accelerator.device.type == "cuda" else "cpu")
     if t.batch_size % world:
         raise KdlibError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({world})")
+    plan = schedule(cfg, splits["train"].n_tokens)
     torch.manual_seed(cfg.seed)
     student = TinyGPT(cfg.model)
     if t.compile:
         student.compile()  # in place: parameter names, checkpoints and resume states stay the same
+    teacher_dtype = resolve_teacher_dtype(cfg.teacher.dtype, accelerator.device)
     if source == "online" and teacher is None:
         spec = parse(cfg.exp, cfg.loss.feature)
-        teacher = load_teacher(cfg.teacher, device=accelerator.device, need_attentions=spec.needs_attentions,
-                               student_vocab_size=cfg.model.vocab_size)
+        teacher = load_teacher(cfg.teacher, device=accelerator.device, dtype=teacher_dtype,
+                               need_attentions=spec.needs_attentions, student_vocab_size=cfg.model.vocab_size)
     elif teacher is not None:
         teacher = teacher.to(accelerator.device)
+    if teacher is not None:
+        teacher_dtype = next(teacher.parameters()).dtype
     objective = DistillationLoss(cfg.loss, cfg.model, teacher if source == "online" else None, compile=t.compile)
-    cache = TopKCache(cache_dir, "train", cache_identity(cfg, splits["train"])) if source == "cache" else None
     trainee = Trainee(student, objective)
     optimizer = make_optimizer(trainee, t, accelerator.device)
     sampler = WindowSampler(splits["train"].tokens(), cfg.data.block_size, t.batch_size * t.grad_accum, cfg.seed)
-    steps_per_epoch = sampler.batches_per_epoch
-    total = min(t.max_steps or steps_per_epoch * t.epochs, steps_per_epoch * t.epochs)
-    warmup = max(1, int(t.warmup_frac * total))
+    steps_per_epoch, total, eval_every = plan.steps_per_epoch, plan.steps, plan.eval_every
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, t.min_lr_ratio))
-    eval_every = t.eval_every or steps_per_epoch
+        optimizer, lambda s: lr_factor(s, total, plan.warmup, t.min_lr_ratio))
     if accelerator.is_main_process:
         # Checked before anything is written: a refused run leaves no folder claimed.
         shape = teacher_shape(teacher) if teacher is not None and objective.needs_hidden_states else None
         check_budget(cfg, paths.root, budget, shape)
         if not paths.config.is_file():
             atomic_write_text(paths.config, cfg.to_json() + "\n")
-    state = {"step": 0, "best": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0, "wall": 0.0}
+    state = {"step": 0, "best": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0, "wall": 0.0,
+             "eval_wall": 0.0, "evals": 0}
 
     if paths.resume.is_file():
         resume = load_resume(paths.resume)
         if resume.get("exp") != cfg.exp or resume.get("seed") != cfg.seed:
             raise KdlibError(f"resume state {paths.resume} belongs to another run "
                              f"({resume.get('exp')!r} seed {resume.get('seed')}); delete it or use another folder")
+        if resume.get("teacher_source", source) != source:
+            raise KdlibError(f"resume state {paths.resume} was trained with the teacher source "
+                             f"{resume['teacher_source']!r}, this run asks for {source!r}: a run keeps its source. "
+                             "Continue it with the same source, or delete the run folder and its resume state "
+                             "to start over")
         trainee.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -482,11 +583,12 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
         atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in metrics))
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.block_size
+    tokens_per_step = plan.tokens_per_step
     bar = tqdm(total=total, initial=state["step"], desc=run_name(cfg), unit="step",
                disable=not (progress and accelerator.is_main_process))
     val_tokens = splits["validation"].tokens()
     last_val = None
+    last_loss = None
     stopped_early = False
     steps_this_process = 0
     tokens_log = 0
@@ -505,6 +607,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
     guard = FiniteGuard()
     clock = _TrainClock(state["wall"])
     wall_log = state["wall"]
+    wall_saved = state["wall"]
     while state["step"] < total:
         trainee.train()
         windows, batch = sampler.next_batch()  # [batch_size · grad_accum] windows, shared by all processes
@@ -523,6 +626,7 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             parts = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in parts_sum.items()}
             state["wall"] = clock.wall()  # after the sync above: the GPU has finished these steps
             total_loss = parts.pop("total")
+            last_loss = total_loss
             speed = tokens_log / max(state["wall"] - wall_log, 1e-9)
             row = {"step": state["step"], "epoch": round(epoch, 4), "tokens": state["tokens"],
                    "lr": lr, "loss": total_loss,
@@ -532,9 +636,11 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             if utilisation is not None:
                 row["mfu"] = utilisation
             wall_log, tokens_log = state["wall"], 0
-        if state["step"] % eval_every == 0 or state["step"] == total:
+        at_eval = state["step"] % eval_every == 0 or state["step"] == total
+        if at_eval:
             guard.check(paths.student, paths.resume, accelerator)
             clock.pause()
+            t_eval = time.perf_counter()
             val = perplexity(accelerator.unwrap_model(trainee).student, val_tokens, cfg.data.block_size,
                              stride=cfg.data.block_size, batch_size=t.eval_batch_size)
             last_val = val
@@ -544,28 +650,37 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             if val < state["best"]:
                 state.update(best=val, best_step=state["step"], bad_evals=0)
                 if accelerator.is_main_process:
-                    save_student(accelerator.unwrap_model(trainee).student, paths.student, budget=budget,
+                    save_student(accelerator.unwrap_model(trainee).student, paths.student,
+                                 budget=_budget_for(paths.student, budget),
                                  exp=cfg.exp, seed=cfg.seed, step=state["step"], val_ppl=val)
             else:
                 state["bad_evals"] += 1
             stopped_early = state["bad_evals"] >= t.patience
+            state["evals"] += 1
+            state["eval_wall"] += time.perf_counter() - t_eval
             clock.resume()
         if row is not None and accelerator.is_main_process:
             metrics.append(row)
             with open(paths.metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}",
+        if accelerator.is_main_process and (row is not None or state["step"] == 1):
+            # The last logged loss (a step that only evaluates has none of its own); the time left
+            # from this run's training speed and evaluation cost so far.
+            bar.set_postfix(loss=f"{last_loss:.3f}" if last_loss is not None else "-",
                             val_ppl=f"{last_val:.1f}" if last_val else "-",
-                            tok_s=f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "-",
-                            **({"mfu": f"{row['mfu']:.0%}"} if "mfu" in row else {}))
+                            tok_s=f"{row['tokens_per_s']:,.0f}" if row and "tokens_per_s" in row else "-",
+                            **({"mfu": f"{row['mfu']:.0%}"} if row and "mfu" in row else {}),
+                            eta=_eta(state, plan, clock.wall()))
         bar.update(1)
-        at_eval = state["step"] % eval_every == 0
-        if at_eval or stopped_early or state["step"] == total or (stop_after and steps_this_process >= stop_after):
+        due = clock.wall() - wall_saved >= t.save_every_s  # ~10 minutes of training since the last save
+        if at_eval or due or stopped_early or state["step"] == total or \
+                (stop_after and steps_this_process >= stop_after):
             guard.check(paths.student, paths.resume, accelerator)
             state["wall"] = clock.wall()
             clock.pause()
-            _save_resume(paths, cfg, trainee, optimizer, scheduler, sampler, state, accelerator, budget)
+            _save_resume(paths, cfg, source, trainee, optimizer, scheduler, sampler, state, accelerator, budget)
             clock.resume()
+            wall_saved = state["wall"]
         if stopped_early:
             log(f"early stop at step {state['step']}: no improvement in {t.patience} evaluations")
             break
@@ -574,7 +689,9 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
             return {"stopped_at": state["step"]}
     bar.close()
     state["wall"] = clock.wall()
-    summary = _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_student, n_teacher, source)
+    device = accelerator.device
+    summary = _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_student, n_teacher, source,
+                       plan, device, teacher_dtype)
     if accelerator.is_main_process:
         atomic_write_json(paths.summary, summary)
         # A finished run is never resumed: its resume state (several times the student's size)
@@ -583,8 +700,72 @@ def _run(cfg, paths, splits, source, cache_dir, teacher, budget, accelerator, pr
         paths.resume.unlink(missing_ok=True)
         log(f"{paths.root.name}: best val ppl {summary['best_val_ppl']:.2f} at step {summary['best_step']}, "
             f"test ppl {summary['test_ppl']:.2f} (stride {summary['eval_stride']})")
+        if paths.weights_dir is not None:
+            keep_best_student(paths.root.parent, budget, log, RunPaths.of)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _budget_for(path: Path, budget: Optional[StorageBudget]) -> Optional[StorageBudget]:
+    """``budget`` if ``path`` lies inside its folder (a file elsewhere is not the budget's)."""
+    if budget is None or not path.resolve().is_relative_to(budget.root.resolve()):
+        return None
+    return budget
+
+
+def _eta(state: dict, plan: Schedule, wall: float) -> str:
+    """The run's time left, h:mm:ss: its remaining steps at this run's training speed so far, plus
+    its remaining evaluations at their average cost (early stopping may end it sooner)."""
+    if state["step"] < 1:
+        return "-"
+    per_step = wall / state["step"]
+    per_eval = state["eval_wall"] / state["evals"] if state["evals"] else 0.0
+    left = (plan.steps - state["step"]) * per_step + max(plan.evals - state["evals"], 0) * per_eval
+    m, sec = divmod(int(left), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}"
+
+
+def keep_best_student(folder: Path, budget: Optional[StorageBudget], log=print, paths_of=None) -> Optional[str]:
+    """train.weights = "best": the finished run of ``folder`` with the lowest best validation
+    perplexity keeps a copy of its student in its run folder; no other run there does.
+
+    Every student stays in weights_dir, so removing a copy loses nothing; a copy that would not
+    fit the budget is not made (and said so). Returns the name of the run holding the copy.
+    """
+    import shutil
+
+    paths_of = paths_of or RunPaths.of
+    finished = []
+    for run in sorted(p for p in Path(folder).iterdir() if p.is_dir() and (p / "summary.json").is_file()):
+        try:
+            cfg = ExperimentConfig.load(run / "config.json")
+            summary = read_json(run / "summary.json", "summary")
+        except KdlibError:
+            continue
+        paths = paths_of(cfg, run)
+        if paths.weights_dir is None or not paths.student.is_file() or summary.get("best_val_ppl") is None:
+            continue
+        finished.append((summary["best_val_ppl"], run.name, paths))
+    if not finished:
+        return None
+    _, best_name, best = min(finished)
+    for _, name, paths in finished:  # first the other copies: the budget then has room for the new one
+        if name != best_name and paths.kept_student.is_file():
+            paths.kept_student.unlink()
+    if best.kept_student.is_file() and best.kept_student.stat().st_size == best.student.stat().st_size:
+        return best_name
+    try:
+        if budget is not None and best.kept_student.resolve().is_relative_to(budget.root.resolve()):
+            budget.check(best.kept_student, best.student.stat().st_size)
+    except KdlibError:
+        log(f"the best student ({best_name}) does not fit the results folder's budget; it stays in "
+            f"{best.student}")
+        return None
+    tmp = best.kept_student.with_name(f".{best.kept_student.name}.tmp")
+    shutil.copyfile(best.student, tmp)
+    os.replace(tmp, best.kept_student)
+    log(f"best student so far: {best_name} (a copy in its run folder; every student is in {best.weights_dir})")
+    return best_name
 
 
 class _TrainClock:
@@ -615,49 +796,58 @@ def _peak_mem() -> float:
         return float("nan")
 
 
-def _save_resume(paths, cfg, trainee, optimizer, scheduler, sampler, state, accelerator, budget) -> None:
+def _save_resume(paths, cfg, source, trainee, optimizer, scheduler, sampler, state, accelerator, budget) -> None:
     if not accelerator.is_main_process:
         return
-    resume = {"exp": cfg.exp, "seed": cfg.seed, "kdlib_version": __version__,
+    resume = {"exp": cfg.exp, "seed": cfg.seed, "teacher_source": source, "kdlib_version": __version__,
               "model": accelerator.unwrap_model(trainee).state_dict(), "optimizer": optimizer.state_dict(),
               "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": _rng_state(),
               "state": dict(state)}
-    inside = budget is not None and paths.resume.resolve().is_relative_to(budget.root.resolve())
-    save_resume(paths.resume, resume, budget if inside else None)
+    save_resume(paths.resume, resume, _budget_for(paths.resume, budget))
 
 
-def _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_student, n_teacher, source) -> dict:
+def _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_student, n_teacher, source, plan,
+             device, teacher_dtype) -> dict:
     from .checkpoint import load_student
 
     stride = cfg.data.block_size // 2
     evals = [m for m in metrics if "val_ppl" in m]
     best = load_student(paths.student) if paths.student.is_file() else None
-    device = next(teacher.parameters()).device if teacher is not None else torch.device("cpu")
     summary = {
         "exp": cfg.exp, "preset": cfg.preset, "seed": cfg.seed, "feature": cfg.loss.feature,
-        "teacher_source": source,
+        "teacher_source": source, "cache_top_k": cfg.cache.top_k if source == "cache" else None,
+        "teacher_dtype": str(teacher_dtype).replace("torch.", ""),
         "best_val_ppl": state["best"], "best_step": state["best_step"],
         "final_val_ppl": evals[-1]["val_ppl"] if evals else None,
-        "steps": state["step"], "tokens": state["tokens"], "stopped_early": stopped_early,
+        "steps": state["step"], "tokens": state["tokens"], "budget_tokens": plan.tokens,
+        "budget_steps": plan.steps, "stopped_early": stopped_early,
         "train_wall_s": state["wall"], "tokens_per_s": state["tokens"] / max(state["wall"], 1e-9),
+        "eval_wall_s": state.get("eval_wall", 0.0),
         "device": device_name(), "params_student": n_student, "params_teacher": n_teacher,
+        "val_split": "validation", "test_split": "test",
         "eval_block_size": cfg.data.block_size, "eval_stride": stride, "in_training_eval_stride": cfg.data.block_size,
-        "kdlib_version": __version__,
+        "student_path": str(paths.student), "kdlib_version": __version__,
     }
     if best is not None:
-        best = best.to(device)
+        best = best.to(device)  # final perplexities on the training device, whatever the experiment
         summary["best_val_ppl_sliding"] = perplexity(best, splits["validation"].tokens(), cfg.data.block_size,
                                                      stride, cfg.train.eval_batch_size)
         summary["test_ppl"] = perplexity(best, splits["test"].tokens(), cfg.data.block_size, stride,
                                          cfg.train.eval_batch_size)
-    summary["teacher_test_ppl"] = teacher_perplexity(cfg, splits["test"], teacher, device)
+    summary["teacher_test_ppl"] = teacher_perplexity(cfg, splits["test"], teacher if source == "online" else None,
+                                                     device)
     return summary
 
 
 def teacher_perplexity(cfg: ExperimentConfig, split, teacher: Optional[nn.Module] = None, device=None) -> float:
-    """The teacher's perplexity on ``split`` under the students' protocol; computed once per data folder."""
+    """The teacher's perplexity on ``split`` under the students' protocol, in the dtype it runs in on
+    ``device``; computed once per data folder (the key names teacher, dtype, data and protocol)."""
     stride = cfg.data.block_size // 2
-    key = {"teacher": asdict(cfg.teacher), "split": split.manifest["split"], "data_sha256": split.manifest["sha256"],
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = next(teacher.parameters()).dtype if teacher is not None else resolve_teacher_dtype(cfg.teacher.dtype,
+                                                                                              device)
+    key = {"teacher": asdict(cfg.teacher), "dtype": str(dtype).replace("torch.", ""),
+           "split": split.manifest["split"], "data_sha256": split.manifest["sha256"],
            "block_size": cfg.data.block_size, "stride": stride}
     path = split.path.parent / "teacher_ppl.json"
     entries = read_json(path, "teacher perplexity file").get("entries", []) if path.is_file() else []
@@ -665,7 +855,7 @@ def teacher_perplexity(cfg: ExperimentConfig, split, teacher: Optional[nn.Module
         if entry["key"] == key:
             return entry["ppl"]
     if teacher is None:
-        teacher = load_teacher(cfg.teacher, device=device, student_vocab_size=cfg.model.vocab_size)
+        teacher = load_teacher(cfg.teacher, device=device, dtype=dtype, student_vocab_size=cfg.model.vocab_size)
     ppl = perplexity(teacher, split.tokens(), cfg.data.block_size, stride, cfg.train.eval_batch_size)
     atomic_write_json(path, {"entries": entries + [{"key": key, "ppl": ppl}]})
     return ppl

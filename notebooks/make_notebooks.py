@@ -21,9 +21,8 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kdlib, installed or not
 
 from kdlib.badges import REPO, badge_markdown, install_url  # noqa: E402
-from kdlib.config import PRESETS  # noqa: E402
 from kdlib.grid import MAPS  # noqa: E402
-from kdlib.ui import DIVERGENCES  # noqa: E402
+from kdlib.ui import DIVERGENCES, NOTEBOOK_PRESETS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PRESET = "colab-t4"  # what a Colab user gets from the badge; CI passes preset="smoke"
@@ -49,9 +48,10 @@ import {imports}
 print("kdlib", kdlib.__version__)"""
 
 
-PRESET_PARAM = (f'preset = "{DEFAULT_PRESET}"  #@param {options(PRESETS)}\n'
+PRESET_PARAM = (f'preset = "{DEFAULT_PRESET}"  #@param {options(NOTEBOOK_PRESETS)}\n'
                 "# smoke: seconds on a CPU, to try the notebooks; colab-t4 / colab-a100: the corrected\n"
-                "# protocol on one Colab GPU (hours); study: the original study's settings exactly")
+                "# protocol on one Colab GPU (40M / 100M tokens a run, ~25 / ~9 minutes); study: the\n"
+                "# original study's regime (50 epochs of a 1.65M-token subset, fp32). docs/protocol.md")
 DATA_PARAM = ('data_dir = ""  #@param {type:"string"}\n'
               '# "" = MyDrive/kdlib-data/PRESET on Colab, data/PRESET in the working folder elsewhere')
 RESULTS_PARAM = ('results_dir = ""  #@param {type:"string"}\n'
@@ -97,8 +97,9 @@ def teacher_cache():
 Runs the teacher once over the training windows and keeps, per position, its top-k \
 log-probabilities at the experiment's temperature, their token ids and the log of the remaining \
 mass, in `DATA_DIR/cache/`. Only output-only experiments use it (`kl`, `js`: no feature map, no \
-cosine term); `03_train` picks it up by itself when it matches the run (teacher, tokenizer, data, \
-block size, k, temperature) and runs the teacher online otherwise, so this notebook is optional: \
+cosine term), and only when asked for: `03_train` with `teacher_source = "cache"` (a run whose cache \
+does not match its teacher, tokenizer, data, block size, k or temperature is refused, never silently \
+switched), and its runs are named and reported as `[top-k cache]`. So this notebook is optional: \
 it saves the teacher's forward pass in every step of those runs. At k = 32 the cached divergence \
 is a weaker objective than the online one (README, `docs/losses.md`). The size is printed before \
 the build starts: about 132 bytes per training token with GPT-2's vocabulary, some 15 GB for \
@@ -123,8 +124,10 @@ def train():
         new_markdown_cell(header("03", "Train one experiment", """\
 Trains the TinyGPT student with the loss chosen in the parameters cell (a layer map for the feature \
 loss on hidden states or attention maps, an output divergence, the cosine term; all off is the no-KD \
-baseline `ce`) and writes the run to `RESULTS_DIR/EXP[-attn]-seedSEED/`: `config.json`, \
-`metrics.jsonl`, the best student as fp16 `student.safetensors` and, at the end, `summary.json`. \
+baseline `ce`) and writes the run to `RESULTS_DIR/PRESET/EXP[-attn]-seedSEED/`: `config.json`, \
+`metrics.jsonl` and, at the end, `summary.json`; the best student is an fp16 `.safetensors` file \
+(for the colab and study presets every student stays on the runtime's disk in `kdlib-local/weights` \
+and Drive keeps a copy of the best run's only: 42 students of 97 MiB do not fit 100 MB). \
 `RESULTS_DIR` is `MyDrive/kdlib` on Colab (Drive is mounted) and `runs/` elsewhere. Runtime → Run \
 all trains exactly the chosen experiment; run it again after an interruption and it resumes (on \
 Colab the resume state sits on the runtime's disk, too large for Drive: after a runtime reset the \
@@ -137,16 +140,26 @@ instead; Run all does not press its button.""")),
                     "# what the feature map compares (the original study: attention maps)",
                     f'divergence = "kl"  #@param {options(("none",) + DIVERGENCES)}',
                     'cosine = False  #@param {type:"boolean"}',
-                    'seed = 0  #@param {type:"integer"}',
+                    'seed = None  #@param {type:"raw"}\n'
+                    "# None = the preset's first seed (the colab presets' sweep runs seeds 0, 1, 2)",
+                    'teacher_source = "online"  #@param ["online", "cache"]\n'
+                    "# cache: the top-k cache of 02 for kl/js alone (a sparse objective, labelled in the report)",
                     RESULTS_PARAM, DATA_PARAM,
                     'max_steps = None  #@param {type:"raw"}\n'
                     "# None = the preset's schedule; a number cuts the run short"),
         new_code_cell("""\
 results_dir = results_dir or kdlib.ui.results_folder()
 data_dir = kdlib.ui.data_folder(preset, data_dir)
-cfg = kdlib.ui.experiment_config(preset, feature_map, feature, divergence, cosine, seed, max_steps)
+cfg = kdlib.ui.experiment_config(preset, feature_map, feature, divergence, cosine, seed, max_steps,
+                                 teacher_source=teacher_source)
 run_dir = kdlib.ui.run_folder(cfg, results_dir)
 print(kdlib.ui.describe(cfg, results_dir))"""),
+        new_markdown_cell("## The plan\n\n"
+                          "What the run will cost before it starts: its token budget (the same for every "
+                          "experiment of the preset), steps, evaluations, the time (measured on this "
+                          "runtime's GPU in a few seconds; an estimate without one) and the bytes it leaves "
+                          "on Drive against the 100 MB budget."),
+        new_code_cell("print(kdlib.ui.plan_text(cfg, results_dir, data_dir))"),
         new_markdown_cell("## Interactive panel\n\n"
                           "Pick a combination and press **Train**: the progress bar and the validation "
                           "perplexity update as it trains. Its choices start at the parameters above."),
@@ -156,7 +169,7 @@ kdlib.ui.panel(preset, results_dir, data_dir, feature_map=feature_map, feature=f
         new_markdown_cell("## Train the chosen experiment\n\n"
                           "Trains the parameters' experiment (resumes it if interrupted), then plots its "
                           "validation perplexity."),
-        new_code_cell("summary = kdlib.ui.train_run(cfg, results_dir, data_dir)"),
+        new_code_cell("summary = kdlib.ui.train_run(cfg, results_dir, data_dir, show_plan=False)"),
         new_code_cell("kdlib.ui.show_val_ppl(run_dir)"),
     ]
 

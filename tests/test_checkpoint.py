@@ -732,6 +732,16 @@ def test_budget_usage_per_top_level_entry(tmp_path):
     assert budget.limit_bytes == 100 * MiB
 
 
+def test_budget_usage_per_run_in_the_preset_layout(tmp_path):
+    # RESULTS/PRESET/RUN (the CLI's layout): runs are listed inside their preset's folder; a
+    # folder that is not named like a preset, or is itself a run, stays one entry.
+    root = tmp_path / "runs"
+    _fill(root, {"smoke/kl-seed0/metrics.jsonl": 700, "smoke/ce-seed0/metrics.jsonl": 200,
+                 "colab-t4/kl-seed0/summary.json": 100, "other/x/y.bin": 50, "study/config.json": 10})
+    assert StorageBudget(root).usage() == {"smoke/kl-seed0": 700, "smoke/ce-seed0": 200,
+                                           "colab-t4/kl-seed0": 100, "other": 50, "study": 10}
+
+
 def test_budget_refuses_a_write_over_the_limit_and_writes_nothing(tmp_path):
     root = tmp_path / "runs"
     _fill(root, {"alpha/student.safetensors": MiB // 2, "beta/student.safetensors": MiB // 4})

@@ -96,10 +96,12 @@ def test_notebooks_run_in_order_on_the_smoke_preset(tmp_path, monkeypatch):
 
     nb = run("03_train", preset="smoke", feature_map="none", feature="hidden", divergence="kl", cosine=False,
              seed=0, results_dir=str(runs), data_dir=str(data), max_steps=4)
-    summary = json.loads((runs / "kl-seed0" / "summary.json").read_text())
+    summary = json.loads((runs / "smoke" / "kl-seed0" / "summary.json").read_text())
     assert summary["exp"] == "kl" and summary["steps"] == 4
-    assert summary["teacher_source"] == "cache"  # 02's cache served the output-only run
-    assert (runs / "kl-seed0" / "student.safetensors").is_file()
+    # 02's cache is there, but the cache is used only when asked for (teacher_source = "cache").
+    assert summary["teacher_source"] == "online"
+    assert "plan: preset smoke" in stdout(nb) and "tokens" in stdout(nb)  # the plan, before training
+    assert (runs / "smoke" / "kl-seed0" / "student.safetensors").is_file()
     assert outputs(nb, "application/vnd.jupyter.widget-view+json"), "the panel was not displayed"
     assert "(in the study grid)" in stdout(nb)
     last = nb.cells[-1]

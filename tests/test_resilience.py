@@ -203,18 +203,19 @@ def test_killed_sweep_skips_finished_and_resumes(smoke_data, tmp_path):
     runs = tmp_path / "runs"
     killed = _run_py(script, runs, data_b, kill_at="step:9")  # step 3 of the second run (kl)
     assert killed.returncode == -signal.SIGKILL
-    first = runs / "ce-seed0" / "summary.json"
-    assert first.is_file() and not (runs / "kl-seed0" / "summary.json").exists()
+    first = runs / "smoke" / "ce-seed0" / "summary.json"
+    assert first.is_file() and not (first.parent.parent / "kl-seed0" / "summary.json").exists()
     before = (first.read_bytes(), first.stat().st_mtime_ns)
-    ce_student = (runs / "ce-seed0" / "student.safetensors").read_bytes()
+    ce_student = (first.parent / "student.safetensors").read_bytes()
 
     again = _run_py(script, runs, data_b)
+    runs, ref = runs / "smoke", tmp_path / "ref" / "smoke"  # the sweep's layout: RUNS/PRESET/RUN
     assert again.returncode == 0, again.stderr
     assert (first.read_bytes(), first.stat().st_mtime_ns) == before  # skipped, untouched
     assert (runs / "ce-seed0" / "student.safetensors").read_bytes() == ce_student
     for name in ("ce-seed0", "kl-seed0"):
-        assert _summary_numbers(runs / name) == _summary_numbers(tmp_path / "ref" / name)
-        _assert_same_tensors(runs / name / "student.safetensors", tmp_path / "ref" / name / "student.safetensors")
+        assert _summary_numbers(runs / name) == _summary_numbers(ref / name)
+        _assert_same_tensors(runs / name / "student.safetensors", ref / name / "student.safetensors")
         _assert_clean(runs / name)
 
 

@@ -301,6 +301,8 @@ def sweep_args(runs, data, exps=("kl", "ce"), seeds=("0", "1")):
 def test_sweep_trains_skips_finished_and_resumes_interrupted(tmp_path, data_dir, capsys, monkeypatch):
     runs = tmp_path / "runs"
     assert cli_main(sweep_args(runs, data_dir)) == 0
+    assert [p.name for p in runs.iterdir()] == ["smoke"]  # the default layout: RUNS/PRESET/RUN
+    runs = runs / "smoke"
     names = ["kl-seed0", "ce-seed0", "kl-seed1", "ce-seed1"]
     assert sorted(p.name for p in runs.iterdir()) == sorted(names)
     summaries = {n: (runs / n / "summary.json").read_bytes() for n in names}
@@ -317,7 +319,7 @@ def test_sweep_trains_skips_finished_and_resumes_interrupted(tmp_path, data_dir,
     with monkeypatch.context() as m:
         m.setattr(kdlib.train, "_run", must_not_train)
         t0 = time.perf_counter()
-        assert cli_main(sweep_args(runs, data_dir)) == 0
+        assert cli_main(sweep_args(runs.parent, data_dir)) == 0
         elapsed = time.perf_counter() - t0
     assert {n: (runs / n / "summary.json").read_bytes() for n in names} == summaries
     assert capsys.readouterr().out.count("is finished") == 4
@@ -327,10 +329,11 @@ def test_sweep_trains_skips_finished_and_resumes_interrupted(tmp_path, data_dir,
     runs2 = tmp_path / "runs2"
     cfg = preset("smoke").with_experiment("kl")
     cfg.seed, cfg.train.max_steps = 0, 6
-    assert run(cfg.validate(), runs2 / run_name(cfg), data_dir, stop_after=3) == {"stopped_at": 3}
+    assert run(cfg.validate(), runs2 / "smoke" / run_name(cfg), data_dir, stop_after=3) == {"stopped_at": 3}
+    runs2 = runs2 / "smoke"
     assert (runs2 / "kl-seed0" / "resume.safetensors").is_file()
     assert not (runs2 / "kl-seed0" / "summary.json").exists()
-    assert cli_main(sweep_args(runs2, data_dir, seeds=("0",))) == 0
+    assert cli_main(sweep_args(runs2.parent, data_dir, seeds=("0",))) == 0
     assert "resuming kl-seed0 at step 3" in capsys.readouterr().out
     resumed = json.loads((runs2 / "kl-seed0" / "summary.json").read_text())
     straight = json.loads(summaries["kl-seed0"])
@@ -416,7 +419,7 @@ def test_cache_source_for_cosine_or_features_is_refused(exp, tmp_path, cached_da
 def test_missing_cache_and_unknown_teacher_source_are_refused(tmp_path, data_dir):
     with pytest.raises(KdlibError, match=r"no top-k cache in .*kdlib cache"):
         run(small_cfg("kl"), tmp_path / "a", data_dir, teacher_source="cache")
-    with pytest.raises(KdlibError, match=r"unknown teacher source 'teacher'; choose one of: auto, online, cache"):
+    with pytest.raises(KdlibError, match=r"unknown teacher source 'teacher'; choose one of: online, cache"):
         run(small_cfg("kl"), tmp_path / "b", data_dir, teacher_source="teacher")
 
 
@@ -649,7 +652,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, data_dir, monkeypatch):
     launch_ddp(tmp_path, [*args, "--runs", str(tmp_path / "ddp")])
     monkeypatch.setitem(kdlib.config.PRESETS, "smoke", smoke_every_step)
     assert cli_main([*args, "--runs", str(tmp_path / "one")]) == 0  # the same entry point, one process
-    one, ddp = metric_rows(tmp_path / "one" / "kl-seed0"), metric_rows(tmp_path / "ddp" / "kl-seed0")
+    one, ddp = metric_rows(tmp_path / "one" / "smoke" / "kl-seed0"), metric_rows(tmp_path / "ddp" / "smoke" / "kl-seed0")
     assert [r["step"] for r in ddp] == [r["step"] for r in one] == [1, 2, 3, 4, 5, 6]
     # The schedule is a function of the optimizer step alone: the same in both.
     assert [r["lr"] for r in ddp] == pytest.approx([r["lr"] for r in one], rel=1e-12)
@@ -660,8 +663,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, data_dir, monkeypatch):
         assert {k: a[k] for k in ("loss", "loss_ce", "loss_kl")} == pytest.approx(
             {k: b[k] for k in ("loss", "loss_ce", "loss_kl")}, rel=1e-3), f"step {a['step']}"
     assert ddp[-1]["val_ppl"] == pytest.approx(one[-1]["val_ppl"], rel=1e-3)
-    s_ddp = json.loads((tmp_path / "ddp" / "kl-seed0" / "summary.json").read_text())
-    s_one = json.loads((tmp_path / "one" / "kl-seed0" / "summary.json").read_text())
+    s_ddp = json.loads((tmp_path / "ddp" / "smoke" / "kl-seed0" / "summary.json").read_text())
+    s_one = json.loads((tmp_path / "one" / "smoke" / "kl-seed0" / "summary.json").read_text())
     assert s_ddp["steps"] == s_one["steps"] == 6 and s_ddp["tokens"] == s_one["tokens"]
     assert s_ddp["test_ppl"] == pytest.approx(s_one["test_ppl"], rel=1e-3)
 
@@ -695,7 +698,7 @@ def test_a_nan_on_one_process_stops_every_process(tmp_path, data_dir):
     err = proc.stdout + proc.stderr
     assert "step 3: the loss is not finite (component: kl)" in err
     assert "another process saw a non-finite loss" in err
-    rows = metric_rows(tmp_path / "runs" / "kl-seed0")
+    rows = metric_rows(tmp_path / "runs" / "smoke" / "kl-seed0")
     assert [r["step"] for r in rows] == [1, 2]
 
 
@@ -705,7 +708,7 @@ def test_two_process_launch_on_a_finished_run_skips_it(tmp_path, data_dir, monke
     args = [*DDP_ARGS, "--data-dir", str(data_dir), "--runs", str(tmp_path / "runs")]
     monkeypatch.setitem(kdlib.config.PRESETS, "smoke", smoke_every_step)
     assert cli_main(args) == 0
-    run_dir = tmp_path / "runs" / "kl-seed0"
+    run_dir = tmp_path / "runs" / "smoke" / "kl-seed0"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     proc, _ = launch_ddp(tmp_path, args)
     assert "is finished" in proc.stdout

@@ -61,10 +61,11 @@ def test_label_names_the_experiment_and_whether_it_is_in_the_grid(tmp_path):
 
 def test_config_is_the_preset_with_the_selected_experiment(tmp_path):
     p = panel("smoke", tmp_path, max_steps=7)
-    p.preset.value = "demo"
+    assert "demo" not in p.preset.options  # it trains its own teacher first: `python -m kdlib demo`
+    p.preset.value = "colab-t4"
     p.feature_map.value, p.divergence.value, p.cosine.value, p.seed.value = "last2last", "js", True, 5
     cfg = p.config()
-    expected = preset("demo").with_experiment("last2last-js-cos", feature="hidden")
+    expected = preset("colab-t4").with_experiment("last2last-js-cos", feature="hidden")
     expected.seed, expected.train.max_steps = 5, 7
     assert cfg == expected
 
@@ -91,7 +92,7 @@ def test_train_button_trains_a_real_smoke_run_and_draws_its_curve(tmp_path, smok
     p.button.click()
     assert p.summary is not None, p.output.outputs
     assert p.summary["exp"] == "kl" and p.summary["steps"] == 4
-    assert json.loads((tmp_path / "runs" / "kl-seed0" / "summary.json").read_text()) == p.summary
+    assert json.loads((tmp_path / "runs" / "smoke" / "kl-seed0" / "summary.json").read_text()) == p.summary
     assert bytes(p.plot.value).startswith(PNG)
     assert "done" in p.status.value and not p.button.disabled
     # Again: a finished run is not trained again, its summary comes back.

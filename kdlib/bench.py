@@ -52,8 +52,6 @@ from .perf import device_peak, flop_params, flops_per_token, measured_peak_tflop
 PATHS = ("reference", "kdlib", "cached")
 FEATURES = {"hidden": "hidden states", "attention": "attention maps"}
 SECTIONS = ("train", "divergence", "prep")
-STUDY_EPOCH_TOKENS = 1_650_000  # tokens per epoch of the original study (reference/original_study.md)
-STUDY_EPOCHS = 50
 WIKITEXT103_CHARS = 540e6  # characters of WikiText-103's raw train split, about
 
 
@@ -541,26 +539,29 @@ def machine() -> dict:
     return info
 
 
-def grid_estimate(results: Sequence[Result], epochs: int = STUDY_EPOCHS,
-                  epoch_tokens: int = STUDY_EPOCH_TOKENS) -> dict:
-    """Hours for the 14 experiments at the measured speeds: per path, and kdlib's best
-    (the cache for output-only experiments where it was measured)."""
+GRID_PRESET = "colab-a100"  # the preset whose shapes are the study shapes' (batch 64 x 128, hidden features)
+
+
+def grid_estimate(results: Sequence[Result], preset_name: str = GRID_PRESET) -> dict:
+    """Hours of ``preset_name``'s whole sweep (``kdlib.plan``: its token budget per run, its seeds,
+    its evaluations) at the measured speeds: per path, and "best" (the top-k cache for the
+    output-only experiments where it was measured). A path with an experiment unmeasured has no total."""
+    from .plan import plan
+
     speed = {(r.exp, r.path): r.tokens_per_s for r in results}
-    tokens = epochs * epoch_tokens
     out = {}
     for path in PATHS + ("best",):
-        hours, missing = 0.0, []
+        measured = {}
         for exp in EXPERIMENTS:
             options = [speed.get((exp, p)) for p in (("cached", "kdlib") if path == "best" else (path,))]
-            options = [x for x in options if x]
             if path == "cached" and not parse(exp).output_only:
-                options = [speed.get((exp, "kdlib"))] if speed.get((exp, "kdlib")) else []
-            if not options:
-                missing.append(exp)
-                continue
-            hours += tokens / max(options) / 3600
-        if not missing:
-            out[path] = hours
+                options = [speed.get((exp, "kdlib"))]
+            options = [x for x in options if x]
+            if options:
+                measured[exp] = max(options)
+        if len(measured) == len(EXPERIMENTS):
+            p = plan(preset_name, measured=measured, teacher_source="cache" if path in ("cached", "best") else None)
+            out[path] = p.total_hours
     return out
 
 
@@ -684,8 +685,12 @@ def to_markdown(report: dict) -> str:
                   f"attention maps (as the notebook did), kdlib on {FEATURES[report['feature']]}."]
         hours = report.get("grid_hours", {})
         if hours:
-            lines += ["", f"The 14-experiment grid at {STUDY_EPOCHS} epochs of {STUDY_EPOCH_TOKENS:,} tokens, at "
-                      "these speeds: " + ", ".join(f"{k} {v:,.1f} h" for k, v in hours.items())]
+            from .config import preset, preset_seeds
+
+            p = preset(GRID_PRESET)
+            lines += ["", f"The {GRID_PRESET} sweep (14 experiments x {len(preset_seeds(GRID_PRESET))} seeds, "
+                      f"{p.train.max_tokens:,} tokens a run, with its evaluations: `python -m kdlib plan`) at these "
+                      "speeds: " + ", ".join(f"{k} {v:,.1f} h" for k, v in hours.items())]
         lines.append("")
     if "divergence" in report:
         lines += ["| divergence | implementation | N x V | ms (fwd+bwd) | peak MiB | x one [N,V] f32 | "

@@ -122,38 +122,96 @@ def _experiment_config(args: argparse.Namespace, exp: str, seed: Optional[int]):
     cfg = preset(args.preset).with_experiment(exp, feature=args.feature)
     if seed is not None:
         cfg.seed = seed
-    if args.max_steps is not None:
-        cfg.train.max_steps = args.max_steps
-    if args.compile:
-        cfg.train.compile = True
+    _apply_run_options(args, cfg)
     return cfg.validate()
 
 
-def _train_one(args, cfg, teacher=None) -> dict:
+def _apply_run_options(args: argparse.Namespace, cfg) -> None:
+    """The run options that change a config: budget cut, compile, teacher source, weights."""
+    if getattr(args, "max_steps", None) is not None:
+        cfg.train.max_steps = args.max_steps
+    if getattr(args, "compile", False):
+        cfg.train.compile = True
+    if getattr(args, "weights", None) is not None:
+        cfg.train.weights = args.weights
+    if getattr(args, "weights_dir", None) is not None:
+        cfg.train.weights_dir = args.weights_dir
+    if getattr(args, "resume_dir", None) is not None:
+        cfg.train.resume_dir = args.resume_dir or None
+
+
+def _budget(args: argparse.Namespace):
     from .checkpoint import MiB, StorageBudget
-    from .train import run_name, train
 
     if not (0 < args.budget_mib < 1e9):
         raise KdlibError(f"--budget-mib must be a positive number of MiB, got {args.budget_mib}")
-    budget = StorageBudget(args.runs, int(args.budget_mib * MiB))
-    return train(cfg, f"{args.runs}/{run_name(cfg)}", _data_dir(args), cache_dir=args.cache_dir,
-                 teacher_source=args.teacher_source, teacher=teacher, budget=budget)
+    return StorageBudget(args.runs, int(args.budget_mib * MiB))
+
+
+def _sweep_configs(args: argparse.Namespace, exps, seeds) -> list:
+    from .config import preset
+    from .plan import sweep_configs
+
+    base = preset(args.preset)
+    if args.feature:
+        base.loss.feature = args.feature
+    _apply_run_options(args, base)
+    for exp in exps or ():
+        base.with_experiment(exp)  # refuses a bad name before any work
+    return sweep_configs(base, exps, seeds, args.teacher_source, log=lambda m: print(m, file=sys.stderr))
+
+
+def _plan_for(args: argparse.Namespace, cfgs, device: str = "auto"):
+    from .plan import plan
+
+    budget = _budget(args)
+    return plan(cfgs[0].preset, cfgs=cfgs, device=device, results_dir=args.runs, data_dir=_data_dir(args),
+                budget_bytes=budget.limit_bytes)
+
+
+def _train_one(args, cfg, teacher=None) -> dict:
+    from .train import run_dir, train
+
+    return train(cfg, run_dir(args.runs, cfg), _data_dir(args), cache_dir=args.cache_dir, teacher=teacher,
+                 budget=_budget(args))
+
+
+def _main_process() -> bool:
+    """Not under `accelerate launch` with several processes: the plan's measurement is a
+    one-process job (its steps would wait on the other processes' collectives)."""
+    import os
+
+    return os.environ.get("WORLD_SIZE", "1") == "1"
 
 
 def _train(args: argparse.Namespace) -> int:
-    _train_one(args, _experiment_config(args, args.exp, args.seed))
+    cfgs = _sweep_configs(args, [args.exp], [args.seed] if args.seed is not None else None)[:1]
+    if _main_process():
+        print(_plan_for(args, cfgs).to_text(), flush=True)
+    _train_one(args, cfgs[0])
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .grid import EXPERIMENTS
+    from .plan import check_fits
     from .train import run_name
 
-    cfgs = [_experiment_config(args, e, s) for s in args.seeds for e in (args.exps or EXPERIMENTS)]
+    cfgs = _sweep_configs(args, args.exps, args.seeds)
+    if _main_process():
+        p = _plan_for(args, cfgs)
+        check_fits(p)  # before the first run, not halfway through
+        print(p.to_text(), flush=True)
     for i, cfg in enumerate(cfgs, 1):
         print(f"[{i}/{len(cfgs)}] {run_name(cfg)}", flush=True)
         _train_one(args, cfg)
-    print(f"sweep done: {len(cfgs)} runs in {args.runs}")
+    print(f"sweep done: {len(cfgs)} runs in {Path(args.runs) / cfgs[0].preset}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    cfgs = _sweep_configs(args, args.exps, args.seeds)
+    p = _plan_for(args, cfgs, device=args.device)
+    print(p.to_json() if args.json else p.to_text())
     return 0
 
 
@@ -166,7 +224,10 @@ def _eval(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
     cfg = ExperimentConfig.load(run / "config.json")
     data_dir = args.data_dir or f"data/{cfg.preset}"
-    model = load_student(run / "student.safetensors", expect=cfg.model)
+    from .train import RunPaths
+
+    paths = RunPaths.of(cfg, run)
+    model = load_student(paths.kept_student if paths.kept_student.is_file() else paths.student, expect=cfg.model)
     block = args.block_size or cfg.data.block_size
     stride = args.stride or block // 2
     ppl = perplexity(model, load_split(data_dir, args.split).tokens(), block, stride)
@@ -185,9 +246,10 @@ def _report(args: argparse.Namespace) -> int:
     from .analysis import report
 
     out = report(args.runs, args.figures, reference=args.reference)
-    if not out["table"].empty:
-        cols = [c for c in ("seeds", "best_val_ppl", "test_ppl", "test_ci95", "vs_no_kd_pct") if c in out["table"]]
-        print(out["table"][cols].to_string(float_format=lambda v: f"{v:.2f}"))
+    cols = ["seeds", "best_val_ppl", "test_ppl", "test_ci95", "vs_no_kd_pct", "vs_no_kd_val_pct"]
+    for group in out["groups"]:  # one per protocol: runs of two are never in one table
+        print(f"\n{group['statement']}(in {group['folder']})")
+        print(group["table"][cols].to_string(float_format=lambda v: f"{v:.2f}"))
     print(f"{len(out['files'])} tables and {len(out['figures'])} figure files in {args.figures}")
     return 0
 
@@ -275,38 +337,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for the teacher (default: cpu)")
     p.set_defaults(func=_cache)
 
-    def run_options(p):
+    def run_options(p, plan_only=False):
         p.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="preset (default: smoke)")
         p.add_argument("--feature", choices=("hidden", "attention"),
                        help="feature kind for the feature-map experiments (default: the preset's)")
-        p.add_argument("--runs", default="runs", help="results folder (default: runs)")
+        p.add_argument("--runs", default="runs",
+                       help="results folder (default: runs); each run goes to RUNS/PRESET/RUN")
         p.add_argument("--budget-mib", type=float, default=100.0, help="storage budget of the results folder")
         p.add_argument("--data-dir", help="prepared token folder (default: data/PRESET; prepared if missing)")
+        p.add_argument("--teacher-source", choices=("online", "cache"),
+                       help="where the teacher's outputs come from (default: the preset's, online): 'cache' "
+                            "gives the top-k cache to the output-only experiments (a sparse objective, "
+                            "labelled in the run name and the report); the others stay online")
+        p.add_argument("--max-steps", type=_positive_int,
+                       help="cut every run's budget to this many optimizer steps (a short try)")
+        p.add_argument("--weights", choices=("run", "best"),
+                       help="run: every student in its run folder; best: every student in --weights-dir and "
+                            "only the best run's copy in the results folder (default: the preset's)")
+        p.add_argument("--weights-dir", help="local folder for the students with --weights best")
+        p.add_argument("--resume-dir", help="folder for the resume state ('' = the run folder; default: the "
+                                            "preset's)")
+        if plan_only:
+            return
         p.add_argument("--cache-dir", help="top-k cache folder (default: DATA_DIR/cache)")
-        p.add_argument("--teacher-source", default="auto", choices=("auto", "online", "cache"),
-                       help="auto: the cache for output-only experiments when one matches, else online")
-        p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the student and the loss formulas (faster steps after a "
                             "minute or two of compiling)")
 
     p = sub.add_parser("train", help="train one experiment (resumes an interrupted run)",
-                       description="Train one experiment in RUNS/EXP-seedSEED. Started again on the same "
+                       description="Train one experiment in RUNS/PRESET/EXP-seedSEED, after printing its plan "
+                                   "(tokens, steps, evaluations, time, bytes). Started again on the same "
                                    "folder, it continues from the resume state; a finished run is not "
                                    "trained again.")
     run_options(p)
     p.add_argument("--exp", required=True, help="experiment name (python -m kdlib grid lists the 14)")
-    p.add_argument("--seed", type=int, help="seed (default: the preset's)")
+    p.add_argument("--seed", type=int, help="seed (default: the preset's first)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sweep", help="train experiments x seeds one after another, skipping finished runs",
-                       description="Train each experiment for each seed in one results folder; finished "
-                                   "runs are skipped, interrupted ones resumed, and a run that would not fit "
-                                   "the storage budget stops the sweep before it starts.")
+                       description="Print the sweep's plan, refuse it before the first run if its results "
+                                   "would not fit the storage budget, then train each experiment for each "
+                                   "seed in RUNS/PRESET/; finished runs are skipped, interrupted ones resumed.")
     run_options(p)
     p.add_argument("--exps", nargs="+", metavar="NAME", help="experiments (default: the 14 of the grid)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's)")
     p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("plan", help="what a sweep will cost: tokens, steps, evaluations, time, bytes",
+                       description="Per run of a sweep: its tokens (the same for every experiment of a preset), "
+                                   "steps, epochs, evaluations, the estimated time and the bytes it leaves in "
+                                   "the results folder and elsewhere; the grid's totals and whether the "
+                                   "results folder's budget holds them. The time is measured (a few of kdlib's "
+                                   "steps on this machine's GPU) or, with no GPU here, estimated for the GPU "
+                                   "the preset is sized for from the FLOPs model at a stated MFU.")
+    run_options(p, plan_only=True)
+    p.add_argument("--exps", nargs="+", metavar="NAME", help="experiments (default: the 14 of the grid)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's)")
+    p.add_argument("--device", default="auto",
+                   help="auto (measure on this GPU; without one, estimate for the preset's GPU, or measure "
+                        "on the CPU for smoke/demo), measure (this machine), or a GPU name: A100, T4, H100, "
+                        "L4, ... (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("eval", help="perplexity of a run's student on a split",
                        description="Score a run's saved student under the sliding-window protocol.")

@@ -37,8 +37,12 @@ PathLike = Union[str, Path]
 
 DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
 COLAB_RESUME_DIR = "/content/kdlib-resume"  # the runtime's local disk: resume state is several x the student
+COLAB_WEIGHTS_DIR = "/content/kdlib-weights"  # the students a 100 MiB Drive budget cannot hold
 DIVERGENCES = ("kl", "js")  # the study's; experiment_name takes any the grammar does
 BUDGET_MIB = 100.0  # the results folder's storage budget, as the CLI's --budget-mib
+# The presets the notebooks and the panel offer. Not "demo": it trains its own
+# teacher first (`python -m kdlib demo`), which a notebook run does not.
+NOTEBOOK_PRESETS = ("smoke", "colab-t4", "colab-a100", "study")
 
 
 # --------------------------------------------------------------------------
@@ -124,16 +128,22 @@ def experiment_name(feature_map: Optional[str] = None, divergence: Optional[str]
 
 def experiment_config(preset: str, feature_map: Optional[str] = None, feature: Optional[str] = None,
                       divergence: Optional[str] = None, cosine: bool = False, seed: Optional[int] = None,
-                      max_steps: Optional[int] = None, resume_dir: Optional[str] = "auto") -> ExperimentConfig:
+                      max_steps: Optional[int] = None, resume_dir: Optional[str] = "auto",
+                      teacher_source: Optional[str] = None) -> ExperimentConfig:
     """The validated config of one run: ``preset`` with the chosen loss components.
 
     Arguments:
         feature: "hidden" or "attention" (None = the preset's).
-        seed, max_steps: None = the preset's.
-        resume_dir: where the resume state goes; "auto" = the runtime's local disk on Colab (it is
-            several times the student's size: it would not fit a 100 MB Drive budget), else inside
-            the run folder.
+        seed: None = the preset's first (``kdlib.config.preset_seeds``), as ``train`` and ``sweep``.
+        max_steps: None = the preset's budget; a number cuts it short.
+        resume_dir: where the resume state goes; "auto" = the preset's (the working folder's local
+            disk for the study-sized presets), or on Colab the runtime's local disk for the others (it
+            is several times the student's size: it would not fit a 100 MB Drive budget).
+        teacher_source: "online" or "cache" (None = the preset's, online); the cache serves
+            output-only experiments and its runs are labelled.
     """
+    if preset not in PRESETS:
+        raise KdlibError(f"unknown preset {preset!r}; choose one of: {choices(NOTEBOOK_PRESETS)}")
     base = make_preset(preset)
     feature = feature or base.loss.feature
     cfg = base.with_experiment(experiment_name(feature_map, divergence, cosine, feature), feature=feature)
@@ -141,17 +151,31 @@ def experiment_config(preset: str, feature_map: Optional[str] = None, feature: O
         cfg.seed = seed
     if max_steps is not None:
         cfg.train.max_steps = max_steps
+    if teacher_source is not None:
+        cfg.train.teacher_source = teacher_source
     if resume_dir == "auto":
-        resume_dir = COLAB_RESUME_DIR if on_colab() else None
+        resume_dir = cfg.train.resume_dir or (COLAB_RESUME_DIR if on_colab() else None)
     cfg.train.resume_dir = str(resume_dir) if resume_dir else None
     return cfg.validate()
 
 
 def run_folder(cfg: ExperimentConfig, results_dir: PathLike) -> Path:
-    """The run's folder in ``results_dir`` (``EXP[-attn]-seedSEED``)."""
-    from .train import run_name
+    """The run's folder in ``results_dir``: ``PRESET/EXP[-attn][-topK]-seedSEED``."""
+    from .train import run_dir
 
-    return Path(results_dir) / run_name(cfg)
+    return run_dir(results_dir, cfg)
+
+
+def plan_text(cfg: ExperimentConfig, results_dir: PathLike, data_dir: Optional[PathLike] = None,
+              budget_mib: float = BUDGET_MIB) -> str:
+    """What this run will cost (``kdlib.plan``): tokens, steps, evaluations, time, bytes against the
+    results folder's budget. Measured on this runtime's GPU; an estimate without one."""
+    from .checkpoint import MiB
+    from .plan import plan
+
+    return plan(cfg.preset, cfgs=[cfg], results_dir=results_dir,
+                data_dir=data_dir if data_dir is not None else data_folder(cfg.preset),
+                budget_bytes=int(budget_mib * MiB)).to_text()
 
 
 def describe(cfg: ExperimentConfig, results_dir: PathLike) -> str:
@@ -162,7 +186,7 @@ def describe(cfg: ExperimentConfig, results_dir: PathLike) -> str:
 
 def train_run(cfg: ExperimentConfig, results_dir: PathLike, data_dir: Optional[PathLike] = None, *,
               train_fn: Optional[Callable[..., dict]] = None, budget_mib: float = BUDGET_MIB,
-              log: Callable[[str], None] = print, progress: bool = True) -> dict:
+              log: Callable[[str], None] = print, progress: bool = True, show_plan: bool = True) -> dict:
     """Train ``cfg`` in its run folder under ``results_dir`` (as ``python -m kdlib train``); the summary.
 
     Resumes an interrupted run and returns a finished one's summary without training. ``data_dir``
@@ -179,6 +203,8 @@ def train_run(cfg: ExperimentConfig, results_dir: PathLike, data_dir: Optional[P
     data_dir = data_folder(cfg.preset, data_dir)
     budget = StorageBudget(results_dir, int(budget_mib * MiB))
     log(f"run {run_dir} (data {data_dir})")
+    if show_plan:
+        log(plan_text(cfg, results_dir, data_dir, budget_mib))
     return (train_fn or train)(cfg, run_dir, data_dir, budget=budget, log=log, progress=progress)
 
 
@@ -241,23 +267,39 @@ def show_val_ppl(run_dir: PathLike) -> None:
 
 
 def show_report(result: dict) -> None:
-    """Display what ``kdlib.analysis.report`` returned: the table, the PNG figures, the files written.
+    """Display what ``kdlib.analysis.report`` returned: per protocol group, its protocol, its table
+    and its PNG figures; then the original study's figures and the files written.
 
     (``report`` itself prints the runs it skipped, with the reason.)
     """
-    from IPython.display import Image, display
+    from IPython.display import Image, Markdown, display
 
-    table = result.get("table")
-    if table is None or len(table) == 0:
+    groups = result.get("groups")
+    if groups is None:  # a result without groups: one table
+        groups = [{"table": result.get("table"), "figures": result.get("figures", [])}]
+    if not groups:
         print("no runs of ours in the table")
-    else:
-        display(table)
-    for path in result.get("figures", []):
-        if Path(path).suffix.lower() == ".png":
-            display(Image(filename=str(path), width=650))  # 200-dpi figures at about their print size
+    shown = set()
+    for group in groups:
+        if group.get("statement"):
+            display(Markdown(group["statement"]))
+        table = group.get("table")
+        if table is None or len(table) == 0:
+            print("no runs of ours in the table")
+        else:
+            display(table)
+        shown |= _show_pngs(group.get("figures", []), display, Image)
+    _show_pngs([p for p in result.get("figures", []) if str(p) not in shown], display, Image)
     files = [str(p) for p in result.get("files", [])] + [str(p) for p in result.get("figures", [])]
     if files:
         print("written:\n  " + "\n  ".join(files))
+
+
+def _show_pngs(paths, display, image) -> set:
+    pngs = [str(p) for p in paths if Path(p).suffix.lower() == ".png"]
+    for path in pngs:
+        display(image(filename=path, width=650))  # 200-dpi figures at about their print size
+    return set(pngs)
 
 
 # --------------------------------------------------------------------------
@@ -308,7 +350,8 @@ class Panel:
             return w.Dropdown(options=options, value=value, description=description, style=style,
                               layout=w.Layout(width="240px"))
 
-        self.preset = dropdown("preset", list(PRESETS), preset)
+        offered = list(NOTEBOOK_PRESETS) + ([preset] if preset not in NOTEBOOK_PRESETS else [])
+        self.preset = dropdown("preset", offered, preset)
         self.feature_map = dropdown("feature map", ["none", *MAPS], _none(feature_map) or "none")
         self.feature = dropdown("feature", list(FEATURES), feature or base.loss.feature)
         self.divergence = dropdown("divergence", ["none", *DIVERGENCES], _none(divergence) or "none")

@@ -38,13 +38,22 @@ def save(fig, folder, name: str) -> list[Path]:
 
 def _label(run) -> str:
     seed = "" if run["source"] == "original study" else f" s{run['seed']}"
-    return f"{run['exp']}{seed}"
+    return f"{run['label']}{seed}"
+
+
+def _score(table: pd.DataFrame):
+    """(score, CI, axis label): test perplexity where the group has test scores, else best validation
+    perplexity, labelled so; never the two mixed in one axis."""
+    if table["test_ppl"].notna().any():
+        return table["test_ppl"], table["test_ci95"], "test perplexity"
+    return table["best_val_ppl"], table["best_val_ci95"], "best validation perplexity (no test scores yet)"
 
 
 def _draw_curves(ax, runs: pd.DataFrame, curves: dict, x: str = "tokens", style=None):
     for _, run in runs.iterrows():
         c = curves[run["run"]]
-        kw = {"lw": 1.1, "ls": "--" if run["exp"] in BASELINES else "-", **(style or {})}
+        # markers: a run with a single evaluation still shows
+        kw = {"lw": 1.1, "ls": "--" if run["exp"] in BASELINES else "-", "marker": "o", "ms": 2.5, **(style or {})}
         ax.plot(c[x] / (1e6 if x == "tokens" else 1), c["val_ppl"], label=_label(run), **kw)
     ax.set_yscale("log")
     ax.set_ylabel("validation perplexity")
@@ -78,15 +87,15 @@ def grouped_curves(runs: pd.DataFrame, curves: dict, by: str):
 
 
 def ppl_bars(table: pd.DataFrame, title: str = "Perplexity by experiment (mean over seeds, 95% CI)"):
-    """Test perplexity per experiment (best validation where there is no test score), CI whiskers."""
+    """Test perplexity per experiment with CI whiskers (a row without a test score has no bar); best
+    validation perplexity, said on the axis, when no row has a test score."""
     plt = _plt()
-    score = table["test_ppl"].where(table["test_ppl"].notna(), table["best_val_ppl"])
-    ci = table["test_ci95"].where(table["test_ppl"].notna(), table["best_val_ci95"])
+    score, ci, ylabel = _score(table)
     fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
     ax.bar(range(len(table)), score, yerr=None if ci.isna().all() else ci.fillna(0), capsize=3,
            color=["0.6" if e in BASELINES else "C0" for e in table.index])
     ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("test perplexity")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(score.min() * 0.9, score.max() * 1.05)
     ax.set_title(title + " (grey: baselines)")
     ax.grid(axis="y", alpha=0.3)
@@ -104,7 +113,8 @@ def cosine_effect(paired: pd.DataFrame):
            capsize=3, color=["C3" if v > 0 else "C2" for v in paired["mean_diff"]])
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(paired)), labels, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("Δ perplexity (with cos − without)")
+    what = "test" if paired.get("metric", pd.Series(["test_ppl"])).iloc[0] == "test_ppl" else "best validation"
+    ax.set_ylabel(f"Δ {what} perplexity (with cos − without)")
     ax.set_title("Effect of the cosine loss (below 0: it helps)")
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -118,7 +128,7 @@ def js_early_late(js: pd.DataFrame):
         ax.plot([i, i], [r["best_val_ppl"], r["final_val_ppl"]], color="0.5", lw=1)
     ax.scatter(range(len(js)), js["best_val_ppl"], label="best", color="C2", zorder=3)
     ax.scatter(range(len(js)), js["final_val_ppl"], label="final", color="C3", zorder=3)
-    ax.set_xticks(range(len(js)), [f"{e} s{s}" for e, s in zip(js["exp"], js["seed"])], rotation=30,
+    ax.set_xticks(range(len(js)), [f"{e} s{s}" for e, s in zip(js["label"], js["seed"])], rotation=30,
                   ha="right", fontsize=7)
     ax.set_ylabel("validation perplexity")
     ax.set_title("JS runs: best vs final validation perplexity")
@@ -130,13 +140,15 @@ def js_early_late(js: pd.DataFrame):
 def cost_vs_ppl(table: pd.DataFrame):
     """Training wall time against perplexity per experiment (finding 1: is the richer loss worth it?)."""
     plt = _plt()
-    score = table["test_ppl"].where(table["test_ppl"].notna(), table["best_val_ppl"])
+    score, _, ylabel = _score(table)
+    shown = score.notna() & table["train_wall_s"].notna()  # unfinished runs have neither
+    score, wall = score[shown], table.loc[shown, "train_wall_s"]
     fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
-    ax.scatter(table["train_wall_s"], score, color=["0.5" if e in BASELINES else "C0" for e in table.index])
-    for name, x, y in zip(table.index, table["train_wall_s"], score):
+    ax.scatter(wall, score, color=["0.5" if e in BASELINES else "C0" for e in score.index])
+    for name, x, y in zip(score.index, wall, score):
         ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.set_xlabel("training wall time per run (s)")
-    ax.set_ylabel("test perplexity")
+    ax.set_ylabel(ylabel)
     ax.set_title("Cost against quality")
     ax.grid(alpha=0.3)
     return fig
@@ -146,7 +158,7 @@ def with_reference(runs, curves, ref_runs, ref_curves):
     """New runs (solid) beside the original study's (thin, grey) on one token axis."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(WIDTH, 4.0))
-    _draw_curves(ax, ref_runs, ref_curves, style={"color": "0.7", "lw": 0.7})
+    _draw_curves(ax, ref_runs, ref_curves, style={"color": "0.7", "lw": 0.7, "ms": 1.5})
     _draw_curves(ax, runs, curves)
     ax.set_xscale("log")
     ax.set_title("These runs (colour) and the original study's (grey)")

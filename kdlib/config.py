@@ -288,8 +288,9 @@ class TrainConfig:
     # None = inside the run folder (counted in its storage budget); a local
     # path such as /content/resume keeps the ~2x-model-size file off Drive.
     resume_dir: Optional[str] = None
-    # The resume state is also saved after this many seconds of training since
-    # the last save (and at every evaluation): an interruption loses minutes.
+    # The resume state is also saved at the first log line after this many
+    # seconds of training since the last save (and at every evaluation): an
+    # interruption loses minutes.
     save_every_s: float = 600.0
     # Where the teacher's outputs come from, for every KD experiment of the run:
     # "online" (the teacher runs in every step) or "cache" (the top-k cache,

@@ -178,11 +178,16 @@ class RunPaths:
         """Where the run writes its best student: the run folder, or weights_dir under a name that
         is unique to this run folder (two results folders may hold runs of the same name)."""
         if self.weights_dir is not None:
-            import hashlib
-
-            tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:10]
-            return self.weights_dir / f"{self.root.name}-{tag}.safetensors"
+            return self.weights_dir / f"{self.root.name}-{self._tag}.safetensors"
         return self.kept_student
+
+    @property
+    def _tag(self) -> str:
+        """Unique to this run folder: a shared resume_dir or weights_dir holds runs of one name from
+        several results folders and presets (RESULTS/PRESET/kl-seed0)."""
+        import hashlib
+
+        return hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:10]
 
     @property
     def kept_student(self) -> Path:
@@ -192,7 +197,7 @@ class RunPaths:
     @property
     def resume(self) -> Path:
         if self.resume_dir is not None:
-            return self.resume_dir / f"{self.root.name}.resume.safetensors"
+            return self.resume_dir / f"{self.root.name}-{self._tag}.resume.safetensors"
         return self.root / "resume.safetensors"
 
     @property
@@ -368,14 +373,21 @@ def estimate_run_bytes(cfg: ExperimentConfig, with_resume: bool,
 
 
 def check_budget(cfg: ExperimentConfig, run_dir, budget: Optional[StorageBudget],
-                 teacher_shape: Optional[tuple[int, int]] = None) -> None:
+                 teacher_shape: Optional[tuple[int, int]] = None, sched: Optional["Schedule"] = None) -> None:
     """Refuse before training, not after hours, if the run's files will not fit the budget."""
     if budget is None:
         return
     paths = RunPaths.of(cfg, run_dir)
     inside = paths.resume.resolve().is_relative_to(budget.root.resolve())
-    need = estimate_run_bytes(cfg, inside, teacher_shape,
-                              with_student=paths.student.resolve().is_relative_to(budget.root.resolve()))
+    student_inside = paths.student.resolve().is_relative_to(budget.root.resolve())
+    need = estimate_run_bytes(cfg, inside, teacher_shape, with_student=student_inside)
+    if not inside and not student_inside and sched is not None:
+        # Only config, metrics and summary come here (weights = "best", resume elsewhere): count
+        # them as the plan does; the 1 MiB allowance would refuse the last runs of a sweep whose
+        # results folder holds the kept best student (97 MiB of a 100 MiB budget) and the rest.
+        from .plan import small_files_bytes
+
+        need += small_files_bytes(cfg, sched) - MiB
     have = sum(f.stat().st_size for f in paths.root.rglob("*") if f.is_file()) if paths.root.is_dir() else 0
     if budget.used() - have + need > budget.limit_bytes:
         raise KdlibError(
@@ -553,7 +565,7 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
     if accelerator.is_main_process:
         # Checked before anything is written: a refused run leaves no folder claimed.
         shape = teacher_shape(teacher) if teacher is not None and objective.needs_hidden_states else None
-        check_budget(cfg, paths.root, budget, shape)
+        check_budget(cfg, paths.root, budget, shape, plan)
         if not paths.config.is_file():
             atomic_write_text(paths.config, cfg.to_json() + "\n")
     state = {"step": 0, "best": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0, "wall": 0.0,
@@ -672,7 +684,11 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
                             **({"mfu": f"{row['mfu']:.0%}"} if row and "mfu" in row else {}),
                             eta=_eta(state, plan, clock.wall()))
         bar.update(1)
-        due = clock.wall() - wall_saved >= t.save_every_s  # ~10 minutes of training since the last save
+        # ~10 minutes of training since the last save; decided at log lines and evaluations (where
+        # every process syncs anyway), and by all processes together, since saving has collectives.
+        due = row is not None and clock.wall() - wall_saved >= t.save_every_s
+        if row is not None and world > 1:
+            due = float(accelerator.reduce(torch.tensor(float(due), device=accelerator.device), "sum")) > 0
         if at_eval or due or stopped_early or state["step"] == total or \
                 (stop_after and steps_this_process >= stop_after):
             guard.check(paths.student, paths.resume, accelerator)

@@ -24,7 +24,6 @@ The time is an upper bound in one respect: early stopping can end a run sooner.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -47,6 +46,9 @@ FP32_PEAK = {"A100": 19.5, "H100": 67.0, "H200": 67.0, "L40S": 91.6, "L4": 30.3,
 WIKITEXT103_TOKENS = {"train": 119_000_000, "validation": 247_000, "test": 288_000}
 SUMMARY_BYTES = 2 * 1024  # summary.json, rounded up
 STUDENT_HEADER_BYTES = 16 * 1024  # safetensors header with the config in its metadata
+# A resume state's header (a name, shape and offsets per tensor: ~4 per parameter tensor), the
+# RNG states and counters in its metadata: ~34 KiB for smoke's student, ~55 KiB for the study's.
+RESUME_EXTRA_BYTES = 128 * 1024
 
 
 @dataclass
@@ -489,10 +491,11 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
             rate = rate_of(cfg)
         seconds = (sched.tokens * train_flops + eval_flops) / rate
         paths = RunPaths.of(cfg, Path(results_dir or "runs") / cfg.preset / run_name(cfg))
-        small = len(cfg.to_json()) + 1 + _metrics_bytes(cfg, sched) + SUMMARY_BYTES
+        small = small_files_bytes(cfg, sched)
         student = 2 * student_parameters(cfg) + STUDENT_HEADER_BYTES
         student_bytes = max(student_bytes, student)
-        resume = estimate_run_bytes(cfg, True, with_student=False) - MiB  # student and projectors
+        # weights and AdamW moments of student and projectors, and the file's header
+        resume = estimate_run_bytes(cfg, True, with_student=False) - MiB + RESUME_EXTRA_BYTES
         kept_here = paths.weights_dir is None
         runs.append(RunPlan(
             name=run_name(cfg), exp=cfg.exp, seed=cfg.seed, teacher_source=source, tokens=sched.tokens,
@@ -516,6 +519,11 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
                 kept_student_bytes=kept, data_bytes=data.bytes, cache_bytes=cache_bytes, data_note=data.note,
                 weights=weights, weights_dir=cfgs[0].train.weights_dir, resume_dir=cfgs[0].train.resume_dir,
                 notes=notes)
+
+
+def small_files_bytes(cfg: ExperimentConfig, sched) -> int:
+    """What a run writes into its folder besides weights: config.json, metrics.jsonl, summary.json."""
+    return len(cfg.to_json()) + 1 + _metrics_bytes(cfg, sched) + SUMMARY_BYTES
 
 
 def _metrics_bytes(cfg: ExperimentConfig, sched) -> int:

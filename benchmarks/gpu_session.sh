@@ -16,12 +16,15 @@
 #   reference   the 14 experiments, the original method (each in its own process with
 #               CUDA_LAUNCH_BLOCKING=1); its rows give the "x reference" ratios
 #   compile     kl and layerwise-kl-cos with torch.compile
+#   plan        `kdlib plan` measured on this GPU for colab-a100 (3 seeds), colab-t4 (1 seed)
+#               and study: the sweeps' hours from kdlib's own step here, next to the estimates
+#   precision   benchmarks/teacher_precision.py on the GPU: fp16 / bf16 teacher vs fp32
 set -uo pipefail
 out="${OUT:-bench-gpu}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 py="${PYTHON:-python3}"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(checks divergence train reference compile)
+[ ${#stages[@]} -eq 0 ] && stages=(checks plan divergence train reference compile)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
@@ -49,8 +52,15 @@ for s in "${stages[@]}"; do
         compile)
             stage compile 240 "$py" -m kdlib bench --shapes study --sections train --paths kdlib cached \
                 --exps kl layerwise-kl-cos --compile --warmup 3 --steps 10 --out "$out/compile" ;;
+        plan)
+            for p in "colab-a100 --seeds 0 1 2" "colab-t4 --seeds 0" "study"; do
+                # shellcheck disable=SC2086
+                stage plan 120 "$py" -m kdlib plan --preset $p --device measure --runs "$out/plan-runs"
+            done ;;
+        precision)
+            stage precision 300 "$py" benchmarks/teacher_precision.py --out "$out/precision" ;;
         *)
-            echo "unknown stage $s; stages: checks divergence train reference compile" >&2
+            echo "unknown stage $s; stages: checks plan divergence train reference compile precision" >&2
             exit 2 ;;
     esac
 done

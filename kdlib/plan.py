@@ -326,7 +326,7 @@ def _estimated_rate(cfg: ExperimentConfig, gpu: str) -> tuple[float, str]:
                                f"{peak:g} TFLOP/s {precision} peak (assumed, not measured)")
 
 
-def measure_rates(cfgs: Sequence[ExperimentConfig], steps: int = 2, warmup: int = 1) -> dict:
+def measure_rates(cfgs: Sequence[ExperimentConfig], steps: int = 3, warmup: int = 2) -> dict:
     """Achieved training FLOP/s of kdlib's step on this machine, per kind of experiment in ``cfgs``
     (feature map, cosine, divergence, teacher source): {kind: FLOP/s}. A few steps each, on random
     token windows, with a random teacher of the configured shape."""
@@ -340,6 +340,7 @@ def measure_rates(cfgs: Sequence[ExperimentConfig], steps: int = 2, warmup: int 
 
 
 def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
+    import gc
     import time
 
     import numpy as np
@@ -402,7 +403,10 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
                 times.append(time.perf_counter() - t0)
         seconds = sorted(times)[len(times) // 2]
         rates[key] = n * cfg.data.block_size * flops(cfg, source)[0] / seconds
-        del trainee, optimizer, scheduler, student, objective
+        del trainee, optimizer, scheduler, student, objective, accelerator
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # the run that follows gets the memory back
     return rates
 
 

@@ -145,6 +145,9 @@ def _budget(args: argparse.Namespace):
 
     if not (0 < args.budget_mib < 1e9):
         raise KdlibError(f"--budget-mib must be a positive number of MiB, got {args.budget_mib}")
+    if Path(args.runs).exists() and not Path(args.runs).is_dir():
+        raise KdlibError(f"the results folder {args.runs} is a file, not a folder; give --runs a folder "
+                         "(it is created if missing)")
     return StorageBudget(args.runs, int(args.budget_mib * MiB))
 
 

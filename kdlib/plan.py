@@ -38,17 +38,16 @@ TARGET_GPU = {"colab-a100": "A100", "colab-t4": "T4", "study": "A100"}
 # Stated model-FLOPs utilisation per GPU for kdlib's step (assumed, not measured:
 # gpu_session.sh measures it). The T4's is lower: fp16 with loss scaling, and
 # memory bandwidth (320 GB/s) limits the vocabulary-sized loss.
-STATED_MFU = {"A100": 0.35, "H100": 0.35, "H200": 0.35, "L40S": 0.30, "L4": 0.30, "V100": 0.30, "T4": 0.25}
+STATED_MFU = {"A100": 0.35, "H100": 0.35, "H200": 0.35, "L40S": 0.30, "L40": 0.30, "L4": 0.30, "V100": 0.30,
+              "T4": 0.25}
 # Dense float32 peaks (TFLOP/s, no TF32: PyTorch's default for matmuls), for fp32 runs.
-FP32_PEAK = {"A100": 19.5, "H100": 67.0, "H200": 67.0, "L40S": 91.6, "L4": 30.3, "V100": 15.7, "T4": 8.1}
+FP32_PEAK = {"A100": 19.5, "H100": 67.0, "H200": 67.0, "L40S": 91.6, "L40": 90.5, "L4": 30.3, "V100": 15.7,
+             "T4": 8.1}
 # WikiText-103 with GPT-2's tokenizer, for a plan made before `prep` (approximate;
 # validation and test are WikiText-2's).
 WIKITEXT103_TOKENS = {"train": 119_000_000, "validation": 247_000, "test": 288_000}
 SUMMARY_BYTES = 2 * 1024  # summary.json, rounded up
 STUDENT_HEADER_BYTES = 16 * 1024  # safetensors header with the config in its metadata
-# A resume state's header (a name, shape and offsets per tensor: ~4 per parameter tensor), the
-# RNG states and counters in its metadata: ~34 KiB for smoke's student, ~55 KiB for the study's.
-RESUME_EXTRA_BYTES = 128 * 1024
 
 
 @dataclass
@@ -189,8 +188,8 @@ def sweep_configs(base: ExperimentConfig, exps: Optional[Sequence[str]] = None,
     """
     import copy
 
-    exps = list(exps or EXPERIMENTS)
-    seeds = list(preset_seeds(base.preset) if seeds is None else seeds)
+    exps = list(dict.fromkeys(parse(e, base.loss.feature).name for e in (exps or EXPERIMENTS)))  # once each
+    seeds = list(dict.fromkeys(preset_seeds(base.preset) if seeds is None else seeds))
     if not seeds:
         raise KdlibError("no seeds given; give at least one (the preset's: "
                          f"{', '.join(map(str, preset_seeds(base.preset)))})")
@@ -226,12 +225,17 @@ def _data_sizes(cfg: ExperimentConfig, data_dir) -> _Data:
     from .data import SPLITS, load_split, token_dtype
 
     item = 2 if token_dtype(cfg.model.vocab_size) == "uint16" else 4
+    stale = ""
     if data_dir is not None and all((Path(data_dir) / f"{s}.json").is_file() for s in SPLITS):
+        from .train import check_subset
+
         try:
-            splits = {s: load_split(data_dir, s).n_tokens for s in SPLITS}
+            loaded = {s: load_split(data_dir, s) for s in SPLITS}
+            check_subset(cfg, loaded["train"])
+            splits = {s: x.n_tokens for s, x in loaded.items()}
             return _Data(splits, sum(splits.values()) * item, f"prepared in {data_dir}")
-        except KdlibError:
-            pass
+        except KdlibError as e:
+            stale = f"; {data_dir} does not serve this preset ({str(e).split(';')[0]})"
     d = cfg.data
     from .data import PYTHON_DOCS
 
@@ -253,7 +257,7 @@ def _data_sizes(cfg: ExperimentConfig, data_dir) -> _Data:
     if d.train_tokens is not None:
         splits["train"] = d.train_tokens
         note += f"; train is a subset of ~{d.train_tokens:,} tokens"
-    return _Data(splits, sum(splits.values()) * item, note)
+    return _Data(splits, sum(splits.values()) * item, note + stale)
 
 
 def _teacher_dims(cfg: ExperimentConfig) -> dict:
@@ -457,7 +461,8 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
     presets = {c.preset for c in cfgs}
     if len(presets) > 1:
         raise KdlibError(f"a plan covers one preset; these configs are of {choices(sorted(presets))}")
-    data = _data_sizes(base, data_dir if data_dir is not None else Path("data") / base.preset)
+    # The runs' own data config (a caller's cfgs may differ from the preset's).
+    data = _data_sizes(cfgs[0], data_dir if data_dir is not None else Path("data") / base.preset)
     import torch
 
     notes = []
@@ -467,7 +472,8 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
     elif device == "measure" or (device == "auto" and (torch.cuda.is_available() or base.preset not in TARGET_GPU)):
         rates = measure_rates(cfgs)
         dev_name = _device_name()
-        time_source = f"measured on {dev_name}: a few of kdlib's steps per kind of experiment"
+        time_source = (f"measured on {dev_name}: a few of kdlib's steps per kind of experiment"
+                       + ("" if torch.cuda.is_available() else " (a CPU busy with other work reads slower)"))
         rate_of = lambda cfg: rates[_kind(cfg)]  # noqa: E731
     else:
         gpu = TARGET_GPU[base.preset] if device == "auto" else device
@@ -499,7 +505,7 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
         student = 2 * student_parameters(cfg) + STUDENT_HEADER_BYTES
         student_bytes = max(student_bytes, student)
         # weights and AdamW moments of student and projectors, and the file's header
-        resume = estimate_run_bytes(cfg, True, with_student=False) - MiB + RESUME_EXTRA_BYTES
+        resume = estimate_run_bytes(cfg, True, with_student=False, small_bytes=0)
         kept_here = paths.weights_dir is None
         runs.append(RunPlan(
             name=run_name(cfg), exp=cfg.exp, seed=cfg.seed, teacher_source=source, tokens=sched.tokens,
@@ -517,7 +523,8 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
         existing = sum(f.stat().st_size for f in Path(results_dir).rglob("*")
                        if f.is_file() and not any(p in mine for p in f.resolve().parents))
     uses_cache = any(r.teacher_source == "cache" for r in runs)
-    cache_bytes = bytes_per_token(base.cache.top_k, base.model.vocab_size) * data.tokens["train"] if uses_cache else 0
+    first = cfgs[0]
+    cache_bytes = bytes_per_token(first.cache.top_k, first.model.vocab_size) * data.tokens["train"] if uses_cache else 0
     return Plan(preset=base.preset, runs=runs, time_source=time_source, device=dev_name, budget_bytes=budget_bytes,
                 results_dir=str(results_dir) if results_dir is not None else None, existing_bytes=existing,
                 kept_student_bytes=kept, data_bytes=data.bytes, cache_bytes=cache_bytes, data_note=data.note,

@@ -14,6 +14,7 @@ the CPU the continued run is bit-for-bit the uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from contextlib import nullcontext
@@ -182,12 +183,32 @@ class RunPaths:
         return self.kept_student
 
     @property
+    def id_file(self) -> Path:
+        return self.root / ".run-id"
+
+    @property
     def _tag(self) -> str:
         """Unique to this run folder: a shared resume_dir or weights_dir holds runs of one name from
-        several results folders and presets (RESULTS/PRESET/kl-seed0)."""
+        several results folders and presets (RESULTS/PRESET/kl-seed0). A random id kept in the run
+        folder (``ensure_id``), so a results folder that is moved or renamed finds its files again;
+        before there is one, a hash of the folder's path."""
         import hashlib
+        import re
 
+        try:
+            text = self.id_file.read_text(encoding="ascii").strip()
+            if re.fullmatch(r"[0-9a-f]{10}", text):
+                return text
+        except (OSError, UnicodeDecodeError):
+            pass
         return hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:10]
+
+    def ensure_id(self) -> None:
+        """Give the run folder its id, where its files live outside it (resume_dir, weights_dir)."""
+        import secrets
+
+        if (self.resume_dir is not None or self.weights_dir is not None) and not self.id_file.is_file():
+            atomic_write_text(self.id_file, secrets.token_hex(5) + "\n")
 
     @property
     def kept_student(self) -> Path:
@@ -237,6 +258,7 @@ class RunLock:
         self.path = path
 
     def __enter__(self):
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -255,6 +277,11 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
+        if getattr(self, "created", False):  # a run refused before it wrote anything leaves no folder
+            try:
+                self.path.parent.rmdir()
+            except OSError:
+                pass  # not empty: the run's files
 
 
 def _read_pid(path: Path) -> Optional[int]:
@@ -283,7 +310,22 @@ def _load_data(cfg: ExperimentConfig, data_dir: Path, log) -> dict:
     splits = {s: load_split(data_dir, s) for s in SPLITS}
     for split in splits.values():
         check_vocab(split, cfg.model.vocab_size)
+    check_subset(cfg, splits["train"])
     return splits
+
+
+def check_subset(cfg: ExperimentConfig, train_split) -> None:
+    """Refuse a training split prepared with another ``data.train_tokens`` subset (or with one, for
+    a config that trains on the whole split): the budget's epochs would mean other data."""
+    found = train_split.manifest.get("inputs", {}).get("subset")
+    d = cfg.data
+    expected = {"tokens": d.train_tokens, "seed": d.subset_seed} if d.train_tokens is not None else None
+    if found != expected:
+        def say(x):
+            return "the whole train split" if x is None else f"a subset of {x['tokens']:,} tokens (seed {x['seed']})"
+        raise KdlibError(f"{train_split.path} holds {say(found)}, but this run (preset {cfg.preset!r}) trains on "
+                         f"{say(expected)}; prepare its data in its own folder (`python -m kdlib prep --preset "
+                         f"{cfg.preset} --data-dir data/{cfg.preset}`) and point --data-dir there")
 
 
 def _open_cache(cfg: ExperimentConfig, cache_dir: Optional[Path], tokens) -> TopKCache:
@@ -323,8 +365,16 @@ def _check_config(paths: RunPaths, cfg: ExperimentConfig) -> None:
         saved.train.compile = cfg.train.compile
         saved.train.save_every_s = cfg.train.save_every_s
         if saved != cfg:
-            diff = [k for k in ("preset", "exp", "seed", "model", "teacher", "loss", "data", "cache", "train")
-                    if getattr(saved, k) != getattr(cfg, k)]
+            diff = []
+            for k in ("preset", "exp", "seed", "model", "teacher", "loss", "data", "cache", "train"):
+                a, b = getattr(saved, k), getattr(cfg, k)
+                if a == b:
+                    continue
+                if dataclasses.is_dataclass(a):  # name the fields: train.weights_dir, not train
+                    diff += [f"{k}.{f.name} ({getattr(a, f.name)!r} there, {getattr(b, f.name)!r} now)"
+                             for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+                else:
+                    diff.append(k)
             raise KdlibError(f"run folder {paths.root} holds a run of another configuration (differs in: "
                              f"{', '.join(diff)}; it is {saved.exp!r} seed {saved.seed} of preset "
                              f"{saved.preset!r}); use another folder, nothing was changed")
@@ -341,6 +391,11 @@ def teacher_shape_hint(cfg: ExperimentConfig) -> tuple[int, int]:
         d = read_json(config, "teacher config")
         return d.get("n_layer", d.get("num_hidden_layers", 12)), d.get("n_embd", d.get("hidden_size", 768))
     return 12, 768
+
+
+# A resume state's file beyond its tensors: a header entry per tensor (~4 per parameter tensor),
+# the RNG states and counters in its metadata: ~34 KiB for smoke's student, ~55 KiB for the study's.
+RESUME_EXTRA_BYTES = 128 * 1024
 
 
 def student_parameters(cfg: ExperimentConfig) -> int:
@@ -363,13 +418,15 @@ def projector_parameters(cfg: ExperimentConfig, teacher_shape: Optional[tuple[in
 
 
 def estimate_run_bytes(cfg: ExperimentConfig, with_resume: bool,
-                       teacher_shape: Optional[tuple[int, int]] = None, with_student: bool = True) -> int:
+                       teacher_shape: Optional[tuple[int, int]] = None, with_student: bool = True,
+                       small_bytes: int = MiB) -> int:
     """What a run will write: the fp16 student (``with_student``), and (optionally) the float32 resume
-    state (weights and both AdamW moments of the student and the feature projectors), plus 1 MiB for
-    config, metrics and summary."""
+    state (weights and both AdamW moments of the student and the feature projectors), plus
+    ``small_bytes`` for config, metrics and summary (``kdlib.plan.small_files_bytes`` counts them
+    from the run's schedule; 1 MiB without one)."""
     student = student_parameters(cfg)
-    resume = 12 * (student + projector_parameters(cfg, teacher_shape)) if with_resume else 0
-    return (2 * student if with_student else 0) + resume + MiB
+    resume = 12 * (student + projector_parameters(cfg, teacher_shape)) + RESUME_EXTRA_BYTES if with_resume else 0
+    return (2 * student if with_student else 0) + resume + small_bytes
 
 
 def check_budget(cfg: ExperimentConfig, run_dir, budget: Optional[StorageBudget],
@@ -380,21 +437,20 @@ def check_budget(cfg: ExperimentConfig, run_dir, budget: Optional[StorageBudget]
     paths = RunPaths.of(cfg, run_dir)
     inside = paths.resume.resolve().is_relative_to(budget.root.resolve())
     student_inside = paths.student.resolve().is_relative_to(budget.root.resolve())
-    need = estimate_run_bytes(cfg, inside, teacher_shape, with_student=student_inside)
-    if not inside and not student_inside and sched is not None:
-        # Only config, metrics and summary come here (weights = "best", resume elsewhere): count
-        # them as the plan does; the 1 MiB allowance would refuse the last runs of a sweep whose
-        # results folder holds the kept best student (97 MiB of a 100 MiB budget) and the rest.
-        from .plan import small_files_bytes
+    # Config, metrics and summary counted as the plan counts them: a flat allowance would refuse
+    # runs of a sweep the plan said fits (the last ones of a colab sweep whose results folder holds
+    # the kept best student, 97 MiB of 100, and 41 runs' metrics).
+    from .plan import small_files_bytes
 
-        need += small_files_bytes(cfg, sched) - MiB
+    need = estimate_run_bytes(cfg, inside, teacher_shape, with_student=student_inside,
+                              small_bytes=small_files_bytes(cfg, sched) if sched is not None else MiB)
     have = sum(f.stat().st_size for f in paths.root.rglob("*") if f.is_file()) if paths.root.is_dir() else 0
     if budget.used() - have + need > budget.limit_bytes:
         raise KdlibError(
             f"run {paths.root.name} will need about {need / MiB:.1f} MiB "
             f"({'with' if inside else 'without'} its resume state), and {budget.root} has "
             f"{(budget.limit_bytes - budget.used() + have) / MiB:.1f} MiB left of its "
-            f"{budget.limit_bytes / MiB:.0f} MiB budget; nothing was started.\n{budget.report()}\n"
+            f"{budget.limit_bytes / MiB:.3g} MiB budget; nothing was started.\n{budget.report()}\n"
             "Free space (`python -m kdlib storage DIR --delete-weights RUN`), put the resume state "
             "elsewhere (train.resume_dir), keep the students outside the results folder (train.weights = "
             "'best' with train.weights_dir), or raise the budget.")
@@ -499,8 +555,6 @@ def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_s
     continued run keeps it. ``stop_after`` ends the process's work after that many optimizer
     steps with the resume state saved (for tests of resuming and for time-sliced sessions).
     """
-    import dataclasses
-
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -568,6 +622,7 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
         check_budget(cfg, paths.root, budget, shape, plan)
         if not paths.config.is_file():
             atomic_write_text(paths.config, cfg.to_json() + "\n")
+        paths.ensure_id()
     state = {"step": 0, "best": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0, "wall": 0.0,
              "eval_wall": 0.0, "evals": 0}
 
@@ -587,7 +642,15 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
         sampler.load_state_dict(resume["sampler"])
         _set_rng_state(resume["rng"])
         state.update(resume["state"])
+        if state["best_step"] is not None and not paths.student.is_file() and accelerator.is_main_process:
+            raise KdlibError(f"the best student of {paths.root.name} (step {state['best_step']}, validation "
+                             f"perplexity {state['best']:.2f}) is missing from {paths.student}, so this run cannot "
+                             "be finished from its resume state: restore that file (e.g. to the train.weights_dir "
+                             f"it was in), or delete {paths.resume} to train the run again from step 0")
         log(f"resuming {paths.root.name} at step {state['step']}")
+    elif accelerator.is_main_process and paths.metrics.is_file() and paths.metrics.stat().st_size:
+        log(f"note: {paths.root.name} has metrics but no resume state at {paths.resume}: it starts again "
+            "from step 0 (a moved run folder keeps its state only with its .run-id file)")
     trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
     metrics = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= state["step"]] \
         if accelerator.is_main_process else []
@@ -714,8 +777,10 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
         # goes, so a sweep's results fit the budget. Written summary first: a kill in between
         # still leaves a finished run.
         paths.resume.unlink(missing_ok=True)
+        test = summary.get("test_ppl")
         log(f"{paths.root.name}: best val ppl {summary['best_val_ppl']:.2f} at step {summary['best_step']}, "
-            f"test ppl {summary['test_ppl']:.2f} (stride {summary['eval_stride']})")
+            + (f"test ppl {test:.2f} (stride {summary['eval_stride']})" if test is not None else
+               f"no test ppl: no student was saved at {paths.student}"))
         if paths.weights_dir is not None:
             keep_best_student(paths.root.parent, budget, log, RunPaths.of)
     accelerator.wait_for_everyone()
@@ -745,8 +810,9 @@ def keep_best_student(folder: Path, budget: Optional[StorageBudget], log=print, 
     """train.weights = "best": the finished run of ``folder`` with the lowest best validation
     perplexity keeps a copy of its student in its run folder; no other run there does.
 
-    Every student stays in weights_dir, so removing a copy loses nothing; a copy that would not
-    fit the budget is not made (and said so). Returns the name of the run holding the copy.
+    A copy is removed only when its original is still in weights_dir (so nothing is lost: a run
+    whose original is gone keeps its copy, and still competes for best); a copy that would not
+    fit the budget is not made (and said so). Returns the name of the run holding the best copy.
     """
     import shutil
 
@@ -759,16 +825,19 @@ def keep_best_student(folder: Path, budget: Optional[StorageBudget], log=print, 
         except KdlibError:
             continue
         paths = paths_of(cfg, run)
-        if paths.weights_dir is None or not paths.student.is_file() or summary.get("best_val_ppl") is None:
+        ppl = summary.get("best_val_ppl")
+        if paths.weights_dir is None or not isinstance(ppl, (int, float)) or not math.isfinite(ppl) \
+                or not (paths.student.is_file() or paths.kept_student.is_file()):
             continue
-        finished.append((summary["best_val_ppl"], run.name, paths))
+        finished.append((ppl, run.name, paths))
     if not finished:
         return None
-    _, best_name, best = min(finished)
+    _, best_name, best = min(finished, key=lambda f: (f[0], f[1]))
     for _, name, paths in finished:  # first the other copies: the budget then has room for the new one
-        if name != best_name and paths.kept_student.is_file():
+        if name != best_name and paths.kept_student.is_file() and paths.student.is_file():
             paths.kept_student.unlink()
-    if best.kept_student.is_file() and best.kept_student.stat().st_size == best.student.stat().st_size:
+    if best.kept_student.is_file() and (not best.student.is_file()
+                                        or best.kept_student.stat().st_size == best.student.stat().st_size):
         return best_name
     try:
         if budget is not None and best.kept_student.resolve().is_relative_to(budget.root.resolve()):
@@ -842,7 +911,7 @@ def _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_stude
         "device": device_name(), "params_student": n_student, "params_teacher": n_teacher,
         "val_split": "validation", "test_split": "test",
         "eval_block_size": cfg.data.block_size, "eval_stride": stride, "in_training_eval_stride": cfg.data.block_size,
-        "student_path": str(paths.student), "kdlib_version": __version__,
+        "student_path": str(paths.student.resolve()), "kdlib_version": __version__,
     }
     if best is not None:
         best = best.to(device)  # final perplexities on the training device, whatever the experiment

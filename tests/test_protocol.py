@@ -534,3 +534,118 @@ def test_notebooks_and_panel_do_not_offer_demo():
     options = json.loads(params[0])
     assert "demo" not in options
     assert options == list(kdlib.ui.NOTEBOOK_PRESETS)
+
+
+# --------------------------------------------------------------------------
+# what a hostile or unlucky user met (the QA pass)
+
+
+def test_a_data_folder_of_another_subset_is_refused(smoke_data, tmp_path):
+    # prep for the whole split, then a config that trains on a subset (study's data.train_tokens),
+    # and the other way round: refused by train, and `plan` does not count that folder's tokens.
+    from kdlib.plan import plan
+
+    whole = copy_data(smoke_data[0], tmp_path / "whole")
+    cfg = small_cfg("ce")
+    cfg.data.train_tokens = 10_000
+    with pytest.raises(KdlibError, match=r"holds the whole train split, but this run .* trains on a subset of "
+                                         r"10,000 tokens \(seed 0\); prepare its data in its own folder"):
+        run(cfg, tmp_path / "runs" / "smoke" / "ce-seed0", whole)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.json"))
+    p = plan("smoke", cfgs=[cfg], data_dir=whole, device="A100")
+    assert "does not serve this preset" in p.data_note
+    sub = tmp_path / "sub"
+    prepare(subset_cfg(10_000), sub, log=quiet)
+    with pytest.raises(KdlibError, match=r"holds a subset of 10,000 tokens \(seed 0\), but this run .* trains on "
+                                         r"the whole train split"):
+        run(small_cfg("ce"), tmp_path / "runs2" / "ce-seed0", sub)
+
+
+def test_a_resumed_run_whose_best_student_is_gone_is_refused(data_dir, tmp_path):
+    # weights="best" with the weights folder lost while the run was interrupted (a recycled Colab
+    # runtime): the resume state cannot finish the run; say so, write no summary.
+    weights = tmp_path / "w"
+    cfg = small_cfg("ce", max_steps=6, eval_every=2, weights="best", weights_dir=str(weights))
+    folder = tmp_path / "runs" / "smoke" / "ce-seed0"
+    assert run(cfg, folder, data_dir, stop_after=3) == {"stopped_at": 3}
+    shutil.rmtree(weights)
+    before = snapshot(folder)
+    with pytest.raises(KdlibError, match=r"best student of ce-seed0 \(step 2, .*\) is missing from .*restore that "
+                                         r"file.*or delete .*resume"):
+        run(cfg, folder, data_dir)
+    assert snapshot(folder) == before and not (folder / "summary.json").exists()
+
+
+def test_keep_best_student_when_the_weights_folder_was_lost(data_dir, tmp_path, capsys):
+    # The best run's copy in the results folder is then its only copy: it stays, and stays best.
+    runs, weights = tmp_path / "runs", tmp_path / "w"
+    common = ["--max-steps", "4", "--weights", "best", "--weights-dir", str(weights)]
+    assert sweep(runs, data_dir, "--exps", "ce", "kl", "last2last-kl", *common) == 0
+    folder = runs / "smoke"
+    ppl = {f.name: summary_of(f)["best_val_ppl"] for f in folder.iterdir()}
+    best = min(ppl, key=ppl.get)
+    copy = (folder / best / "student.safetensors").read_bytes()
+    shutil.rmtree(weights)
+    # A worse run joins the folder; the earlier best keeps its copy and no second copy is made.
+    cfg = preset("smoke").with_experiment("layerwise-kl-cos")
+    cfg.train.max_steps, cfg.train.lr = 4, 1e-6  # barely trains: worse than the others
+    cfg.train.weights, cfg.train.weights_dir = "best", str(weights)
+    run(cfg.validate(), folder / run_name(cfg), data_dir)
+    assert summary_of(folder / run_name(cfg))["best_val_ppl"] > ppl[best]
+    kept = sorted(f.name for f in folder.iterdir() if (f / "student.safetensors").is_file())
+    assert kept == [best] and (folder / best / "student.safetensors").read_bytes() == copy
+
+
+def test_a_moved_results_folder_resumes_its_runs(data_dir, tmp_path):
+    # The resume state and students outside the run folder are found by the run folder's id,
+    # which moves with it.
+    cfg = small_cfg("kl", max_steps=6, eval_every=2, resume_dir=str(tmp_path / "resume"), weights="best",
+                    weights_dir=str(tmp_path / "w"))
+    straight = run(cfg, tmp_path / "ref" / "smoke" / "kl-seed0", copy_data(data_dir, tmp_path / "d2"))
+    assert run(cfg, tmp_path / "runs" / "smoke" / "kl-seed0", data_dir, stop_after=3) == {"stopped_at": 3}
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    folder = tmp_path / "moved" / "smoke" / "kl-seed0"
+    logs = []
+    resumed = train(cfg, folder, data_dir, progress=False, log=logs.append)
+    assert "resuming kl-seed0 at step 3" in logs
+    for key in ("best_val_ppl", "test_ppl", "steps", "tokens"):
+        assert resumed[key] == straight[key], key
+    assert Path(resumed["student_path"]).is_absolute() and Path(resumed["student_path"]).is_file()
+
+
+def test_a_sweep_at_exactly_the_plans_budget_finishes(data_dir, tmp_path, capsys):
+    # Every student and the resume state in the run folders (weights="run"): the budget check of
+    # each run counts what the plan counts, so no run is refused halfway.
+    runs = tmp_path / "runs"
+    args = ["--exps", "ce", "kl", "last2last-kl", "--max-steps", "3"]
+    capsys.readouterr()
+    assert cli_main(["plan", "--preset", "smoke", "--runs", str(runs), "--data-dir", str(data_dir), *args,
+                     "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    budget = f"{p['peak_results_bytes'] / MiB:.6f}"
+    assert sweep(runs, data_dir, *args, "--budget-mib", budget) == 0
+    assert sorted(f.name for f in (runs / "smoke").iterdir() if (f / "summary.json").is_file()) == \
+        ["ce-seed0", "kl-seed0", "last2last-kl-seed0"]
+
+
+def test_a_results_folder_that_is_a_file_is_refused(data_dir, tmp_path, capsys):
+    runs = tmp_path / "runsfile"
+    runs.write_text("hi")
+    assert sweep(runs, data_dir, "--exps", "kl", "--max-steps", "2") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and runs.read_text() == "hi"
+
+
+def test_a_changed_config_is_refused_naming_the_fields(data_dir, tmp_path):
+    cfg = small_cfg("kl", max_steps=4)
+    folder = tmp_path / "runs" / "smoke" / "kl-seed0"
+    assert run(cfg, folder, data_dir, stop_after=2) == {"stopped_at": 2}
+    other = small_cfg("kl", max_steps=4, lr=5e-3)
+    with pytest.raises(KdlibError, match=r"differs in: train\.lr \(0\.001 there, 0\.005 now\)"):
+        run(other, folder, data_dir)
+
+
+def test_duplicate_experiments_and_seeds_are_planned_once(capsys):
+    assert cli_main(["plan", "--preset", "colab-t4", "--exps", "kl", "KL", "kl", "--seeds", "0", "0", "1",
+                     "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert [(r["exp"], r["seed"]) for r in p["runs"]] == [("kl", 0), ("kl", 1)]

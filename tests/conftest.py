@@ -75,6 +75,38 @@ def smoke_data(tmp_path_factory):
     return folder, splits
 
 
+@pytest.fixture
+def data_dir(smoke_data, tmp_path):
+    """A private copy of the prepared smoke data (training writes teacher_ppl.json into it)."""
+    import shutil
+
+    return shutil.copytree(smoke_data[0], tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def cache_data(smoke_data, tmp_path_factory):
+    """A copy of the smoke data with the train split's top-k cache (k = 16) for 'kl' in DATA/cache.
+
+    Shared: tests that train from it copy it first (``cached_data_dir``).
+    """
+    import shutil
+
+    from kdlib.cache import build_cache
+    from kdlib.config import preset
+
+    folder = shutil.copytree(smoke_data[0], tmp_path_factory.mktemp("cache_data") / "data")
+    build_cache(preset("smoke", "kl"), folder, folder / "cache", split="train", log=lambda *_: None,
+                progress=False)
+    return folder
+
+
+@pytest.fixture
+def cached_data_dir(cache_data, tmp_path):
+    import shutil
+
+    return shutil.copytree(cache_data, tmp_path / "data")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_intra_op_thread():
     """One intra-op thread for the whole session: on the 2-core CI machine a second OpenMP thread

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -42,12 +41,6 @@ def no_gpu(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-@pytest.fixture
-def data_dir(smoke_data, tmp_path) -> Path:
-    """A private copy of the prepared smoke data (train writes teacher_ppl.json into it)."""
-    return Path(shutil.copytree(smoke_data[0], tmp_path / "data"))
 
 
 def plan_json(capsys, *args) -> dict:

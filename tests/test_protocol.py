@@ -19,7 +19,6 @@ import torch
 import kdlib.faults
 import kdlib.train
 import kdlib.ui
-from kdlib.cache import build_cache
 from kdlib.checkpoint import MiB, load_resume
 from kdlib.cli import main as cli_main
 from kdlib.config import COLAB_TOKENS, preset
@@ -27,37 +26,15 @@ from kdlib.data import _encode, documents, load_split, load_texts, load_tokenize
 from kdlib.errors import KdlibError
 from kdlib.models import resolve_teacher_dtype
 from kdlib.train import lr_factor, run_name, schedule, train
+from helpers import metric_rows, quiet, run
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-TIMING_KEYS = ("tokens_per_s", "peak_mem_mib", "mfu")
 WIKITEXT103_TRAIN_TOKENS = 119_000_000
-
-
-def quiet(*_):
-    pass
 
 
 def copy_data(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-@pytest.fixture
-def data_dir(smoke_data, tmp_path) -> Path:
-    return copy_data(smoke_data[0], tmp_path / "data")
-
-
-@pytest.fixture(scope="module")
-def cache_data(smoke_data, tmp_path_factory) -> Path:
-    """The smoke data with the train split's top-k cache (k = 16) for 'kl' in DATA/cache."""
-    folder = copy_data(smoke_data[0], tmp_path_factory.mktemp("cache_data") / "data")
-    build_cache(preset("smoke", "kl"), folder, folder / "cache", split="train", log=quiet, progress=False)
-    return folder
-
-
-@pytest.fixture
-def cached_data_dir(cache_data, tmp_path) -> Path:
-    return copy_data(cache_data, tmp_path / "data")
 
 
 def small_cfg(exp: str, max_steps: int = 6, eval_every=None, log_every: int = 1, **train_kw):
@@ -66,15 +43,6 @@ def small_cfg(exp: str, max_steps: int = 6, eval_every=None, log_every: int = 1,
     for k, v in train_kw.items():
         setattr(cfg.train, k, v)
     return cfg.validate()
-
-
-def run(cfg, run_dir, data_dir, **kw):
-    return train(cfg, run_dir, data_dir, progress=False, log=quiet, **kw)
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def snapshot(folder: Path) -> dict:

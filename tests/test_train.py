@@ -29,7 +29,6 @@ import kdlib.config
 import kdlib.losses
 import kdlib.models
 import kdlib.train
-from kdlib.cache import build_cache
 from kdlib.checkpoint import (MiB, StorageBudget, load_resume, load_student, save_resume, save_student,
                               student_metadata)
 from kdlib.cli import main as cli_main
@@ -40,9 +39,9 @@ from kdlib.evaluate import perplexity
 from kdlib.models import TinyGPT, load_teacher
 from kdlib.objective import DistillationLoss
 from kdlib.train import estimate_run_bytes, run_name, train
+from helpers import metric_rows, quiet, run
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
-TIMING_KEYS = ("tokens_per_s", "peak_mem_mib", "mfu")  # wall-clock and RSS: differ between any two runs
 
 
 def _load_make_golden():
@@ -55,36 +54,10 @@ def _load_make_golden():
 make_golden = _load_make_golden()
 
 
-def quiet(*_):
-    pass
-
-
 
 def copy_data(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-@pytest.fixture
-def data_dir(smoke_data, tmp_path) -> Path:
-    """A private copy of the prepared smoke data."""
-    return copy_data(smoke_data[0], tmp_path / "data")
-
-
-@pytest.fixture(scope="module")
-def cache_data(smoke_data, tmp_path_factory) -> Path:
-    """A copy of the smoke data with the train split's top-k cache (k = 16) for 'kl' in DATA/cache.
-
-    Shared: tests that train from it copy it first (``cached_data_dir``).
-    """
-    folder = copy_data(smoke_data[0], tmp_path_factory.mktemp("cache_data") / "data")
-    build_cache(preset("smoke", "kl"), folder, folder / "cache", split="train", log=quiet, progress=False)
-    return folder
-
-
-@pytest.fixture
-def cached_data_dir(cache_data, tmp_path) -> Path:
-    return copy_data(cache_data, tmp_path / "data")
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +75,6 @@ def small_cfg(exp: str, max_steps: int = 6, eval_every=None, log_every: int = 1,
     for k, v in model.items():
         setattr(cfg.model, k, v)
     return cfg.validate()
-
-
-def run(cfg, run_dir, data_dir, **kw):
-    return train(cfg, run_dir, data_dir, progress=False, log=quiet, **kw)
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def files_bytes(run_dir: Path, names) -> dict:

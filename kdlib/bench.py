@@ -234,16 +234,18 @@ class ReferenceStep:
 class KdlibStep:
     """kdlib's own training step (``kdlib.train.optimizer_step``) for one experiment."""
 
-    def __init__(self, shapes: Shapes, exp: str, dev: torch.device, cached: bool = False,
+    def __init__(self, shapes: Optional[Shapes], exp: str, dev: torch.device, cached: bool = False,
                  feature: str = "hidden", compile: bool = False, windows: Optional[np.ndarray] = None,
-                 top_k: int = 32):
+                 top_k: int = 32, cfg=None, teacher=None):
+        """``cfg`` (a run's config) and ``teacher`` (a frozen model) replace what ``shapes`` would
+        build: ``kdlib.plan`` times a preset's own step this way."""
         from accelerate import Accelerator
 
-        from .models import TinyGPT, teacher_forward
+        from .models import TinyGPT, teacher_forward, teacher_shape
         from .objective import DistillationLoss
         from .train import FiniteGuard, Trainee, lr_factor, make_optimizer, mixed_precision
 
-        cfg = experiment_config(shapes, exp, feature)
+        cfg = cfg or experiment_config(shapes, exp, feature)
         spec = parse(cfg.exp, cfg.loss.feature)
         if cached and not spec.output_only:
             raise KdlibError(f"the cached path serves output-only experiments; {exp!r} is not")
@@ -254,8 +256,9 @@ class KdlibStep:
         student = TinyGPT(cfg.model)
         if compile:
             student.compile()
-        teacher = None
-        if spec.needs_teacher:
+        if not spec.needs_teacher:
+            teacher = None
+        elif teacher is None:
             teacher = _teacher(shapes, dev, reference=False, need_attentions=spec.needs_attentions)
         objective = DistillationLoss(cfg.loss, cfg.model, teacher, compile=compile)
         trainee = Trainee(student, objective)
@@ -272,7 +275,7 @@ class KdlibStep:
             h, a = objective.needs_hidden_states, objective.needs_attentions
             self.teacher_out_fn = lambda idx, ids: teacher_forward(teacher, ids, h, a)
             self.n_teacher = flop_params(teacher)
-            self.teacher_shape = (shapes.teacher["n_layer"], shapes.teacher["n_embd"])
+            self.teacher_shape = teacher_shape(teacher)
         else:
             self.teacher_out_fn = lambda idx, ids: None
         self.step_no = 0

@@ -319,10 +319,8 @@ def _estimated_rate(cfg: ExperimentConfig, gpu: str) -> tuple[float, str]:
     if key is None:
         raise KdlibError(f"no stated MFU for GPU {gpu!r}; name one of: {choices(STATED_MFU)}, or plan on "
                          "this machine's own device (--device measure)")
-    half = cfg.train.precision in ("bf16", "fp16", "auto")
-    if half:
-        peak = device_peak(key)[0]
-        precision = "bf16/fp16"
+    if cfg.train.precision in ("bf16", "fp16", "auto"):
+        peak, precision = device_peak(key)[0], "bf16/fp16"
     else:
         peak, precision = FP32_PEAK[key], "fp32"
     mfu = STATED_MFU[key]
@@ -349,13 +347,10 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
 
     import numpy as np
     import torch
-    from accelerate import Accelerator
 
-    from .cache import targets_from_arrays, topk_arrays
-    from .models import TinyGPT, load_teacher, random_teacher, resolve_teacher_dtype, teacher_forward
-    from .objective import DistillationLoss
-    from .train import (FiniteGuard, Trainee, lr_factor, make_optimizer, mixed_precision, optimizer_step,
-                        teacher_source_of)
+    from .bench import KdlibStep
+    from .models import load_teacher, random_teacher, resolve_teacher_dtype
+    from .train import teacher_source_of
 
     rates, teachers = {}, {}
     for cfg in cfgs:
@@ -363,51 +358,29 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
         if key in rates:
             continue
         source = teacher_source_of(cfg)
-        accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.precision), cpu=dev.type == "cpu",
-                                  step_scheduler_with_optimizer=False)
-        spec = parse(cfg.exp, cfg.loss.feature)
-        teacher = None
-        if source != "none":
-            if spec.needs_attentions not in teachers:
-                dims = {k: v for k, v in _teacher_dims(cfg).items() if v is not None}
-                teachers[spec.needs_attentions] = load_teacher(
-                    random_teacher(dims), device=dev, dtype=resolve_teacher_dtype(cfg.teacher.dtype, dev),
-                    need_attentions=spec.needs_attentions)
-            teacher = teachers[spec.needs_attentions]
-        student = TinyGPT(cfg.model)
-        objective = DistillationLoss(cfg.loss, cfg.model, teacher if source == "online" else None)
-        trainee = Trainee(student, objective)
-        optimizer = make_optimizer(trainee, cfg.train, dev)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 10**6, 1, 0.1))
-        trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
+        attn = parse(cfg.exp, cfg.loss.feature).needs_attentions
+        if source != "none" and attn not in teachers:  # one random teacher of the configured shape
+            dims = {k: v for k, v in _teacher_dims(cfg).items() if v is not None}
+            teachers[attn] = load_teacher(random_teacher(dims), device=dev,
+                                          dtype=resolve_teacher_dtype(cfg.teacher.dtype, dev), need_attentions=attn)
         n = cfg.train.batch_size * cfg.train.grad_accum
-        rng = np.random.default_rng(0)
-        windows = rng.integers(0, cfg.model.vocab_size, size=(n, cfg.data.block_size + 1), dtype=np.int64)
-        h, a = objective.needs_hidden_states, objective.needs_attentions
-        if source == "cache":
-            arrays = topk_arrays(teacher, torch.from_numpy(windows[:, :-1]).to(dev), cfg.cache.top_k,
-                                 cfg.loss.effective().temperature, cfg.model.vocab_size)
-            out_fn = lambda idx, ids: targets_from_arrays(arrays, idx, dev)  # noqa: E731
-        elif source == "online":
-            out_fn = lambda idx, ids: teacher_forward(teacher, ids, h, a)  # noqa: E731
-        else:
-            out_fn = lambda idx, ids: None  # noqa: E731
-        guard = FiniteGuard()
-        idx = np.arange(n)
-        times = []
+        windows = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(n, cfg.data.block_size + 1),
+                                                    dtype=np.int64)
+        step = KdlibStep(None, cfg.exp, dev, cached=source == "cache", windows=windows, top_k=cfg.cache.top_k,
+                         cfg=cfg, teacher=teachers.get(attn))
+        idx, times = np.arange(n), []
         for i in range(warmup + steps):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            trainee.train()
-            optimizer_step(accelerator, trainee, optimizer, scheduler, idx, windows, out_fn, cfg.train, guard, i + 1)
+            step(idx, windows)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-        seconds = sorted(times)[len(times) // 2]
-        rates[key] = n * cfg.data.block_size * flops(cfg, source)[0] / seconds
-        del trainee, optimizer, scheduler, student, objective, accelerator
+        step.finish()
+        rates[key] = n * cfg.data.block_size * flops(cfg, source)[0] / sorted(times)[len(times) // 2]
+        del step
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the run that follows gets the memory back

@@ -782,7 +782,7 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
             + (f"test ppl {test:.2f} (stride {summary['eval_stride']})" if test is not None else
                f"no test ppl: no student was saved at {paths.student}"))
         if paths.weights_dir is not None:
-            keep_best_student(paths.root.parent, budget, log, RunPaths.of)
+            keep_best_student(paths.root.parent, budget, log)
     accelerator.wait_for_everyone()
     return summary
 
@@ -806,7 +806,7 @@ def _eta(state: dict, plan: Schedule, wall: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{sec:02d}"
 
 
-def keep_best_student(folder: Path, budget: Optional[StorageBudget], log=print, paths_of=None) -> Optional[str]:
+def keep_best_student(folder: Path, budget: Optional[StorageBudget], log=print) -> Optional[str]:
     """train.weights = "best": the finished run of ``folder`` with the lowest best validation
     perplexity keeps a copy of its student in its run folder; no other run there does.
 
@@ -816,7 +816,6 @@ def keep_best_student(folder: Path, budget: Optional[StorageBudget], log=print, 
     """
     import shutil
 
-    paths_of = paths_of or RunPaths.of
     finished = []
     for run in sorted(p for p in Path(folder).iterdir() if p.is_dir() and (p / "summary.json").is_file()):
         try:
@@ -824,7 +823,7 @@ def keep_best_student(folder: Path, budget: Optional[StorageBudget], log=print, 
             summary = read_json(run / "summary.json", "summary")
         except KdlibError:
             continue
-        paths = paths_of(cfg, run)
+        paths = RunPaths.of(cfg, run)
         ppl = summary.get("best_val_ppl")
         if paths.weights_dir is None or not isinstance(ppl, (int, float)) or not math.isfinite(ppl) \
                 or not (paths.student.is_file() or paths.kept_student.is_file()):

@@ -1,34 +1,47 @@
-"""Open-in-Colab badges: the GitHub repository the notebooks open from, in one place.
+"""Open-in-Colab badges and the notebooks' install: the GitHub repository and ref, in one place.
 
-``REPO`` is that one place: ``notebooks/make_notebooks.py`` writes it into each
-notebook's badge and install command, and ``rewrite_badges`` (``python -m
-kdlib badges --repo OWNER/REPO``) points every badge and install command in
-``notebooks/*.ipynb`` and ``README.md`` at another repository, and updates
-``REPO`` below to match, so a fork changes one command, not a dozen URLs.
+``REPO`` and ``REF`` are that one place: ``notebooks/make_notebooks.py`` writes
+them into each notebook's badge (which opens the notebook at ``REF``) and into
+its install cell (which installs kdlib at ``REF``, so the notebook and the
+package it calls are the same version). ``rewrite_badges`` (``python -m kdlib
+badges --repo OWNER/REPO [--ref REF]``) points every badge, install cell and
+install URL in ``notebooks/*.ipynb`` and ``README.md`` at another repository
+and ref, and updates the two lines below to match: a fork changes one command,
+not a dozen URLs (README, "Publishing your copy").
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from .errors import KdlibError
 from .fileio import atomic_write_text
 
 # The GitHub repository (owner/name) the badges open and the notebooks install
-# from. A placeholder until the project has a public home: change it with
-# `python -m kdlib badges --repo OWNER/REPO`, which rewrites this line too.
+# from, and the ref (a tag, commit or branch) they pin. REPO is a placeholder
+# until the project has a public home: the install cell refuses it with a
+# message saying what to do. Change both with
+# `python -m kdlib badges --repo OWNER/REPO --ref TAG`, which rewrites these lines.
 REPO = "OWNER/kdlib"
+REF = "v0.1.0"
 
-BRANCH = "main"
+PLACEHOLDER_OWNER = "OWNER"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 _REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+# A git ref as a URL path part and a pip URL's @REF: no spaces, quotes, '..', '@', '#', '\', '?' or ':'.
+_REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./+-]*$")
 _PART = r"[A-Za-z0-9_.-]+"
-# What rewrite_badges rewrites: the repository part of a badge's target and of a pip install URL.
-_BADGE_URL = re.compile(rf"(colab\.research\.google\.com/github/){_PART}/{_PART}(/blob/main/notebooks/)")
-_INSTALL_URL = re.compile(rf"(git\+https://github\.com/){_PART}/{_PART}")
+_REFPART = r"[A-Za-z0-9_./+-]+?"
+# What rewrite_badges rewrites: a badge's target, a pip install URL, the install cell's two fields
+# (in a notebook's JSON their quotes are escaped: \"), and the two lines above.
+_BADGE_URL = re.compile(rf"(colab\.research\.google\.com/github/){_PART}/{_PART}/blob/{_REFPART}(/notebooks/)")
+_INSTALL_URL = re.compile(rf"(git\+https://github\.com/){_PART}/{_PART}(?:@[A-Za-z0-9_./+-]+)?")
+_CELL_REPO = re.compile(r'(\brepo = \\?")[^"\\\n]*(\\?"  #@param)')
+_CELL_REF = re.compile(r'(\bref = \\?")[^"\\\n]*(\\?"  #@param)')
 _REPO_LINE = re.compile(r'^REPO = "[^"\n]*"$', re.MULTILINE)
+_REF_LINE = re.compile(r'^REF = "[^"\n]*"$', re.MULTILINE)
 
 
 def check_repo(repo: str) -> str:
@@ -39,48 +52,68 @@ def check_repo(repo: str) -> str:
     return repo
 
 
-def colab_url(notebook_name: str, repo: str = REPO) -> str:
-    """The URL that opens ``notebooks/NAME.ipynb`` of ``repo`` on Colab."""
+def check_ref(ref: str) -> str:
+    """``ref`` if it is a plausible git tag, commit or branch name, else ``KdlibError``."""
+    if (not isinstance(ref, str) or not _REF_RE.fullmatch(ref) or ".." in ref or ref.endswith((".", "/", ".lock"))
+            or "//" in ref):
+        raise KdlibError(f"ref {ref!r} is not a git tag, commit or branch such as 'v0.1.0', 'main' or a commit "
+                         "hash (letters, digits and . _ - + /, no spaces)")
+    return ref
+
+
+def is_placeholder(repo: str) -> bool:
+    """True while ``repo`` is the unpublished placeholder (``OWNER/...``)."""
+    return repo.split("/", 1)[0] == PLACEHOLDER_OWNER
+
+
+def colab_url(notebook_name: str, repo: str = REPO, ref: str = REF) -> str:
+    """The URL that opens ``notebooks/NAME.ipynb`` of ``repo`` at ``ref`` on Colab."""
     name = notebook_name[:-len(".ipynb")] if notebook_name.endswith(".ipynb") else notebook_name
-    return f"https://colab.research.google.com/github/{check_repo(repo)}/blob/{BRANCH}/notebooks/{name}.ipynb"
+    return (f"https://colab.research.google.com/github/{check_repo(repo)}/blob/{check_ref(ref)}"
+            f"/notebooks/{name}.ipynb")
 
 
-def badge_markdown(notebook_name: str, repo: str = REPO) -> str:
+def badge_markdown(notebook_name: str, repo: str = REPO, ref: str = REF) -> str:
     """The Open-in-Colab badge (Markdown) for ``notebooks/NAME.ipynb`` (``.ipynb`` optional) of ``repo``."""
-    return f"[![Open In Colab]({BADGE_IMAGE})]({colab_url(notebook_name, repo)})"
+    return f"[![Open In Colab]({BADGE_IMAGE})]({colab_url(notebook_name, repo, ref)})"
 
 
-def install_url(repo: str = REPO) -> str:
-    """The pip requirement URL that installs kdlib from ``repo``."""
-    return f"git+https://github.com/{check_repo(repo)}"
+def install_url(repo: str = REPO, ref: Optional[str] = REF) -> str:
+    """The pip requirement URL that installs kdlib from ``repo`` at ``ref`` (None: the default branch)."""
+    return f"git+https://github.com/{check_repo(repo)}" + (f"@{check_ref(ref)}" if ref else "")
 
 
-def rewrite_text(text: str, repo: str) -> str:
-    """``text`` with every Colab badge target and kdlib install URL pointing at ``repo``."""
-    check_repo(repo)
-    text = _BADGE_URL.sub(lambda m: f"{m.group(1)}{repo}{m.group(2)}", text)
-    return _INSTALL_URL.sub(lambda m: f"{m.group(1)}{repo}", text)
+def rewrite_text(text: str, repo: str, ref: str = REF) -> str:
+    """``text`` with every Colab badge, kdlib install URL and install-cell field pointing at ``repo``/``ref``."""
+    check_repo(repo), check_ref(ref)
+    text = _BADGE_URL.sub(lambda m: f"{m.group(1)}{repo}/blob/{ref}{m.group(2)}", text)
+    text = _INSTALL_URL.sub(lambda m: f"{m.group(1)}{repo}@{ref}", text)
+    text = _CELL_REPO.sub(lambda m: f"{m.group(1)}{repo}{m.group(2)}", text)
+    return _CELL_REF.sub(lambda m: f"{m.group(1)}{ref}{m.group(2)}", text)
 
 
-def rewrite_badges(root: Union[str, Path], repo: str) -> list[Path]:
-    """Point the badges and install URLs of ``root``'s notebooks and README at ``repo``.
+def rewrite_badges(root: Union[str, Path], repo: str, ref: Optional[str] = None) -> list[Path]:
+    """Point the badges, install cells and install URLs of ``root``'s notebooks and README at ``repo``.
 
-    Rewrites ``notebooks/*.ipynb`` and ``README.md`` under ``root`` (as text, so
-    nothing else in a file moves), and the ``REPO`` line of ``kdlib/badges.py``
-    when ``root`` holds it. Only files whose text changes are written, each
-    atomically. Returns the changed files (empty when all already point at
-    ``repo``); ``KdlibError`` for a malformed ``repo``, before anything is written.
+    ``ref`` (a tag, commit or branch; None = keep ``REF``) is what the badges open and the install
+    cells install. Rewrites ``notebooks/*.ipynb`` and ``README.md`` under ``root`` (as text, so
+    nothing else in a file moves), and the ``REPO``/``REF`` lines of ``kdlib/badges.py`` when
+    ``root`` holds it. Only files whose text changes are written, each atomically. Returns the
+    changed files (empty when all already point there); ``KdlibError`` for a malformed ``repo`` or
+    ``ref``, before anything is written.
     """
     check_repo(repo)
+    ref = check_ref(REF if ref is None else ref)
     root = Path(root)
     if not root.is_dir():
         raise KdlibError(f"{root} is not a folder; give the repository root (the folder holding notebooks/)")
     changed = []
     for path in sorted((root / "notebooks").glob("*.ipynb")) + [root / "README.md"]:
-        if path.is_file() and _rewrite(path, lambda text: rewrite_text(text, repo)):
+        if path.is_file() and _rewrite(path, lambda text: rewrite_text(text, repo, ref)):
             changed.append(path)
     source = root / "kdlib" / "badges.py"
-    if source.is_file() and _rewrite(source, lambda text: _REPO_LINE.sub(f'REPO = "{repo}"', text, count=1)):
+    if source.is_file() and _rewrite(source, lambda text: _REF_LINE.sub(
+            f'REF = "{ref}"', _REPO_LINE.sub(f'REPO = "{repo}"', text, count=1), count=1)):
         changed.append(source)
     return changed
 

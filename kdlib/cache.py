@@ -45,6 +45,47 @@ def bytes_per_token(k: int, vocab_size: int) -> int:
         + np.dtype(TAIL_DTYPE).itemsize
 
 
+def cache_bytes(cfg: ExperimentConfig, tokens: TokenSplit) -> int:
+    """The bytes of ``tokens``' cache for ``cfg``: windows x block x ``bytes_per_token``."""
+    return n_windows(tokens.n_tokens, cfg.data.block_size) * cfg.data.block_size \
+        * bytes_per_token(cfg.cache.top_k, cfg.model.vocab_size)
+
+
+def free_bytes(folder: PathLike) -> int:
+    """Free bytes on the file system that holds ``folder`` (or its nearest existing parent)."""
+    import shutil
+
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+# What a cache build leaves free beyond its own files: the file system's own margin, other writers.
+FREE_MARGIN = 256 * 2**20
+
+
+def check_space(folder: PathLike, need: int) -> None:
+    """Refuse a build that would not fit ``folder``'s disk, before a file is made: a memory-mapped
+    write into a full disk kills the process (SIGBUS) rather than raising."""
+    free = free_bytes(folder)
+    if need + FREE_MARGIN > free:
+        raise KdlibError(f"the top-k cache needs {need / 2**30:,.2f} GiB in {folder} and its disk has "
+                         f"{free / 2**30:,.2f} GiB free (plus a {FREE_MARGIN // 2**20} MiB margin); nothing was "
+                         "written. Build it on a disk with more room (on Colab the runtime's own disk, "
+                         "/content, not Drive), or train with the teacher online")
+
+
+def coverage(cache: "TopKCache", max_windows: int = 512) -> dict:
+    """How much of the teacher's distribution the cache keeps: the top-k mass, 1 - exp(log tail), per
+    position, over the first ``max_windows`` windows (spread evenly over the split)."""
+    n = cache.arrays["tail"].shape[0]
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, max_windows)).astype(np.int64))
+    mass = 1.0 - np.exp(np.asarray(cache.arrays["tail"][idx], dtype=np.float64))
+    return {"k": cache.k, "windows": int(len(idx)), "positions": int(mass.size), "mean": float(mass.mean()),
+            "median": float(np.median(mass)), "p05": float(np.quantile(mass, 0.05)), "min": float(mass.min())}
+
+
 def cache_identity(cfg: ExperimentConfig, tokens: TokenSplit) -> dict:
     """What a cache must have been built from to serve run ``cfg`` on ``tokens``."""
     t = cfg.teacher
@@ -186,6 +227,9 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
     # A manifest write that a killed build never finished (one builder per cache folder).
     for stale in folder.glob(f".{paths['manifest'].name}.*.tmp"):
         stale.unlink(missing_ok=True)
+    per_token = bytes_per_token(k, cfg.model.vocab_size)
+    total = n * T * per_token
+    check_space(folder, total if not existing else total * (n - start) // n)  # sparse files fill as built
     # The teacher first: a teacher that fails to load must leave no files behind.
     if teacher is None:
         teacher = load_teacher(cfg.teacher, device=device, student_vocab_size=cfg.model.vocab_size)
@@ -198,9 +242,8 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
         manifest = {"format": CACHE_FORMAT, **ident, "complete_windows": 0, "complete": False,
                     "kdlib_version": __version__}
         atomic_write_json(paths["manifest"], manifest)
-    per_token = bytes_per_token(k, cfg.model.vocab_size)
     log(f"top-k cache ({split}): {n:,} windows x {T} tokens x {per_token} bytes/token "
-        f"= {n * T * per_token / 2**20:,.1f} MiB in {folder}")
+        f"= {total / 2**20:,.1f} MiB in {folder}")
     dev = next(teacher.parameters()).device
     temperature = ident["temperature"]
     bar = tqdm(total=n, initial=start, unit="window", desc=f"cache {split}", disable=not progress)

@@ -260,8 +260,9 @@ def _report(args: argparse.Namespace) -> int:
 def _badges(args: argparse.Namespace) -> int:
     from .badges import rewrite_badges
 
-    changed = rewrite_badges(Path(args.root), args.repo)
-    print("\n".join(str(p) for p in changed) or "badges already point at " + args.repo)
+    changed = rewrite_badges(Path(args.root), args.repo, args.ref)
+    print("\n".join(str(p) for p in changed) or f"badges already point at {args.repo}"
+          + (f"@{args.ref}" if args.ref else ""))
     return 0
 
 
@@ -465,11 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured in separate runs) into one report, ratios included")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("badges", help="point every Open-in-Colab badge and install URL at a GitHub repo",
-                       description="Rewrite the Open-in-Colab badges and install URLs in notebooks/*.ipynb, "
-                                   "README.md and kdlib/badges.py (the one place the repo is named) to "
-                                   "OWNER/REPO.")
+    p = sub.add_parser("badges", help="point every Open-in-Colab badge and install cell at a GitHub repo and ref",
+                       description="Rewrite the Open-in-Colab badges, the notebooks' install cells and the "
+                                   "install URLs in notebooks/*.ipynb, README.md and kdlib/badges.py (the one "
+                                   "place the repo and ref are named) to OWNER/REPO at REF.")
     p.add_argument("--repo", required=True, help="GitHub OWNER/REPO")
+    p.add_argument("--ref", help="the tag, commit or branch the badges open and the install cells install "
+                                 "(default: keep kdlib.badges.REF); push it before opening a badge")
     p.add_argument("--root", default=".", help="repository root (default: .)")
     p.set_defaults(func=_badges)
 

@@ -210,6 +210,22 @@ def load_tokenizer(spec):
     return tok
 
 
+def tokenizer_of(cfg: ExperimentConfig, folder: PathLike):
+    """The tokenizer ``prepare`` used for ``folder``: its own trained BPE, or the named one."""
+    if cfg.data.tokenizer == "bpe":
+        return load_tokenizer(Path(folder) / "tokenizer")
+    return load_tokenizer(cfg.data.tokenizer or cfg.teacher.name)
+
+
+def sample_text(cfg: ExperimentConfig, folder: PathLike, split: str = "train", n_tokens: int = 80,
+                at: float = 0.5) -> str:
+    """``n_tokens`` of a prepared split decoded back to text, starting ``at`` (a fraction) into it:
+    what the model will read, tokenizer round trip included."""
+    tokens = load_split(folder, split).tokens()
+    start = int(max(0.0, min(at, 1.0)) * max(len(tokens) - n_tokens, 0))
+    return tokenizer_of(cfg, folder).decode(np.asarray(tokens[start:start + n_tokens]).tolist())
+
+
 def tokenizer_hash(tok) -> str:
     """SHA-256 of the tokenizer's definition (vocabulary, merges, normalisation), not of its settings."""
     d = json.loads(tok.backend_tokenizer.to_str())
@@ -466,6 +482,38 @@ def check_vocab(split: TokenSplit, vocab_size: int) -> None:
     if n > vocab_size:
         raise KdlibError(f"{split.path} was tokenized with a {n}-token tokenizer but the model's vocabulary "
                          f"has {vocab_size}; prepare the data with the teacher's tokenizer")
+
+
+def _source_name(source: dict) -> str:
+    kind = source.get("kind") if isinstance(source, dict) else None
+    if kind == "hf":
+        return f"{source.get('dataset')} ({source.get('config')})"
+    return {PYTHON_DOCS: "Python's documentation", "files": "local text files"}.get(kind, repr(kind))
+
+
+def check_prepared_for(cfg: ExperimentConfig, split: TokenSplit) -> None:
+    """Refuse token data prepared from another corpus, or with another trained BPE size, than ``cfg``
+    reads: a data folder of one preset must not train a run of another without a word."""
+    d = cfg.data
+    found = split.manifest.get("inputs", {})
+    source = found.get("source") if isinstance(found, dict) else None
+    if d.dataset == PYTHON_DOCS:
+        expected = {"kind": PYTHON_DOCS}
+    elif d.dataset is None:
+        expected = {"kind": "files"}
+    else:
+        expected = {"kind": "hf", "dataset": d.dataset, "config": d.dataset_config}
+    problems = []
+    if not isinstance(source, dict) or any(source.get(k) != v for k, v in expected.items()):
+        problems.append(f"text from {_source_name(source)}, and preset {cfg.preset!r} reads {_source_name(expected)}")
+    tok = found.get("tokenizer") if isinstance(found, dict) else None
+    if d.tokenizer == "bpe" and isinstance(tok, dict) and tok.get("vocab_size") != cfg.model.vocab_size:
+        problems.append(f"a {tok.get('vocab_size')}-token BPE, and preset {cfg.preset!r} trains a "
+                        f"{cfg.model.vocab_size}-token one")
+    if problems:
+        raise KdlibError(f"{split.path.parent} holds " + "; ".join(problems) + ". Prepare this preset's data "
+                         f"in its own folder (`python -m kdlib prep --preset {cfg.preset} --data-dir "
+                         f"data/{cfg.preset}`, or 01_data_prep) and train from there")
 
 
 def check_tokenizer(split: TokenSplit, tokenizer) -> None:

@@ -34,7 +34,7 @@ from . import __version__, faults
 from .cache import TopKCache, cache_identity
 from .checkpoint import (MiB, StorageBudget, load_resume, save_resume, save_student)
 from .config import TEACHER_SOURCES, ExperimentConfig
-from .data import SPLITS, WindowSampler, check_vocab, load_split, n_windows, prepare
+from .data import SPLITS, WindowSampler, check_prepared_for, check_vocab, load_split, n_windows, prepare
 from .errors import KdlibError
 from .evaluate import perplexity
 from .fileio import atomic_write_json, atomic_write_text, read_json, read_jsonl
@@ -310,6 +310,7 @@ def _load_data(cfg: ExperimentConfig, data_dir: Path, log) -> dict:
     splits = {s: load_split(data_dir, s) for s in SPLITS}
     for split in splits.values():
         check_vocab(split, cfg.model.vocab_size)
+        check_prepared_for(cfg, split)
     check_subset(cfg, splits["train"])
     return splits
 

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import sys
 import threading
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -35,14 +37,34 @@ from .grid import FEATURES, MAPS, parse
 
 PathLike = Union[str, Path]
 
-DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
-COLAB_RESUME_DIR = "/content/kdlib-resume"  # the runtime's local disk: resume state is several x the student
-COLAB_WEIGHTS_DIR = "/content/kdlib-weights"  # the students a 100 MiB Drive budget cannot hold
+# Colab's working folder, the runtime's own disk (KDLIB_COLAB_CONTENT moves it: the tests' simulated Colab).
+CONTENT = Path(os.environ.get("KDLIB_COLAB_CONTENT", "/content"))
+DRIVE = CONTENT / "drive"  # where Colab mounts Google Drive
+COLAB_RESUME_DIR = str(CONTENT / "kdlib-resume")  # the runtime's local disk: resume state is several x the student
+COLAB_WEIGHTS_DIR = str(CONTENT / "kdlib-weights")  # the students a 100 MiB Drive budget cannot hold
+COLAB_CACHE_DIR = CONTENT / "kdlib-cache"  # the top-k cache: GBs, the runtime's disk, never Drive
 DIVERGENCES = ("kl", "js")  # the study's; experiment_name takes any the grammar does
 BUDGET_MIB = 100.0  # the results folder's storage budget, as the CLI's --budget-mib
 # The presets the notebooks and the panel offer. Not "demo": it trains its own
 # teacher first (`python -m kdlib demo`), which a notebook run does not.
 NOTEBOOK_PRESETS = ("smoke", "colab-t4", "colab-a100", "study")
+# The presets made for a GPU (a CPU would take days), and the GPU each was sized for.
+GPU_PRESETS = {"colab-t4": "T4", "colab-a100": "A100", "study": "A100"}
+CHANGE_RUNTIME = "Runtime -> Change runtime type -> Hardware accelerator"
+
+# Where everything goes on Colab, with sizes: README and 01_data_prep show this table (one text).
+DRIVE_LAYOUT = """\
+| where | what | size |
+|---|---|---|
+| `MyDrive/kdlib/PRESET/RUN/` (Drive) | per run `config.json`, `metrics.jsonl`, `summary.json` | ~30-70 KiB a run |
+| `MyDrive/kdlib/PRESET/RUN/student.safetensors` (Drive) | the best finished run's student only (fp16) | 97 MiB (study's TinyGPT) |
+| `MyDrive/kdlib-data/PRESET/` (Drive) | token files of 01 | ~240 MB for WikiText-103 (colab presets), ~4 MB study, <1 MB smoke |
+| `MyDrive/kdlib-figures/` (Drive) | 04's tables and figures (PNG + PDF) | ~5 MB |
+| `/content/kdlib-local/` (runtime disk) | every student and the running run's resume state | ~100 MiB a student, ~610 MiB resume |
+| `/content/kdlib-cache/PRESET/` (runtime disk) | 02's top-k cache (optional) | ~15 GB for WikiText-103 |
+
+The results folder (`MyDrive/kdlib`) is held to 100 MiB (`plan` checks it before a run starts); the data
+folder is outside that budget. The runtime's disk survives a closed browser tab, not a recycled runtime."""
 
 
 # --------------------------------------------------------------------------
@@ -59,8 +81,9 @@ def on_colab() -> bool:
         return False
 
 
-def drive_folder(name: str) -> Path:
-    """``MyDrive/name`` on Colab's Google Drive, mounting Drive first (created if missing)."""
+def _mount(fix: str) -> Path:
+    """Mount Google Drive (once: Colab's mount is a no-op when mounted); ``fix`` says which of the
+    notebook's parameters to set instead when the mount fails."""
     try:
         from google.colab import drive
 
@@ -69,9 +92,14 @@ def drive_folder(name: str) -> Path:
         raise KdlibError(
             f"Google Drive could not be mounted at {DRIVE} ({type(e).__name__}: {e}). Re-run this cell and "
             "accept the authorisation prompt (choose your Google account and allow access to Google "
-            "Drive), or keep the files on this runtime's disk instead by giving a local folder (e.g. "
-            "results_dir='/content/runs'; it is lost when the runtime is recycled).") from e
-    folder = DRIVE / "MyDrive" / name
+            f"Drive), or keep the files on this runtime's disk instead: {fix} (they are lost when the "
+            "runtime is recycled).") from e
+    return DRIVE / "MyDrive"
+
+
+def drive_folder(name: str, fix: str = "give a local folder (e.g. results_dir = '/content/runs')") -> Path:
+    """``MyDrive/name`` on Colab's Google Drive, mounting Drive first (created if missing)."""
+    folder = _mount(fix) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -92,7 +120,91 @@ def data_folder(preset: str, data_dir: Optional[PathLike] = None, drive_name: st
         raise KdlibError(f"unknown preset {preset!r}; choose one of: {choices(PRESETS)}")
     if data_dir:
         return Path(data_dir)
-    return drive_folder(f"{drive_name}/{preset}") if on_colab() else Path("data") / preset
+    return drive_folder(f"{drive_name}/{preset}", f"set data_dir = '/content/kdlib-data/{preset}'") \
+        if on_colab() else Path("data") / preset
+
+
+def cache_folder(preset: str, data_dir: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
+    """The top-k cache's folder: ``cache_dir`` if given; on Colab ``/content/kdlib-cache/PRESET`` (the
+    runtime's disk: GBs that Drive cannot hold); elsewhere ``DATA_DIR/cache``, as the CLI."""
+    if cache_dir:
+        return Path(cache_dir)
+    return COLAB_CACHE_DIR / preset if on_colab() else Path(data_dir) / "cache"
+
+
+# The folders a notebook names: parameter -> (Drive folder, local folder; PRESET filled in).
+_FOLDERS = {
+    "data_dir": ("kdlib-data/{preset}", "data/{preset}", "/content/kdlib-data/{preset}"),
+    "results_dir": ("kdlib", "runs", "/content/runs"),
+    "figures_dir": ("kdlib-figures", "figures", "/content/figures"),
+}
+
+
+@dataclass
+class Folders:
+    """The folders of one notebook, resolved (see ``folders``); ``None`` for those it does not use."""
+    data_dir: Optional[Path] = None
+    results_dir: Optional[Path] = None
+    figures_dir: Optional[Path] = None
+    cache_dir: Optional[Path] = None
+
+    def __str__(self) -> str:
+        rows = []
+        for name in ("data_dir", "results_dir", "figures_dir", "cache_dir"):
+            path = getattr(self, name)
+            if path is not None:
+                rows.append(f"  {name:<12} {path}  ({_medium(path)})")
+        return "folders:\n" + "\n".join(rows)
+
+
+def _medium(path: Path) -> str:
+    try:
+        Path(path).absolute().relative_to(DRIVE.absolute())
+        return "Google Drive"
+    except ValueError:
+        return "this runtime's disk: lost when it is recycled" if on_colab() else "local disk"
+
+
+def folders(preset: Optional[str] = None, *, data_dir: Optional[PathLike] = None,
+            results_dir: Optional[PathLike] = None, figures_dir: Optional[PathLike] = None,
+            cache_dir: Optional[PathLike] = None) -> Folders:
+    """Resolve the folders a notebook's parameters name, mounting Google Drive once if one needs it.
+
+    Each argument is a notebook parameter: ``None`` = this notebook has no such parameter; ``""`` =
+    the default (on Colab ``MyDrive/kdlib-data/PRESET``, ``MyDrive/kdlib``, ``MyDrive/kdlib-figures``
+    on Drive and ``/content/kdlib-cache/PRESET`` on the runtime's disk; elsewhere ``data/PRESET``,
+    ``runs``, ``figures`` and ``DATA_DIR/cache``, the CLI's); a path = that folder. When Drive cannot
+    be mounted, the error names exactly this notebook's parameters to set instead.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise KdlibError(f"unknown preset {preset!r}; choose one of: {choices(NOTEBOOK_PRESETS)}")
+    given = {"data_dir": data_dir, "results_dir": results_dir, "figures_dir": figures_dir}
+    fill = {"preset": preset or "PRESET"}
+    out = Folders()
+    defaults = [name for name, value in given.items() if value is not None and not str(value).strip()]
+    colab = on_colab()
+    mydrive = None
+    if colab and defaults:
+        fix = "set " + " and ".join(f"{name} = '{_FOLDERS[name][2].format(**fill)}'" for name in defaults) \
+            + " in the parameters cell"
+        mydrive = _mount(fix)
+    for name, value in given.items():
+        if value is None:
+            continue
+        if str(value).strip():
+            path = Path(str(value).strip()).expanduser()
+        elif colab:
+            path = mydrive / _FOLDERS[name][0].format(**fill)
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path = Path(_FOLDERS[name][1].format(**fill))
+        if path.exists() and not path.is_dir():
+            raise KdlibError(f"{name} = {str(path)!r} is a file, not a folder; give a folder")
+        setattr(out, name, path)
+    if cache_dir is not None:
+        out.cache_dir = cache_folder(preset or "PRESET", out.data_dir or Path("data") / fill["preset"],
+                                     str(cache_dir).strip() or None)
+    return out
 
 
 def device() -> str:
@@ -100,6 +212,69 @@ def device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------
+# the runtime
+
+
+def runtime_report(preset: Optional[str] = None) -> tuple[str, list[str]]:
+    """(what this runtime is, problems for ``preset``): Colab or not, the GPU, its memory and bf16
+    support, the versions that matter, and what the preset will run in (its precisions)."""
+    import platform
+
+    import torch
+    import transformers
+
+    lines = [f"runtime: {'Google Colab' if on_colab() else 'not Colab (' + platform.system() + ')'}, "
+             f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
+             f"{transformers.__version__}"]
+    problems = []
+    gpu = torch.cuda.is_available()
+    if gpu:
+        props = torch.cuda.get_device_properties(0)
+        bf16 = torch.cuda.get_device_capability(0)[0] >= 8
+        lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, bf16 in hardware: "
+                     f"{'yes' if bf16 else 'no (emulated, slow)'}")
+    else:
+        bf16 = False
+        lines.append(f"GPU: none (CPU only, {os.cpu_count()} cores)")
+    if preset is not None:
+        from .models import resolve_teacher_dtype
+        from .train import mixed_precision
+
+        cfg = make_preset(preset)
+        names = {"no": "fp32", "fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast",
+                 "auto": "bf16/fp16 autocast on a GPU"}
+        student, here = names[cfg.train.precision], names[mixed_precision(cfg.train.precision)]
+        student += "" if here == student else f" (fp32 on this runtime's CPU)"
+        teacher = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[
+            str(resolve_teacher_dtype(cfg.teacher.dtype, "cuda" if gpu else "cpu")).replace("torch.", "")]
+        made_for = f", made for one {GPU_PRESETS[preset]}" if preset in GPU_PRESETS else ", made for a CPU"
+        lines.append(f"preset {preset}: student in {student}, teacher in {teacher}{made_for}")
+        if preset in GPU_PRESETS and not gpu:
+            where = (f"choose {CHANGE_RUNTIME} -> {GPU_PRESETS[preset]} GPU -> Save, then Runtime -> Run all"
+                     if on_colab() else "run it on a machine with a CUDA GPU")
+            problems.append(f"preset {preset} trains on a GPU and this runtime has none (a CPU would take "
+                            f"days): {where}; or set preset = 'smoke' to try the notebooks on a CPU")
+        elif gpu and cfg.train.precision == "bf16" and not bf16:
+            problems.append(f"preset {preset} trains in bf16, which this GPU ({props.name}) only emulates, "
+                            "slowly: choose preset 'colab-t4' (fp16) for this GPU, or an A100 runtime "
+                            f"({CHANGE_RUNTIME})")
+    return "\n".join(lines), problems
+
+
+def check_runtime(preset: Optional[str] = None, needs_gpu: bool = False, log: Callable[[str], None] = print) -> str:
+    """Print where this notebook runs (``runtime_report``); with ``needs_gpu`` (the notebooks that train
+    or run the teacher) a GPU preset on a runtime without a GPU, or bf16 on a GPU without it, stops here
+    with ``KdlibError`` saying how to choose a GPU; otherwise such problems are printed as warnings."""
+    text, problems = runtime_report(preset)
+    log(text)
+    if problems and needs_gpu:
+        raise KdlibError("; ".join(problems))
+    for problem in problems:
+        log(f"warning: {problem}")
+    return text
 
 
 # --------------------------------------------------------------------------
@@ -170,12 +345,28 @@ def plan_text(cfg: ExperimentConfig, results_dir: PathLike, data_dir: Optional[P
               budget_mib: float = BUDGET_MIB) -> str:
     """What this run will cost (``kdlib.plan``): tokens, steps, evaluations, time, bytes against the
     results folder's budget. Measured on this runtime's GPU; an estimate without one."""
+    return _plan(cfg, results_dir, data_dir, budget_mib).to_text()
+
+
+def _plan(cfg, results_dir, data_dir, budget_mib):
     from .checkpoint import MiB
     from .plan import plan
 
     return plan(cfg.preset, cfgs=[cfg], results_dir=results_dir,
                 data_dir=data_dir if data_dir is not None else data_folder(cfg.preset),
-                budget_bytes=int(budget_mib * MiB)).to_text()
+                budget_bytes=int(budget_mib * MiB))
+
+
+def show_plan(cfg: ExperimentConfig, results_dir: PathLike, data_dir: Optional[PathLike] = None,
+              budget_mib: float = BUDGET_MIB, log: Callable[[str], None] = print):
+    """Print the run's plan (``plan_text``) and stop with ``KdlibError`` when it does not fit the
+    results folder's budget: nothing is trained, nothing written. Returns the ``Plan``."""
+    from .plan import check_fits
+
+    p = _plan(cfg, results_dir, data_dir, budget_mib)
+    log(p.to_text())
+    check_fits(p)
+    return p
 
 
 def describe(cfg: ExperimentConfig, results_dir: PathLike) -> str:
@@ -185,27 +376,119 @@ def describe(cfg: ExperimentConfig, results_dir: PathLike) -> str:
 
 
 def train_run(cfg: ExperimentConfig, results_dir: PathLike, data_dir: Optional[PathLike] = None, *,
-              train_fn: Optional[Callable[..., dict]] = None, budget_mib: float = BUDGET_MIB,
-              log: Callable[[str], None] = print, progress: bool = True, show_plan: bool = True) -> dict:
+              cache_dir: Optional[PathLike] = None, train_fn: Optional[Callable[..., dict]] = None,
+              budget_mib: float = BUDGET_MIB, log: Callable[[str], None] = print, progress: bool = True,
+              plan: bool = True) -> dict:
     """Train ``cfg`` in its run folder under ``results_dir`` (as ``python -m kdlib train``); the summary.
 
     Resumes an interrupted run and returns a finished one's summary without training. ``data_dir``
-    defaults to ``data_folder(cfg.preset)`` (prepared there if missing); the top-k cache in
-    ``DATA_DIR/cache`` serves output-only experiments when it matches. ``train_fn`` defaults to
-    ``kdlib.train.train``.
+    defaults to ``data_folder(cfg.preset)`` (prepared there if missing). A run with
+    ``train.teacher_source = "cache"`` reads the top-k cache in ``cache_dir`` (default
+    ``cache_folder``: on Colab the runtime's disk) and builds it there first when it is missing,
+    after checking the disk has room. ``train_fn`` defaults to ``kdlib.train.train``.
     """
     from .checkpoint import MiB, StorageBudget
-    from .train import train
+    from .train import teacher_source_of, train
 
     if not (0 < budget_mib < 1e9):
         raise KdlibError(f"budget_mib must be a positive number of MiB, got {budget_mib}")
     run_dir = run_folder(cfg, results_dir)
     data_dir = data_folder(cfg.preset, data_dir)
+    cache_dir = cache_folder(cfg.preset, data_dir, cache_dir)
     budget = StorageBudget(results_dir, int(budget_mib * MiB))
     log(f"run {run_dir} (data {data_dir})")
-    if show_plan:
-        log(plan_text(cfg, results_dir, data_dir, budget_mib))
-    return (train_fn or train)(cfg, run_dir, data_dir, budget=budget, log=log, progress=progress)
+    if plan:  # stops here when it does not fit
+        show_plan(cfg, results_dir, data_dir, budget_mib, log)
+    if teacher_source_of(cfg) == "cache" and not (run_dir / "summary.json").is_file() \
+            and not _cache_complete(cache_dir):
+        log(f"the top-k cache is not in {cache_dir}: building it on this runtime first")
+        build_cache(cfg, data_dir, cache_dir, log=log, progress=progress)
+    return (train_fn or train)(cfg, run_dir, data_dir, cache_dir=cache_dir, budget=budget, log=log,
+                               progress=progress)
+
+
+# --------------------------------------------------------------------------
+# data and the top-k cache, shown
+
+
+def show_sample(cfg: ExperimentConfig, data_dir: PathLike, n_tokens: int = 80, log: Callable[[str], None] = print) -> str:
+    """Print ``n_tokens`` of the prepared training split decoded back to text (mid-split)."""
+    from .data import sample_text
+
+    text = sample_text(cfg, data_dir, "train", n_tokens)
+    log(f"{n_tokens} training tokens, decoded:\n" + "\n".join("    " + line for line in text.splitlines()))
+    return text
+
+
+def _cache_complete(cache_dir: Path) -> bool:
+    from .fileio import read_json
+
+    manifest = Path(cache_dir) / "train.cache.json"
+    try:
+        return manifest.is_file() and read_json(manifest, "cache manifest").get("complete") is True
+    except KdlibError:
+        return False
+
+
+def cache_plan(cfg: ExperimentConfig, data_dir: PathLike, cache_dir: PathLike,
+               log: Callable[[str], None] = print) -> int:
+    """Print the cache's size, where it goes and that disk's free space; ``KdlibError`` (before
+    anything is written) when it does not fit, or when ``cache_dir`` is on Drive. Returns the bytes."""
+    from .cache import FREE_MARGIN, cache_bytes, free_bytes
+    from .data import load_split
+
+    need = cache_bytes(cfg, load_split(data_dir, "train"))
+    free = free_bytes(cache_dir)
+    log(f"top-{cfg.cache.top_k} cache of the training split: {need / 2**30:,.2f} GiB in {cache_dir} "
+        f"({_medium(Path(cache_dir))}); {free / 2**30:,.1f} GiB free there")
+    if _medium(Path(cache_dir)) == "Google Drive" and need > BUDGET_MIB * 2**20:
+        raise KdlibError(f"cache_dir {cache_dir} is on Google Drive, and the cache needs {need / 2**30:,.2f} GiB: "
+                         "more than a free Drive holds. Leave cache_dir empty (the runtime's disk, "
+                         f"{COLAB_CACHE_DIR}), or train with the teacher online")
+    if need + FREE_MARGIN > free:
+        raise KdlibError(f"the cache needs {need / 2**30:,.2f} GiB and {cache_dir}'s disk has "
+                         f"{free / 2**30:,.2f} GiB free; nothing was written. Give a cache_dir on a larger "
+                         "disk, or train with the teacher online")
+    return need
+
+
+def build_cache(cfg: ExperimentConfig, data_dir: PathLike, cache_dir: PathLike,
+                log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Build (or finish) the training split's top-k cache after ``cache_plan``'s checks; print and
+    return its coverage (the teacher's probability mass the top k keep, ``kdlib.cache.coverage``)."""
+    from . import cache as topk
+
+    cache_plan(cfg, data_dir, cache_dir, log)
+    built = topk.build_cache(cfg, data_dir, cache_dir, device=device(), log=log, progress=progress)
+    cov = topk.coverage(built)
+    log(f"fidelity: the top {cov['k']} tokens keep {cov['mean']:.1%} of the teacher's probability mass at "
+        f"T = {built.manifest['temperature']:g} on average (median {cov['median']:.1%}, 5th percentile "
+        f"{cov['p05']:.1%}; {cov['positions']:,} positions of {cov['windows']} windows); the rest is one "
+        "tail bucket (docs/losses.md)")
+    return cov
+
+
+def summary_text(summary: dict) -> str:
+    """A finished (or stopped) run's summary as a few lines: perplexities, steps, tokens, time."""
+    def num(key, fmt="{:.2f}"):
+        v = summary.get(key)
+        return "-" if v is None else fmt.format(v)
+
+    if "best_val_ppl" not in summary:
+        return f"stopped at step {summary.get('stopped_at')}: run the cell again to continue"
+    rows = [("experiment", f"{summary.get('exp')} (seed {summary.get('seed')}, teacher "
+                           f"{summary.get('teacher_source', 'online')})"),
+            ("best validation perplexity", f"{num('best_val_ppl')} at step {summary.get('best_step')} "
+                                           "(in-training windows)"),
+            ("final validation perplexity", num("final_val_ppl")),
+            ("test perplexity", f"{num('test_ppl')} (block {summary.get('eval_block_size')}, stride "
+                                f"{summary.get('eval_stride')}); teacher {num('teacher_test_ppl')}"),
+            ("steps / tokens", f"{summary.get('steps')} / {num('tokens', '{:,}')} of a budget of "
+                               f"{num('budget_tokens', '{:,}')}" + (" (stopped early)" if summary.get("stopped_early") else "")),
+            ("training time", f"{num('train_wall_s', '{:.0f}')} s on {summary.get('device')} "
+                              f"({num('tokens_per_s', '{:,.0f}')} tokens/s)"),
+            ("student", str(summary.get("student_path")))]
+    return "\n".join(f"{k:<28} {v}" for k, v in rows)
 
 
 # --------------------------------------------------------------------------
@@ -335,12 +618,16 @@ class Panel:
                  train_fn: Optional[Callable[..., dict]] = None, *, feature_map: Optional[str] = None,
                  feature: Optional[str] = None, divergence: Optional[str] = None, cosine: bool = False,
                  seed: Optional[int] = None, max_steps: Optional[int] = None, resume_dir: Optional[str] = "auto",
-                 budget_mib: float = BUDGET_MIB, poll_s: float = 2.0):
+                 teacher_source: Optional[str] = None, budget_mib: float = BUDGET_MIB, poll_s: float = 2.0):
         import ipywidgets as w
 
         base = make_preset(preset)  # refuses an unknown preset
-        self.results_dir, self.data_dir, self.train_fn = results_dir, data_dir, train_fn
+        self.results_dir, self.train_fn = results_dir, train_fn
+        # A data folder given for the first preset is that preset's; another preset uses its own default.
+        self._data_dirs = {preset: data_dir} if data_dir else {}
         self.max_steps, self.resume_dir, self.budget_mib, self.poll_s = max_steps, resume_dir, budget_mib, poll_s
+        self.teacher_source = teacher_source
+        self._preset_was = preset
         self.summary: Optional[dict] = None
         self._busy = False
         self._drawn = None  # the points last drawn, to redraw only when they change
@@ -359,6 +646,7 @@ class Panel:
         self.seed = w.IntText(value=base.seed if seed is None else seed, description="seed", style=style,
                               layout=w.Layout(width="240px"))
         self.name_label = w.Label()
+        self.data_label = w.Label()
         self.button = w.Button(description="Train", button_style="primary", icon="play")
         self.status = w.Label()
         self.plot = w.Image(format="png", layout=w.Layout(display="none"))
@@ -371,6 +659,7 @@ class Panel:
             w.HBox([self.feature_map, self.feature]),
             w.HBox([self.divergence, self.cosine]),
             self.name_label,
+            self.data_label,
             w.HBox([self.button, self.status]),
             self.plot,
             self.output,
@@ -388,17 +677,64 @@ class Panel:
         """The validated ExperimentConfig of the current selections."""
         return experiment_config(self.preset.value, self.feature_map.value, self.feature.value,
                                  self.divergence.value, self.cosine.value, self.seed.value, self.max_steps,
-                                 self.resume_dir)
+                                 self.resume_dir, teacher_source=self.teacher_source)
+
+    @property
+    def data_dir(self) -> Path:
+        """The selected preset's data folder: the one given for it, else its default (``data_folder``)."""
+        return data_folder(self.preset.value, self._data_dirs.get(self.preset.value))
+
+    def problems(self) -> list[str]:
+        """Why the current choices cannot train here, or [] (each a sentence saying what to do)."""
+        found = runtime_report(self.preset.value)[1]
+        data = self.data_dir
+        if (data / "train.json").is_file():
+            from .data import check_prepared_for, check_vocab, load_split
+            from .train import check_subset
+
+            try:  # the checks training makes first
+                cfg, split = self.config(), load_split(data, "train")
+                check_vocab(split, cfg.model.vocab_size)
+                check_prepared_for(cfg, split)
+                check_subset(cfg, split)
+            except KdlibError as e:
+                found.append(str(e))
+        return found
+
+    def _data_line(self) -> str:
+        data = self.data_dir
+        if (data / "train.json").is_file():
+            return f"data: {data} (prepared)"
+        return f"data: {data} (not prepared yet: Train prepares it first, or run 01_data_prep with this preset)"
 
     def _update(self, change=None) -> None:
         # The feature kind matters only with a feature map.
         self.feature.disabled = self.feature_map.value == "none"
+        if change is not None and change.get("owner") is self.preset and self.preset.value != self._preset_was:
+            # A seed left at the old preset's default follows the new preset's.
+            old, new = make_preset(self._preset_was).seed, make_preset(self.preset.value).seed
+            self._preset_was = self.preset.value
+            if self.seed.value == old and old != new:
+                self.seed.value = new  # observed: this calls _update again
+                return
         try:
-            self.name_label.value = describe(self.config(), self.results_dir)
-            self.button.disabled = self._busy
-        except KdlibError as e:  # e.g. a negative seed: say so, and nothing to train
+            cfg = self.config()
+            self.name_label.value = describe(cfg, self.results_dir)
+            self.data_label.value = self._data_line()
+            problems = self.problems()
+        except KdlibError as e:  # e.g. a negative seed, or Drive not mounted: say so, and nothing to train
             self.name_label.value = f"invalid choice: {e}"
+            self.data_label.value = ""
             self.button.disabled = True
+            return
+        self.button.disabled = self._busy or bool(problems)
+        if not self._busy:
+            if problems:
+                self.status.value = "cannot train: " + "; ".join(problems)
+            elif self.status.value.startswith("cannot train"):
+                self.status.value = ""  # a finished run's line stays until the choice changes
+            self._drawn = None
+            self._draw(run_folder(cfg, self.results_dir), hide=True)  # the selected run's curve, if any
 
     # training
 
@@ -446,7 +782,7 @@ class Panel:
             with self.output:
                 traceback.print_exc()
 
-    def _draw(self, run_dir: Path) -> None:
+    def _draw(self, run_dir: Path, hide: bool = False) -> None:
         try:
             points = val_ppl_points(run_dir)
             if points == self._drawn:
@@ -454,6 +790,8 @@ class Panel:
             if points[0]:
                 self.plot.value = figure_png(val_ppl_figure(run_dir))
                 self.plot.layout.display = ""
+            elif hide:
+                self.plot.layout.display = "none"
             self._drawn = points
         except Exception as e:  # a plot that fails must not stop the training it shows
             self.status.value = f"plot failed: {type(e).__name__}: {e}"

@@ -4,10 +4,11 @@
     python notebooks/make_notebooks.py OUT_DIR    # writes them elsewhere (the tests compare)
 
 The notebooks are written without outputs and with fixed cell ids, so running
-this twice gives the same files. The GitHub repository in the badges and the
-install command is ``kdlib.badges.REPO`` (change it with ``python -m kdlib
-badges --repo OWNER/REPO``). Every piece of logic is a kdlib call; the cells
-only name folders and pass parameters.
+this twice gives the same files. The GitHub repository and ref in the badges
+and the install cell are ``kdlib.badges.REPO`` and ``REF`` (change them with
+``python -m kdlib badges --repo OWNER/REPO --ref REF``). Every piece of logic
+but the install is a kdlib call; the cells only name folders and pass
+parameters.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kdlib, installed or not
 
-from kdlib.badges import REPO, badge_markdown, install_url  # noqa: E402
+from kdlib.badges import REF, REPO, badge_markdown  # noqa: E402
 from kdlib.grid import MAPS  # noqa: E402
-from kdlib.ui import DIVERGENCES, NOTEBOOK_PRESETS  # noqa: E402
+from kdlib.ui import DIVERGENCES, DRIVE_LAYOUT, NOTEBOOK_PRESETS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PRESET = "colab-t4"  # what a Colab user gets from the badge; CI passes preset="smoke"
@@ -32,43 +33,114 @@ def options(values) -> str:
     return "[" + ", ".join(f'"{v}"' for v in values) + "]"
 
 
-def install_cell(imports: str) -> str:
-    return f"""\
-# On Colab: install kdlib from GitHub. pip keeps every package that already satisfies kdlib's
-# requirements, so Colab's torch (kdlib needs >= 2.6) is not upgraded, and kdlib does not depend
-# on ipywidgets, so Colab's 7.7.1 stays. Elsewhere: the kdlib installed from this checkout
-# (`pip install -e .` at the repository root), or the checkout itself when opened from notebooks/.
-import importlib.util, os, subprocess, sys
+# The install cell is the one cell that cannot call kdlib: kdlib is not there yet. It is the same in
+# every notebook; its form shows the two fields and their help, and hides this code. It installs the
+# commit that `ref` names now (so a moved branch or a new tag is picked up), and only when that commit
+# is not the one installed; then kdlib's requirements that the runtime lacks (none on Colab).
+INSTALL = '''#@title Install kdlib
+#@markdown kdlib comes from GitHub at a pinned ref and is installed alone (`--no-deps`): Colab's torch,
+#@markdown transformers, datasets and ipywidgets stay as they are. Off Colab the kdlib installed here is used.
+#@markdown **repo**: the GitHub copy to install (`owner/name`, as in github.com/owner/name)
+repo = "__REPO__"  #@param {type:"string"}
+#@markdown **ref**: its tag, commit or branch; run this cell again after changing it (or after the branch
+#@markdown moved) and the new code is installed
+ref = "__REF__"  #@param {type:"string"}
+import importlib, importlib.util, json, os, subprocess, sys
+from importlib import metadata
+
+
+def install_kdlib(repo, ref):
+    if repo.split("/")[0] in ("", "OWNER") or repo.count("/") != 1:
+        raise SystemExit(
+            f"kdlib's GitHub repository is not set: repo is {repo!r}. Type the copy to install in this "
+            "cell's repo field (owner/name, as in github.com/owner/name, e.g. alice/kdlib) and its ref (a tag, "
+            "commit or branch), then run it again. For good: in your checkout run `python -m kdlib badges "
+            "--repo alice/kdlib --ref v0.1.0`, commit, tag and push (README: Publishing your copy).")
+    url = f"https://github.com/{repo}"
+    found = subprocess.run(["git", "ls-remote", url, ref, ref + "^{}"], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise SystemExit(f"{url} cannot be read (git: {found.stderr.strip()[-300:]}); check repo, and that "
+                         "the repository is public")
+    shas = {name: sha for sha, name in (line.split("\\t") for line in found.stdout.splitlines())}
+    commit = next((s for n, s in shas.items() if n.endswith("^{}")), None) or next(iter(shas.values()), None)
+    if commit is None and not (len(ref) >= 7 and all(c in "0123456789abcdef" for c in ref.lower())):
+        raise SystemExit(f"{url} has no tag or branch {ref!r}; check ref (a tag, branch or commit hash)")
+    commit = commit or ref
+    try:
+        now = json.loads(metadata.distribution("kdlib").read_text("direct_url.json") or "{}")
+    except metadata.PackageNotFoundError:
+        now = {}
+    if now.get("url") == url and now.get("vcs_info", {}).get("commit_id", "").startswith(commit):
+        print(f"kdlib from {repo}@{ref} ({commit[:10]}) is installed")
+        return
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
+                    f"git+{url}@{commit}"], check=True)
+    for name in [m for m in sys.modules if m == "kdlib" or m.startswith("kdlib.")]:
+        del sys.modules[name]  # the next import reads the new code
+    importlib.invalidate_caches()
+    import kdlib.requirements
+    missing = kdlib.requirements.missing()  # kdlib's requirements this runtime lacks: none on Colab
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+    print(f"installed kdlib from {repo}@{ref} ({commit[:10]})")
+
 
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "{install_url(REPO)}"], check=True)
-elif importlib.util.find_spec("kdlib") is None:
+    install_kdlib(repo, ref)
+elif importlib.util.find_spec("kdlib") is None:  # opened from notebooks/ in a checkout
     sys.path.insert(0, os.path.abspath(".."))
-import {imports}
-print("kdlib", kdlib.__version__)"""
+'''
 
 
-PRESET_PARAM = (f'preset = "{DEFAULT_PRESET}"  #@param {options(NOTEBOOK_PRESETS)}\n'
-                "# smoke: seconds on a CPU, to try the notebooks; colab-t4 / colab-a100: the corrected\n"
-                "# protocol on one Colab GPU (40M / 100M tokens a run, ~25 / ~9 minutes); study: the\n"
-                "# original study's regime (50 epochs of a 1.65M-token subset, fp32). docs/protocol.md")
-DATA_PARAM = ('data_dir = ""  #@param {type:"string"}\n'
-              '# "" = MyDrive/kdlib-data/PRESET on Colab, data/PRESET in the working folder elsewhere')
-RESULTS_PARAM = ('results_dir = ""  #@param {type:"string"}\n'
-                 '# "" = MyDrive/kdlib on Colab (Drive is mounted), runs/ in the working folder elsewhere')
+def install_source(repo: str = REPO, ref: str = REF) -> str:
+    """The install cell's code, without the line that imports the notebook's kdlib modules."""
+    return INSTALL.replace("__REPO__", repo).replace("__REF__", ref)
 
 
-def params_cell(*lines: str):
-    cell = new_code_cell("#@title Parameters\n" + "\n".join(lines))
+def install_cell(imports: str):
+    cell = new_code_cell(install_source() + f"import {imports}\nprint('kdlib', kdlib.__version__)")
+    cell.metadata.update({"cellView": "form"})
+    return cell
+
+
+def param(line: str, *help_lines: str) -> str:
+    """A form field with its help text above it (``#@markdown`` lines show in Colab's form view)."""
+    return "\n".join([*(f"#@markdown {h}" for h in help_lines), line])
+
+
+PRESET_PARAM = param(
+    f'preset = "{DEFAULT_PRESET}"  #@param {options(NOTEBOOK_PRESETS)}',
+    "**preset**: *smoke* = seconds on a CPU, to try the notebooks; *colab-t4* / *colab-a100* = the corrected",
+    "protocol on one Colab GPU (40M / 100M tokens a run); *study* = the original study's regime (50 epochs",
+    "of a 1.65M-token subset, fp32, an A100). docs/protocol.md")
+DATA_PARAM = param('data_dir = ""  #@param {type:"string"}',
+                   "**data_dir**: the prepared data; empty = `MyDrive/kdlib-data/PRESET` on Colab (Drive),",
+                   "`data/PRESET` elsewhere")
+RESULTS_PARAM = param('results_dir = ""  #@param {type:"string"}',
+                      "**results_dir**: the run folders; empty = `MyDrive/kdlib` on Colab (Drive, 100 MiB",
+                      "budget), `runs/` elsewhere")
+
+
+def params_cell(*fields: str):
+    cell = new_code_cell("#@title Parameters\n" + "\n".join(fields))
     cell.metadata.update({"tags": ["parameters"], "cellView": "form"})
     return cell
 
 
+def runtime_cell(preset: str | None, needs_gpu: bool, **folders: str):
+    """Where the notebook runs and where its files go: the first cell after the parameters."""
+    check = f"kdlib.ui.check_runtime({preset}, needs_gpu={needs_gpu})" if preset else "kdlib.ui.check_runtime()"
+    args = ", ".join([*([preset] if preset else []), *(f"{k}={v}" for k, v in folders.items())])
+    note = "  # a GPU preset on a CPU runtime stops here, saying how to pick a GPU" if needs_gpu else ""
+    return new_code_cell(f"{check}{note}\nf = kdlib.ui.folders({args})\nprint(f)")
+
+
 def header(number: str, title: str, text: str) -> str:
-    return f"# {number} · {title}\n\n{text}\n\n{badge_markdown(f'{number}_{NAMES[number]}', REPO)}"
+    return f"# {number} · {title}\n\n{text}\n\n{badge_markdown(f'{number}_{NAMES[number]}', REPO, REF)}"
 
 
 NAMES = {"01": "data_prep", "02": "teacher_cache", "03": "train", "04": "analysis"}
+WHERE = "## Where this runs\n\nThe runtime, its GPU and the preset's precision; then the folders this notebook uses."
 
 
 def data_prep():
@@ -76,100 +148,121 @@ def data_prep():
         new_markdown_cell(header("01", "Prepare the data", """\
 Tokenizes every split of the preset's corpus whole, with no truncation (WikiText-103 with GPT-2's \
 tokenizer for the study and Colab presets; Python's own documentation with a small BPE trained on it \
-for `smoke` and `demo`, offline), and prints texts, characters, tokens and tokens per character per \
-split; a split with implausibly few tokens per character is refused. It writes `train.bin`, \
-`validation.bin` and `test.bin` (flat token ids) with a manifest `.json` each to the data folder: on \
-Colab `MyDrive/kdlib-data/PRESET` on Google Drive, since each notebook runs on its own machine and \
-02 and 03 read it from there; elsewhere `data/PRESET`. Run again with the same inputs, it reuses the \
-files.""")),
-        new_code_cell(install_cell("kdlib.config, kdlib.data, kdlib.ui")),
+for `smoke`, offline). It writes `train.bin`, `validation.bin` and `test.bin` (flat token ids) with a \
+manifest `.json` each to the data folder, which 02 and 03 read: on Colab each notebook runs on its own \
+machine, so the folder is on Google Drive. Run again with the same inputs, it reuses the files.
+
+### Where everything goes (Colab)
+
+""" + DRIVE_LAYOUT)),
+        install_cell("kdlib.config, kdlib.data, kdlib.ui"),
         params_cell(PRESET_PARAM, DATA_PARAM),
-        new_code_cell("""\
-data_dir = kdlib.ui.data_folder(preset, data_dir)
-splits = kdlib.data.prepare(kdlib.config.preset(preset), data_dir)  # prints the per-split table
-print(f"token files in {data_dir}")"""),
+        new_markdown_cell(WHERE),
+        runtime_cell("preset", False, data_dir="data_dir"),
+        new_markdown_cell("## Tokenize\n\nTexts, characters, tokens and tokens per character per split; a split "
+                          "with implausibly few tokens per character (a truncated corpus) is refused."),
+        new_code_cell("cfg = kdlib.config.preset(preset)\n"
+                      "splits = kdlib.data.prepare(cfg, f.data_dir)  # prints the per-split table"),
+        new_markdown_cell("## What the model reads\n\nA stretch of the training split decoded back to text: "
+                          "the tokenizer's round trip, and a look at the data."),
+        new_code_cell("kdlib.ui.show_sample(cfg, f.data_dir)"),
     ]
 
 
 def teacher_cache():
     return [
         new_markdown_cell(header("02", "Teacher top-k cache", """\
-Runs the teacher once over the training windows and keeps, per position, its top-k \
-log-probabilities at the experiment's temperature, their token ids and the log of the remaining \
-mass, in `DATA_DIR/cache/`. Only output-only experiments use it (`kl`, `js`: no feature map, no \
-cosine term), and only when asked for: `03_train` with `teacher_source = "cache"` (a run whose cache \
-does not match its teacher, tokenizer, data, block size, k or temperature is refused, never silently \
-switched), and its runs are named and reported as `[top-k cache]`. So this notebook is optional: \
-it saves the teacher's forward pass in every step of those runs. At k = 32 the cached divergence \
-is a weaker objective than the online one (README, `docs/losses.md`). The size is printed before \
-the build starts: about 132 bytes per training token with GPT-2's vocabulary, some 15 GB for \
-WikiText-103, more than a free Drive holds; there, skip this notebook. An interrupted build \
-continues where it stopped. Prepares the data first if `01_data_prep` has not.""")),
-        new_code_cell(install_cell("kdlib.cache, kdlib.data, kdlib.ui")),
+Optional. Runs the teacher once over the training windows and keeps, per position, its top-k \
+log-probabilities at the experiment's temperature, their token ids and the log of the remaining mass. \
+Only output-only experiments (`kl`, `js`) use it, and only when asked for (`03_train` with \
+`teacher_source = "cache"`; its runs are named and reported `[top-k cache]`): it saves the teacher's \
+forward pass in every step. At k = 32 the cached divergence is a weaker objective than the online one \
+(README, `docs/losses.md`). It is large (about 132 bytes per training token with GPT-2's vocabulary, \
+some 15 GB for WikiText-103), so on Colab it goes to the runtime's own disk, never Drive; since each \
+notebook runs on its own machine, `03_train` builds it on its runtime when it is asked to use one that \
+is not there. This notebook shows its size and where it goes, checks the disk has room, builds it, and \
+measures how much of the teacher's distribution the top k keep. An interrupted build continues where \
+it stopped.""")),
+        install_cell("kdlib.config, kdlib.data, kdlib.ui"),
         params_cell(PRESET_PARAM,
-                    f'divergence = "kl"  #@param {options(DIVERGENCES)}\n'
-                    "# the cache is built at this divergence's temperature (the same for kl and js in every preset)",
-                    DATA_PARAM),
-        new_code_cell("""\
-cfg = kdlib.ui.experiment_config(preset, divergence=divergence)
-data_dir = kdlib.ui.data_folder(preset, data_dir)
-kdlib.data.prepare(cfg, data_dir)  # reuses 01's files
-cache = kdlib.cache.build_cache(cfg, data_dir, data_dir / "cache", device=kdlib.ui.device())
-print(f"top-{cache.k} cache complete in {data_dir / 'cache'}")"""),
+                    param(f'divergence = "kl"  #@param {options(DIVERGENCES)}',
+                          "**divergence**: the cache is built at this divergence's temperature (the same for kl",
+                          "and js in every preset)"),
+                    DATA_PARAM,
+                    param('cache_dir = ""  #@param {type:"string"}',
+                          "**cache_dir**: empty = `/content/kdlib-cache/PRESET` on Colab (the runtime's disk),",
+                          "`DATA_DIR/cache` elsewhere")),
+        new_markdown_cell(WHERE),
+        runtime_cell("preset", True, data_dir="data_dir", cache_dir="cache_dir"),
+        new_markdown_cell("## Size and place\n\nThe cache's size, where it goes and that disk's free space; "
+                          "it stops here if the cache does not fit."),
+        new_code_cell("cfg = kdlib.ui.experiment_config(preset, divergence=divergence)\n"
+                      "kdlib.data.prepare(cfg, f.data_dir)  # reuses 01's files\n"
+                      "kdlib.ui.cache_plan(cfg, f.data_dir, f.cache_dir)"),
+        new_markdown_cell("## Build, and its fidelity\n\nThe teacher's pass, then the share of its "
+                          "probability mass the top k keep (the rest is one tail bucket)."),
+        new_code_cell("coverage = kdlib.ui.build_cache(cfg, f.data_dir, f.cache_dir)"),
     ]
 
 
 def train():
     return [
         new_markdown_cell(header("03", "Train one experiment", """\
-Trains the TinyGPT student with the loss chosen in the parameters cell (a layer map for the feature \
-loss on hidden states or attention maps, an output divergence, the cosine term; all off is the no-KD \
-baseline `ce`) and writes the run to `RESULTS_DIR/PRESET/EXP[-attn]-seedSEED/`: `config.json`, \
-`metrics.jsonl` and, at the end, `summary.json`; the best student is an fp16 `.safetensors` file \
-(for the colab and study presets every student stays on the runtime's disk in `kdlib-local/weights` \
-and Drive keeps a copy of the best run's only: 42 students of 97 MiB do not fit 100 MB). \
-`RESULTS_DIR` is `MyDrive/kdlib` on Colab (Drive is mounted) and `runs/` elsewhere. Runtime → Run \
-all trains exactly the chosen experiment; run it again after an interruption and it resumes (on \
-Colab the resume state sits on the runtime's disk, too large for Drive: after a runtime reset the \
-run starts over), and a finished run is not trained again. The panel below trains interactively \
-instead; Run all does not press its button.""")),
-        new_code_cell(install_cell("kdlib.ui")),
+Trains the TinyGPT student with the loss chosen in the parameters (a layer map for the feature loss on \
+hidden states or attention maps, an output divergence, the cosine term; all off is the no-KD baseline \
+`ce`) into `RESULTS_DIR/PRESET/EXP[-attn]-seedSEED/`: `config.json`, `metrics.jsonl` and, at the end, \
+`summary.json`. For the colab and study presets every student stays on the runtime's disk and Drive \
+keeps the best run's only (42 students of 97 MiB do not fit 100 MB; the layout with sizes is in \
+`01_data_prep` and the README). Runtime → Run all trains exactly the chosen experiment after showing \
+its plan; run it again after an interruption and it resumes (after a runtime reset it starts over: \
+the resume state is on the runtime's disk), and a finished run is not trained again. The panel trains \
+interactively instead; Run all does not press its button.""")),
+        install_cell("kdlib.ui"),
         params_cell(PRESET_PARAM,
-                    f'feature_map = "none"  #@param {options(("none",) + MAPS)}',
-                    'feature = "hidden"  #@param ["hidden", "attention"]\n'
-                    "# what the feature map compares (the original study: attention maps)",
-                    f'divergence = "kl"  #@param {options(("none",) + DIVERGENCES)}',
-                    'cosine = False  #@param {type:"boolean"}',
-                    'seed = None  #@param {type:"raw"}\n'
-                    "# None = the preset's first seed (the colab presets' sweep runs seeds 0, 1, 2)",
-                    'teacher_source = "online"  #@param ["online", "cache"]\n'
-                    "# cache: the top-k cache of 02 for kl/js alone (a sparse objective, labelled in the report)",
+                    param(f'feature_map = "none"  #@param {options(("none",) + MAPS)}',
+                          "**feature_map**: which student layer matches which teacher layer in the feature loss",
+                          "(none = no feature loss)"),
+                    param('feature = "hidden"  #@param ["hidden", "attention"]',
+                          "**feature**: what the feature map compares (the original study: attention maps)"),
+                    param(f'divergence = "kl"  #@param {options(("none",) + DIVERGENCES)}',
+                          "**divergence**: the output divergence to the teacher (none = no output term)"),
+                    param('cosine = False  #@param {type:"boolean"}',
+                          "**cosine**: add the cosine term on hidden states"),
+                    param('seed = None  #@param {type:"raw"}',
+                          "**seed**: None = the preset's first (the colab presets' sweep runs 0, 1, 2)"),
+                    param('teacher_source = "online"  #@param ["online", "cache"]',
+                          "**teacher_source**: cache = 02's top-k cache, for kl/js alone (a sparse objective,",
+                          "labelled in the report; built on this runtime if missing)"),
                     RESULTS_PARAM, DATA_PARAM,
-                    'max_steps = None  #@param {type:"raw"}\n'
-                    "# None = the preset's schedule; a number cuts the run short"),
+                    param('max_steps = None  #@param {type:"raw"}',
+                          "**max_steps**: None = the preset's token budget; a number cuts the run short")),
+        new_markdown_cell(WHERE),
+        runtime_cell("preset", True, results_dir="results_dir", data_dir="data_dir"),
         new_code_cell("""\
-results_dir = results_dir or kdlib.ui.results_folder()
-data_dir = kdlib.ui.data_folder(preset, data_dir)
 cfg = kdlib.ui.experiment_config(preset, feature_map, feature, divergence, cosine, seed, max_steps,
                                  teacher_source=teacher_source)
-run_dir = kdlib.ui.run_folder(cfg, results_dir)
-print(kdlib.ui.describe(cfg, results_dir))"""),
+run_dir = kdlib.ui.run_folder(cfg, f.results_dir)
+print(kdlib.ui.describe(cfg, f.results_dir))"""),
         new_markdown_cell("## The plan\n\n"
                           "What the run will cost before it starts: its token budget (the same for every "
                           "experiment of the preset), steps, evaluations, the time (measured on this "
                           "runtime's GPU in a few seconds; an estimate without one) and the bytes it leaves "
-                          "on Drive against the 100 MB budget."),
-        new_code_cell("print(kdlib.ui.plan_text(cfg, results_dir, data_dir))"),
+                          "on Drive against the 100 MiB budget. Run all stops here if it does not fit."),
+        new_code_cell("plan = kdlib.ui.show_plan(cfg, f.results_dir, f.data_dir)"),
         new_markdown_cell("## Interactive panel\n\n"
                           "Pick a combination and press **Train**: the progress bar and the validation "
-                          "perplexity update as it trains. Its choices start at the parameters above."),
+                          "perplexity update as it trains. Its choices start at the parameters above; "
+                          "another preset uses that preset's data folder, and a choice that cannot run here "
+                          "says why before you press Train."),
         new_code_cell("""\
-kdlib.ui.panel(preset, results_dir, data_dir, feature_map=feature_map, feature=feature,
-               divergence=divergence, cosine=cosine, seed=seed, max_steps=max_steps)"""),
+kdlib.ui.panel(preset, f.results_dir, f.data_dir, feature_map=feature_map, feature=feature,
+               divergence=divergence, cosine=cosine, seed=seed, max_steps=max_steps,
+               teacher_source=teacher_source)"""),
         new_markdown_cell("## Train the chosen experiment\n\n"
-                          "Trains the parameters' experiment (resumes it if interrupted), then plots its "
-                          "validation perplexity."),
-        new_code_cell("summary = kdlib.ui.train_run(cfg, results_dir, data_dir, show_plan=False)"),
+                          "Trains the parameters' experiment (resumes it if interrupted) with a progress bar, "
+                          "then shows its summary and its validation perplexity."),
+        new_code_cell("summary = kdlib.ui.train_run(cfg, f.results_dir, f.data_dir, plan=False)\n"
+                      "print(kdlib.ui.summary_text(summary))"),
         new_code_cell("kdlib.ui.show_val_ppl(run_dir)"),
     ]
 
@@ -177,23 +270,26 @@ kdlib.ui.panel(preset, results_dir, data_dir, feature_map=feature_map, feature=f
 def analysis():
     return [
         new_markdown_cell(header("04", "Analysis", """\
-Reads every run folder in the results folder (`MyDrive/kdlib` on Colab, `runs/` elsewhere; runs it \
-cannot read yet are listed with the reason) and writes the report to the figures folder \
-(`MyDrive/kdlib-figures` on Colab, `figures/` elsewhere): per experiment the best and final \
-validation and the test perplexity with their mean and 95% confidence interval over seeds and the \
-change against the no-KD baseline (`results.csv`, `results.md`), one row per run (`runs.csv`), the \
-cosine term's effect paired by seed, JS's early best and later rise, and the figures as PNG and \
-PDF; then shows the table and figures here. `reference` adds the original study's table and curves \
+Reads every run folder in the results folder (runs it cannot read yet are listed with the reason) and \
+writes the report to the figures folder: per experiment the best and final validation and the test \
+perplexity with their mean and 95% confidence interval over seeds and the change against the no-KD \
+baseline (`results.csv`, `results.md`), one row per run (`runs.csv`), the cosine term's effect paired \
+by seed, JS's early best and later rise, and the figures as PNG and PDF; then shows the table and the \
+figures here and lists what was written where. `reference` adds the original study's table and curves \
 (shipped with kdlib) beside these runs.""")),
-        new_code_cell(install_cell("kdlib.analysis, kdlib.ui")),
+        install_cell("kdlib.analysis, kdlib.ui"),
         params_cell(RESULTS_PARAM,
-                    'figures_dir = ""  #@param {type:"string"}\n'
-                    '# "" = MyDrive/kdlib-figures on Colab, figures/ in the working folder elsewhere',
-                    'reference = False  #@param {type:"boolean"}'),
+                    param('figures_dir = ""  #@param {type:"string"}',
+                          "**figures_dir**: the report; empty = `MyDrive/kdlib-figures` on Colab, `figures/`",
+                          "elsewhere"),
+                    param('reference = False  #@param {type:"boolean"}',
+                          "**reference**: add the original study's table and curves beside these runs")),
+        new_markdown_cell(WHERE),
+        runtime_cell(None, False, results_dir="results_dir", figures_dir="figures_dir"),
+        new_markdown_cell("## The report\n\nThe table (one protocol group at a time, with its stated "
+                          "protocol), the figures, and the files written."),
         new_code_cell("""\
-results_dir = results_dir or kdlib.ui.results_folder()
-figures_dir = figures_dir or kdlib.ui.results_folder("kdlib-figures", local="figures")
-result = kdlib.analysis.report(results_dir, figures_dir, reference=reference)  # prints skipped runs
+result = kdlib.analysis.report(f.results_dir, f.figures_dir, reference=reference)  # prints skipped runs
 kdlib.ui.show_report(result)"""),
     ]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kdlib import badges
-from kdlib.badges import REPO, badge_markdown, rewrite_badges
+from kdlib.badges import REF, REPO, badge_markdown, install_url, rewrite_badges
 from kdlib.errors import KdlibError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,11 +16,14 @@ NAMES = ("01_data_prep", "02_teacher_cache", "03_train", "04_analysis")
 
 
 def test_badge_markdown():
-    assert badge_markdown("03_train", "alice/kd") == (
+    # The badge opens the notebook at the ref its install cell installs: notebook and package agree.
+    assert badge_markdown("03_train", "alice/kd", "v1.2") == (
         "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-        "(https://colab.research.google.com/github/alice/kd/blob/main/notebooks/03_train.ipynb)")
+        "(https://colab.research.google.com/github/alice/kd/blob/v1.2/notebooks/03_train.ipynb)")
     assert badge_markdown("03_train.ipynb", "alice/kd") == badge_markdown("03_train", "alice/kd")
-    assert f"/github/{REPO}/" in badge_markdown("01_data_prep")
+    assert f"/github/{REPO}/blob/{REF}/" in badge_markdown("01_data_prep")
+    assert install_url("alice/kd", "v1.2") == "git+https://github.com/alice/kd@v1.2"
+    assert install_url("alice/kd", None) == "git+https://github.com/alice/kd"
 
 
 @pytest.fixture
@@ -36,18 +39,21 @@ def checkout(tmp_path):
 
 def test_rewrite_points_every_badge_and_install_at_the_new_repo(checkout):
     before = {p: p.read_text(encoding="utf-8") for p in checkout.rglob("*") if p.is_file()}
-    changed = rewrite_badges(checkout, "alice/kd-fork")
+    changed = rewrite_badges(checkout, "alice/kd-fork", "v9.9")
     notebooks = [checkout / "notebooks" / f"{n}.ipynb" for n in NAMES]
     assert sorted(changed) == sorted(notebooks + [checkout / "README.md", checkout / "kdlib" / "badges.py"])
     for name, path in zip(NAMES, notebooks):
         text = path.read_text(encoding="utf-8")
-        assert badge_markdown(name, "alice/kd-fork") in text
-        assert "git+https://github.com/alice/kd-fork\\\"" in text  # the install cell, JSON-escaped quote
+        assert badge_markdown(name, "alice/kd-fork", "v9.9") in text
+        # the install cell's two form fields, JSON-escaped quotes
+        assert 'repo = \\"alice/kd-fork\\"  #@param' in text and 'ref = \\"v9.9\\"  #@param' in text
         assert REPO not in text
-        # Only the repository changed: same text once it is put back.
-        assert text.replace("alice/kd-fork", REPO) == before[path]
-    assert badge_markdown("03_train", "alice/kd-fork") in (checkout / "README.md").read_text(encoding="utf-8")
-    assert 'REPO = "alice/kd-fork"' in (checkout / "kdlib" / "badges.py").read_text(encoding="utf-8")
+        # Only the repository and ref changed: same text once they are put back.
+        assert text.replace("alice/kd-fork", REPO).replace("v9.9", REF) == before[path]
+    readme = (checkout / "README.md").read_text(encoding="utf-8")
+    assert badge_markdown("03_train", "alice/kd-fork", "v9.9") in readme
+    source = (checkout / "kdlib" / "badges.py").read_text(encoding="utf-8")
+    assert 'REPO = "alice/kd-fork"' in source and 'REF = "v9.9"' in source
     untouched = [p for p in before if p not in changed]
     assert untouched and all(p.read_text(encoding="utf-8") == before[p] for p in untouched)
 
@@ -60,7 +66,16 @@ def test_rewrite_is_idempotent(checkout):
 
 
 def test_rewrite_to_the_current_repo_changes_nothing():
-    assert rewrite_badges(ROOT, REPO) == []  # the committed notebooks already point at REPO
+    assert rewrite_badges(ROOT, REPO) == []  # the committed notebooks already point at REPO and REF
+    assert rewrite_badges(ROOT, REPO, REF) == []
+
+
+@pytest.mark.parametrize("ref", ["", "v1 2", "a..b", "v1@x", "main:", "x/", "-x", "v1\n", None])
+def test_bad_ref_is_refused_before_anything_is_written(checkout, ref):
+    snapshot = {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()}
+    with pytest.raises(KdlibError, match="tag, commit or branch"):
+        rewrite_badges(checkout, "alice/kd", ref if ref is not None else 3)
+    assert {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()} == snapshot
 
 
 @pytest.mark.parametrize("repo", ["alice", "alice/kd/extra", "alice/", "/kd", "alice/kd fork", "alice/kd\n",

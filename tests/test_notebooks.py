@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kdlib.badges import REPO, badge_markdown, install_url
+from kdlib.badges import REF, REPO, badge_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -46,10 +46,34 @@ def test_notebook_has_one_parameters_cell_the_badge_and_the_install(name):
     assert "#@param" in tagged[0].source
     first = nb.cells[0]
     assert first.cell_type == "markdown" and first.source.startswith("# ")
-    assert badge_markdown(name, REPO) in first.source
+    assert badge_markdown(name, REPO, REF) in first.source
     install = nb.cells[1]
-    assert install.cell_type == "code" and install_url(REPO) in install.source
-    assert "--upgrade" not in install.source and "-U " not in install.source  # never upgrades Colab's torch
+    assert install.cell_type == "code" and f'repo = "{REPO}"  #@param' in install.source
+    assert f'ref = "{REF}"  #@param' in install.source
+    # kdlib alone: never upgrades (or reinstalls) Colab's torch, transformers, datasets, ipywidgets
+    assert "--no-deps" in install.source
+    assert "--upgrade" not in install.source and "-U " not in install.source
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_has_help_text_visible_in_colab_form_view(name):
+    # Colab's form view hides plain comments; `#@markdown` lines show.
+    for cell in read(name).cells:
+        if cell.cell_type != "code" or "#@param" not in cell.source:
+            continue
+        lines = cell.source.splitlines()
+        for i, line in enumerate(lines):
+            if "#@param" in line:
+                field = line.split("=")[0].strip()
+                above = []
+                for prev in reversed(lines[:i]):
+                    if not prev.startswith("#@markdown"):
+                        break
+                    above.append(prev)
+                assert any(f"**{field}**" in h for h in above), f"{name}: {field} has no #@markdown help above it"
+        last = max(i for i, line in enumerate(lines) if "#@param" in line)
+        hidden = [line for line in lines[:last] if line.lstrip().startswith("# ")]
+        assert not hidden, f"{name}: plain comments among the form fields (hidden in form view): {hidden}"
 
 
 def test_notebooks_are_what_the_generator_writes(tmp_path):

@@ -77,7 +77,10 @@ def test_initial_choices_and_invalid_seed(tmp_path):
     p.seed.value = -1
     assert "invalid choice" in p.name_label.value and p.button.disabled
     p.seed.value = 1
-    assert not p.button.disabled
+    # A valid choice, but the study preset needs a GPU, which this machine lacks: said before Train.
+    assert p.button.disabled and "trains on a GPU and this runtime has none" in p.status.value
+    p.preset.value = "smoke"
+    assert not p.button.disabled and p.status.value == ""
 
 
 def test_train_button_trains_a_real_smoke_run_and_draws_its_curve(tmp_path, smoke_data):

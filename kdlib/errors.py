@@ -2,12 +2,17 @@
 
 It subclasses ``ValueError`` so callers that already catch ``ValueError`` keep
 working, and so the CLI can print the message alone (no traceback) for any
-mistake the user can fix.
+mistake the user can fix; notebooks show the message alone too.
 """
 
 
 class KdlibError(ValueError):
     """Bad input: the message says what was wrong, what was expected and what to do."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython (notebooks, Colab) shows an exception through this hook when it has one: the message
+        # alone, as the CLI prints it. The cell still fails, so Run all stops there.
+        return [f"error: {self}"]
 
 
 def choices(values) -> str:

@@ -26,3 +26,37 @@ def metric_rows(run_dir: Path) -> list[dict]:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (relative path -> bytes): to show that nothing changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git(*args, cwd):
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def fake_github(folder: Path, repo: str = "alice/kdlib", tag: str = "v-a") -> Path:
+    """A local stand-in for ``github.com/REPO``: this checkout's package files (committed or not), as
+    one commit tagged ``tag``. Returns a gitconfig whose ``url.<base>.insteadOf`` sends
+    ``https://github.com/`` there: set ``GIT_CONFIG_GLOBAL`` to it and git (and pip's git) go there."""
+    import shutil
+    import subprocess
+
+    remote = folder / "github" / repo
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "kdlib", "pyproject.toml", "README.md"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (remote / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, remote / f)
+    git("init", "-q", "-b", "main", cwd=remote)
+    git("add", "-A", cwd=remote)
+    git("commit", "-q", "-m", "a", cwd=remote)
+    git("tag", "-a", tag, "-m", tag, cwd=remote)  # annotated: the install must take the commit, not the tag object
+    gitconfig = folder / "gitconfig"
+    gitconfig.write_text(f'[url "file://{folder}/github/"]\n\tinsteadOf = https://github.com/\n'
+                         '[protocol "file"]\n\tallow = always\n')
+    return gitconfig

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import fake_github, git
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("01_data_prep", "02_teacher_cache", "03_train", "04_analysis")
@@ -94,33 +94,16 @@ def test_placeholder_repository_stops_with_what_to_do_before_git_or_pip(name, tm
     assert not (tmp_path / "called").exists()
 
 
-def git(*args, cwd):
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                   capture_output=True)
-
-
 def test_set_repository_installs_the_pinned_ref_alone_and_a_rerun_picks_up_a_new_one(tmp_path):
     # "GitHub": alice/kdlib, this checkout's files (as committed or not), tagged v-a, then v-b.
+    gitconfig = fake_github(tmp_path)
     remote = tmp_path / "github" / "alice" / "kdlib"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "kdlib", "pyproject.toml",
-                            "README.md"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (remote / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, remote / f)
-    git("init", "-q", "-b", "main", cwd=remote)
-    git("add", "-A", cwd=remote)
-    git("commit", "-q", "-m", "a", cwd=remote)
-    git("tag", "-a", "v-a", "-m", "a", cwd=remote)  # annotated: the cell must install the commit, not the tag object
     init = remote / "kdlib" / "__init__.py"
     init.write_text(init.read_text() + '\nMARKER = "b"\n')
     git("commit", "-q", "-am", "b", cwd=remote)
     git("tag", "v-b", cwd=remote)
     commit = {t: subprocess.run(["git", "rev-parse", f"{t}^{{commit}}"], cwd=remote, capture_output=True,
                                 text=True).stdout.strip() for t in ("v-a", "v-b")}
-    gitconfig = tmp_path / "gitconfig"
-    gitconfig.write_text(f'[url "file://{tmp_path}/github/"]\n\tinsteadOf = https://github.com/\n'
-                         '[protocol "file"]\n\tallow = always\n')
     # The runtime: this Python's packages (torch, transformers, ...), with kdlib's own venv on top.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")], check=True)
     python = str(tmp_path / "venv" / "bin" / "python")

@@ -1,0 +1,176 @@
+"""Run all, as a Colab user meets it: 01 -> 04 from their install cells on, the smoke preset, Drive defaults.
+
+Each notebook gets a fresh "runtime": its own Python environment (this machine's packages, without
+kdlib), its own runtime disk (``/content``: here a temporary folder, ``KDLIB_COLAB_CONTENT``) and a
+kernel in which ``google.colab`` is loaded and ``drive.mount`` links the runtime's ``drive`` folder to
+one shared "Google Drive". The install cell installs kdlib from "GitHub" (a local repository, through
+git's ``insteadOf``) at the ref typed into its form, as a user of an unpublished copy would. The
+parameters are papermill's (Colab's form fields); every folder parameter is left empty, so the
+notebooks use their Drive defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+from helpers import fake_github
+
+from kdlib.badges import rewrite_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A Colab runtime: google.colab is a real (fake) package, loaded at start; Drive mounts by linking to the
+# shared "Drive"; kdlib is not installed (this checkout's editable install is hidden).
+DRIVE_MODULE = textwrap.dedent("""\
+    import os
+    from pathlib import Path
+
+
+    def mount(mountpoint, **kwargs):
+        if os.environ.get("FAKE_DRIVE_REFUSES"):
+            raise ValueError("mount failed: credential propagation was unsuccessful")
+        point = Path(mountpoint)
+        if not point.exists():
+            point.parent.mkdir(parents=True, exist_ok=True)
+            point.symlink_to(os.environ["FAKE_DRIVE"], target_is_directory=True)
+    """)
+SITECUSTOMIZE = textwrap.dedent("""\
+    import sys
+    import google.colab  # noqa: F401  (Colab preloads it)
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
+                        and "editable" not in getattr(f, "__name__", "")]
+    """)
+
+
+class Colab:
+    """Fresh runtimes sharing one Drive, each running one notebook."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.drive = tmp / "gdrive"
+        (self.drive / "MyDrive").mkdir(parents=True)
+        self.gitconfig = fake_github(tmp)
+        self.fake = tmp / "fake"
+        (self.fake / "google" / "colab").mkdir(parents=True)  # google: a namespace package, as installed
+        (self.fake / "google" / "colab" / "__init__.py").write_text("from . import drive  # noqa: F401\n")
+        (self.fake / "google" / "colab" / "drive.py").write_text(DRIVE_MODULE)
+        (self.fake / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        self.n = 0
+
+    def runtime(self, **env) -> tuple[str, Path]:
+        """A new runtime: (its kernel's name, its /content)."""
+        self.n += 1
+        rt = self.tmp / f"runtime{self.n}"
+        content = rt / "content"
+        content.mkdir(parents=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(rt / "env")], check=True)
+        spec = rt / "jupyter" / "kernels" / "colab"
+        spec.mkdir(parents=True)
+        (spec / "kernel.json").write_text(json.dumps({
+            "argv": [str(rt / "env" / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Colab", "language": "python",
+            "env": {"PYTHONPATH": str(self.fake), "KDLIB_COLAB_CONTENT": str(content), "FAKE_DRIVE": str(self.drive),
+                    "GIT_CONFIG_GLOBAL": str(self.gitconfig), "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                    "OMP_NUM_THREADS": "1", **env}}))
+        return str(rt / "jupyter"), content
+
+    def run(self, name: str, refuse_drive: bool = False, **params) -> tuple[nbformat.NotebookNode, Path]:
+        import papermill
+
+        jupyter_path, content = self.runtime(**({"FAKE_DRIVE_REFUSES": "1"} if refuse_drive else {}))
+        source = self.tmp / f"{name}.ipynb"
+        # The user types the copy's repository and ref into the install cell's form.
+        source.write_text(rewrite_text((ROOT / "notebooks" / f"{name}.ipynb").read_text(), "alice/kdlib", "v-a"))
+        out = self.tmp / f"{name}.out.ipynb"
+        old = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = jupyter_path
+        try:
+            papermill.execute_notebook(str(source), str(out), parameters=params, cwd=str(content),
+                                       progress_bar=False, kernel_name="colab")
+        finally:
+            if old is None:
+                os.environ.pop("JUPYTER_PATH")
+            else:
+                os.environ["JUPYTER_PATH"] = old
+        return nbformat.read(str(out), as_version=4), content
+
+
+def outputs(nb, mime: str) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if mime in o.get("data", {})]
+
+
+def text_of(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def cell_with(nb, needle: str) -> int:
+    return next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and needle in c.source)
+
+
+def test_run_all_on_colab_from_the_install_cell_with_drive_defaults(tmp_path):
+    colab = Colab(tmp_path)
+    mydrive = colab.drive / "MyDrive"
+
+    nb, content = colab.run("01_data_prep", preset="smoke")
+    install = text_of(nb.cells[1])
+    assert "installed kdlib from alice/kdlib@v-a" in install and "kdlib 0.1.0" in install
+    where = text_of(nb.cells[cell_with(nb, "check_runtime")])
+    assert "runtime: Google Colab" in where and "GPU: none" in where and "preset smoke" in where
+    assert f"data_dir     {content / 'drive' / 'MyDrive' / 'kdlib-data' / 'smoke'}  (Google Drive)" in where
+    data = mydrive / "kdlib-data" / "smoke"
+    assert all((data / f"{s}.bin").stat().st_size > 0 for s in ("train", "validation", "test"))
+    assert "tokens/char" in text_of(nb.cells[cell_with(nb, "prepare(")])
+    assert "training tokens, decoded:" in text_of(nb.cells[cell_with(nb, "show_sample")])
+
+    nb, content = colab.run("02_teacher_cache", preset="smoke")
+    cache = content / "kdlib-cache" / "smoke"  # the runtime's disk, not Drive
+    assert json.loads((cache / "train.cache.json").read_text())["complete"] is True
+    assert not (data / "cache").exists()
+    shown = text_of(nb.cells[cell_with(nb, "cache_plan")])
+    assert f"in {cache} (this runtime's disk: lost when it is recycled)" in shown and "GiB free there" in shown
+    assert "of the teacher's probability mass" in text_of(nb.cells[cell_with(nb, "build_cache")])
+
+    nb, content = colab.run("03_train", preset="smoke", feature_map="none", feature="hidden", divergence="kl",
+                            cosine=False, seed=0, max_steps=4)
+    run = mydrive / "kdlib" / "smoke" / "kl-seed0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["teacher_source"] == "online"
+    plan_at, train_at = cell_with(nb, "show_plan("), cell_with(nb, "train_run(")
+    assert plan_at < train_at and "plan: preset smoke" in text_of(nb.cells[plan_at])
+    assert "best validation perplexity" in text_of(nb.cells[train_at])  # the summary, printed
+    assert outputs(nb, "application/vnd.jupyter.widget-view+json"), "the panel was not displayed"
+    assert any("image/png" in o.get("data", {}) for o in nb.cells[-1].outputs)
+    assert not list(content.glob("kdlib-resume/*.pt"))  # a finished run's resume state is gone
+
+    nb, content = colab.run("04_analysis")
+    figures = mydrive / "kdlib-figures"
+    assert (figures / "results.md").stat().st_size > 0
+    pngs = sorted(figures.glob("*.png"))
+    assert pngs and len(outputs(nb, "image/png")) == len(pngs)
+    assert "kl" in outputs(nb, "text/html")[0]["data"]["text/html"]
+    # what was written where, as this runtime sees it
+    assert str(content / "drive" / "MyDrive" / "kdlib-figures" / "results.md") in text_of(nb.cells[-1])
+
+
+@pytest.mark.parametrize("name, params, fix", [
+    ("01_data_prep", {"preset": "smoke"}, "set data_dir = '/content/kdlib-data/smoke' in the parameters cell"),
+    ("03_train", {"preset": "smoke", "max_steps": 1},
+     "set data_dir = '/content/kdlib-data/smoke' and results_dir = '/content/runs' in the parameters cell"),
+    ("04_analysis", {}, "set results_dir = '/content/runs' and figures_dir = '/content/figures' in the parameters cell"),
+])
+def test_a_drive_that_will_not_mount_stops_with_this_notebooks_fix(tmp_path, name, params, fix):
+    import papermill
+
+    colab = Colab(tmp_path)
+    with pytest.raises(papermill.PapermillExecutionError) as e:
+        colab.run(name, refuse_drive=True, **params)
+    message = str(e.value)
+    assert "Google Drive could not be mounted" in message and "credential propagation" in message
+    assert fix in message

@@ -436,13 +436,13 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
     figures = plots.save(plots.val_curves(runs, curves), folder, "curves_all")
     figures += plots.save(plots.grouped_curves(runs, curves, "divergence"), folder, "curves_by_divergence")
     figures += plots.save(plots.grouped_curves(runs, curves, "feature_map"), folder, "curves_by_map")
-    figures += plots.save(plots.ppl_bars(table), folder, "test_ppl" if has_test else "best_val_ppl")
+    figures += plots.save(plots.ppl_bars(table, runs=runs), folder, "test_ppl" if has_test else "best_val_ppl")
     if not paired.empty:
         figures += plots.save(plots.cosine_effect(paired), folder, "cosine_effect")
     if not js.empty:
         figures += plots.save(plots.js_early_late(js), folder, "js_early_late")
     if table["train_wall_s"].notna().any():
-        figures += plots.save(plots.cost_vs_ppl(table), folder, "cost_vs_ppl")
+        figures += plots.save(plots.cost_vs_ppl(table, runs=runs), folder, "cost_vs_ppl")
     if ref is not None:
         figures += plots.save(plots.with_reference(runs, curves, *ref), folder, "curves_with_study")
     return {"name": name, "folder": folder, "statement": statement, "table": table, "runs": runs,

@@ -41,12 +41,26 @@ def _label(run) -> str:
     return f"{run['label']}{seed}"
 
 
-def _score(table: pd.DataFrame):
+def eval_protocol(runs, split: str = "validation") -> str:
+    """How ``split``'s perplexity was measured, for an axis label: ``" (block 128, stride 64)"`` when
+    every run of ``runs`` shares it (a protocol group does), else ``""``. Validation during training is
+    scored on whole windows (stride = block); the test split with the sliding window."""
+    key = "val_stride" if split == "validation" else "test_stride"
+    if runs is None or "block_size" not in runs or key not in runs:
+        return ""
+    blocks, strides = set(runs["block_size"].dropna()), set(runs[key].dropna())
+    if len(blocks) != 1 or len(strides) != 1:
+        return ""
+    return f" (block {int(next(iter(blocks)))}, stride {int(next(iter(strides)))})"
+
+
+def _score(table: pd.DataFrame, runs=None):
     """(score, CI, axis label): test perplexity where the group has test scores, else best validation
-    perplexity, labelled so; never the two mixed in one axis."""
+    perplexity, labelled so; never the two mixed in one axis. With ``runs``, the label says the protocol."""
     if table["test_ppl"].notna().any():
-        return table["test_ppl"], table["test_ci95"], "test perplexity"
-    return table["best_val_ppl"], table["best_val_ci95"], "best validation perplexity (no test scores yet)"
+        return table["test_ppl"], table["test_ci95"], "test perplexity" + eval_protocol(runs, "test")
+    return (table["best_val_ppl"], table["best_val_ci95"],
+            "best validation perplexity" + eval_protocol(runs, "validation") + "\n(no test scores yet)")
 
 
 def _draw_curves(ax, runs: pd.DataFrame, curves: dict, x: str = "tokens", style=None):
@@ -56,7 +70,7 @@ def _draw_curves(ax, runs: pd.DataFrame, curves: dict, x: str = "tokens", style=
         kw = {"lw": 1.1, "ls": "--" if run["exp"] in BASELINES else "-", "marker": "o", "ms": 2.5, **(style or {})}
         ax.plot(c[x] / (1e6 if x == "tokens" else 1), c["val_ppl"], label=_label(run), **kw)
     ax.set_yscale("log")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel("validation perplexity" + eval_protocol(runs, "validation"))
     ax.set_xlabel("training tokens (millions)" if x == "tokens" else x)
     ax.grid(alpha=0.3, which="both")
 
@@ -86,11 +100,11 @@ def grouped_curves(runs: pd.DataFrame, curves: dict, by: str):
     return fig
 
 
-def ppl_bars(table: pd.DataFrame, title: str = "Perplexity by experiment (mean over seeds, 95% CI)"):
+def ppl_bars(table: pd.DataFrame, title: str = "Perplexity by experiment (mean over seeds, 95% CI)", runs=None):
     """Test perplexity per experiment with CI whiskers (a row without a test score has no bar); best
-    validation perplexity, said on the axis, when no row has a test score."""
+    validation perplexity, said on the axis, when no row has a test score. ``runs``: the protocol."""
     plt = _plt()
-    score, ci, ylabel = _score(table)
+    score, ci, ylabel = _score(table, runs)
     fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
     ax.bar(range(len(table)), score, yerr=None if ci.isna().all() else ci.fillna(0), capsize=3,
            color=["0.6" if e in BASELINES else "C0" for e in table.index])
@@ -137,10 +151,10 @@ def js_early_late(js: pd.DataFrame):
     return fig
 
 
-def cost_vs_ppl(table: pd.DataFrame):
+def cost_vs_ppl(table: pd.DataFrame, runs=None):
     """Training wall time against perplexity per experiment (finding 1: is the richer loss worth it?)."""
     plt = _plt()
-    score, _, ylabel = _score(table)
+    score, _, ylabel = _score(table, runs)
     shown = score.notna() & table["train_wall_s"].notna()  # unfinished runs have neither
     score, wall = score[shown], table.loc[shown, "train_wall_s"]
     fig, ax = plt.subplots(figsize=(WIDTH, 3.6))

@@ -344,3 +344,17 @@ def test_cli_cache_without_prepared_data_exits_2(tmp_path, capsys):
                      str(tmp_path / "cache")])
     assert code == 2
     assert "train.json does not exist" in capsys.readouterr().err
+
+
+def test_coverage_is_the_top_k_mass_kept_per_position(cached_data_dir):
+    from kdlib.cache import TopKCache, coverage
+
+    cache = TopKCache(cached_data_dir / "cache", "train")
+    tail = np.asarray(cache.arrays["tail"], dtype=np.float64)
+    kept = 1.0 - np.exp(tail)  # the tail is log(1 - top-k mass)
+    every = coverage(cache, max_windows=10**9)
+    assert every["windows"] == tail.shape[0] and every["positions"] == tail.size
+    assert every["mean"] == pytest.approx(kept.mean()) and every["min"] == pytest.approx(kept.min())
+    assert every["p05"] == pytest.approx(np.quantile(kept, 0.05)) and every["k"] == cache.k
+    few = coverage(cache, max_windows=3)
+    assert few["windows"] == 3 and few["positions"] == 3 * tail.shape[1]

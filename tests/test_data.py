@@ -646,3 +646,22 @@ def test_check_tokenizer_refuses_data_made_with_another_tokenizer(smoke_data, tm
     other = train_bpe(["another text, another tokenizer " * 50], 300, tmp_path / "other")
     with pytest.raises(KdlibError, match="another tokenizer"):
         check_tokenizer(splits["validation"], other)
+
+
+def test_data_of_another_corpus_or_bpe_size_is_refused_before_training(smoke_data, tmp_path):
+    from kdlib.data import check_prepared_for, load_split
+    from kdlib.train import train
+
+    split = load_split(smoke_data[0], "train")
+    check_prepared_for(preset("smoke"), split)  # its own preset's data
+    with pytest.raises(KdlibError, match="holds text from Python's documentation, and preset 'colab-t4' reads "
+                                         r"Salesforce/wikitext \(wikitext-103-raw-v1\)"):
+        check_prepared_for(preset("colab-t4"), split)
+    bigger = preset("smoke")
+    bigger.model.vocab_size = 1024
+    with pytest.raises(KdlibError, match="a 512-token BPE, and preset 'smoke' trains a 1024-token one"):
+        check_prepared_for(bigger, split)
+    # Training makes the same check first: nothing is built or written.
+    with pytest.raises(KdlibError, match="Prepare this preset's data in its own folder"):
+        train(preset("colab-t4", "kl"), tmp_path / "run", smoke_data[0], progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()

@@ -191,3 +191,172 @@ def test_failed_drive_mount_says_how_to_fix_it(monkeypatch):
     assert "mount failed" in message
     assert "Re-run this cell and accept the authorisation" in message
     assert "local folder" in message
+
+
+# --------------------------------------------------------------------------
+# the notebooks' folders, runtime check, cache and summary helpers
+
+
+def test_folders_resolve_each_notebook_parameter_off_colab(tmp_path):
+    f = kdlib.ui.folders("smoke", data_dir="", results_dir="", figures_dir="", cache_dir="")
+    assert (f.data_dir, f.results_dir, f.figures_dir) == (Path("data/smoke"), Path("runs"), Path("figures"))
+    assert f.cache_dir == Path("data/smoke/cache")  # the CLI's default
+    f = kdlib.ui.folders("smoke", data_dir=str(tmp_path / "d"), cache_dir=" ")
+    assert f.data_dir == tmp_path / "d" and f.cache_dir == tmp_path / "d" / "cache" and f.results_dir is None
+    assert "data_dir" in str(f) and "(local disk)" in str(f) and "results_dir" not in str(f)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(KdlibError, match="is a file, not a folder"):
+        kdlib.ui.folders("smoke", results_dir=str(tmp_path / "file"))
+    with pytest.raises(KdlibError, match="unknown preset"):
+        kdlib.ui.folders("nope", data_dir="")
+
+
+def test_folders_on_colab_mount_drive_once_and_keep_the_cache_on_the_runtime_disk(tmp_path, monkeypatch):
+    mounted = []
+    fake_colab(monkeypatch, mounted.append)
+    monkeypatch.setattr(kdlib.ui, "DRIVE", tmp_path / "drive")
+    monkeypatch.setattr(kdlib.ui, "COLAB_CACHE_DIR", tmp_path / "content" / "kdlib-cache")
+    f = kdlib.ui.folders("smoke", data_dir="", results_dir="", cache_dir="")
+    assert mounted == [str(tmp_path / "drive")]
+    mydrive = tmp_path / "drive" / "MyDrive"
+    assert f.data_dir == mydrive / "kdlib-data" / "smoke" and f.results_dir == mydrive / "kdlib"
+    assert f.cache_dir == tmp_path / "content" / "kdlib-cache" / "smoke"
+    text = str(f)
+    assert f"{mydrive / 'kdlib'}  (Google Drive)" in text and "this runtime's disk: lost when it is recycled" in text
+    # Every folder given: Drive is not mounted at all.
+    kdlib.ui.folders("smoke", data_dir=str(tmp_path / "d"), results_dir=str(tmp_path / "r"))
+    assert len(mounted) == 1
+
+
+@pytest.mark.parametrize("given, fix", [
+    ({"data_dir": ""}, "set data_dir = '/content/kdlib-data/smoke' in the parameters cell"),
+    ({"data_dir": "/x", "results_dir": ""}, "set results_dir = '/content/runs' in the parameters cell"),
+    ({"results_dir": "", "figures_dir": ""},
+     "set results_dir = '/content/runs' and figures_dir = '/content/figures' in the parameters cell"),
+])
+def test_a_failed_mount_names_the_parameters_left_empty(monkeypatch, given, fix):
+    def refuse(path):
+        raise ValueError("mount failed")
+
+    fake_colab(monkeypatch, refuse)
+    with pytest.raises(KdlibError) as e:
+        kdlib.ui.folders("smoke", **given)
+    assert fix in str(e.value) and "mount failed" in str(e.value)
+
+
+class FakeGPU:
+    """torch.cuda as a runtime with one GPU of this name, memory and compute capability shows it."""
+
+    def __init__(self, monkeypatch, name, gib, capability):
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda i=0: types.SimpleNamespace(name=name, total_memory=int(gib * 2**30)))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capability)
+
+
+def test_runtime_report_names_the_gpu_and_the_presets_precision(monkeypatch):
+    FakeGPU(monkeypatch, "Tesla T4", 15.0, (7, 5))
+    text, problems = kdlib.ui.runtime_report("colab-t4")
+    assert "GPU: Tesla T4, 15.0 GiB, bf16 in hardware: no (emulated, slow)" in text
+    assert "preset colab-t4: student in fp16 autocast, teacher in fp16, made for one T4" in text
+    assert problems == []
+    text, problems = kdlib.ui.runtime_report("colab-a100")  # bf16 on a T4: said, with the fix
+    assert len(problems) == 1 and "only emulates" in problems[0] and "colab-t4" in problems[0]
+    FakeGPU(monkeypatch, "NVIDIA A100-SXM4-40GB", 39.6, (8, 0))
+    text, problems = kdlib.ui.runtime_report("colab-a100")
+    assert "bf16 in hardware: yes" in text and "student in bf16 autocast" in text and problems == []
+
+
+def test_a_gpu_preset_on_a_cpu_runtime_stops_the_notebooks_that_train(monkeypatch, capsys):
+    assert kdlib.ui.check_runtime("smoke", needs_gpu=True).startswith("runtime: not Colab")
+    with pytest.raises(KdlibError, match="run it on a machine with a CUDA GPU; or set preset = 'smoke'"):
+        kdlib.ui.check_runtime("colab-t4", needs_gpu=True)
+    fake_colab(monkeypatch, lambda path: None)
+    with pytest.raises(KdlibError, match=r"Runtime -> Change runtime type -> Hardware accelerator -> T4 GPU"):
+        kdlib.ui.check_runtime("colab-t4", needs_gpu=True)
+    capsys.readouterr()
+    kdlib.ui.check_runtime("study", needs_gpu=False)  # 01 and 04 need no GPU: a warning only
+    out = capsys.readouterr().out
+    assert "GPU: none" in out and "warning: preset study trains on a GPU" in out and "A100 GPU" in out
+
+
+def test_panel_follows_its_preset_to_that_presets_data_folder(tmp_path, smoke_data):
+    data = smoke_data[0]
+    p = panel("smoke", tmp_path / "runs", data)
+    assert p.data_dir == data and p.data_label.value == f"data: {data} (prepared)"
+    assert not p.button.disabled
+    p.preset.value = "colab-t4"
+    assert p.data_dir == Path("data/colab-t4")  # not the smoke data: that preset's own folder
+    assert "data/colab-t4 (not prepared yet" in p.data_label.value
+    assert p.button.disabled and "cannot train" in p.status.value and "GPU" in p.status.value
+    p.preset.value = "study"
+    assert p.seed.value == 42  # a seed left at its default follows the preset
+    p.seed.value = 7
+    p.preset.value = "smoke"
+    assert p.seed.value == 7 and p.data_dir == data and not p.button.disabled and p.status.value == ""
+
+
+def test_panel_says_before_train_that_a_data_folder_is_another_presets(tmp_path, smoke_data):
+    other = tmp_path / "other"
+    shutil.copytree(smoke_data[0], other)
+    manifest = json.loads((other / "train.json").read_text())
+    manifest["inputs"]["source"] = {"kind": "hf", "dataset": "Salesforce/wikitext", "config": "wikitext-2-raw-v1"}
+    (other / "train.json").write_text(json.dumps(manifest))
+    p = panel("smoke", tmp_path / "runs", other)
+    assert p.button.disabled
+    assert "holds text from Salesforce/wikitext (wikitext-2-raw-v1), and preset 'smoke' reads Python's" in p.status.value
+
+
+def test_cache_plan_says_size_and_place_and_refuses_what_does_not_fit(tmp_path, smoke_data, monkeypatch, capsys):
+    import kdlib.cache
+
+    cfg = experiment_config("smoke", divergence="kl")
+    need = kdlib.ui.cache_plan(cfg, smoke_data[0], tmp_path / "cache")
+    out = capsys.readouterr().out
+    assert need > 0 and f"in {tmp_path / 'cache'} (local disk)" in out and "GiB free there" in out
+    monkeypatch.setattr(kdlib.cache, "free_bytes", lambda folder: need)  # no room for the margin
+    with pytest.raises(KdlibError, match="nothing was written"):
+        kdlib.ui.cache_plan(cfg, smoke_data[0], tmp_path / "cache")
+    with pytest.raises(KdlibError, match="nothing was written"):
+        kdlib.cache.build_cache(cfg, smoke_data[0], tmp_path / "cache", log=lambda *_: None, progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_run_builds_its_missing_cache_first_and_reports_its_coverage(tmp_path, smoke_data):
+    import kdlib.cache
+
+    data = tmp_path / "data"
+    shutil.copytree(smoke_data[0], data)
+    cfg = experiment_config("smoke", divergence="kl", max_steps=2, teacher_source="cache")
+    lines = []
+    summary = kdlib.ui.train_run(cfg, tmp_path / "runs", data, cache_dir=tmp_path / "cache", log=lines.append,
+                                 progress=False)
+    assert summary["teacher_source"] == "cache" and summary["steps"] == 2
+    assert any("building it on this runtime first" in line for line in lines)
+    fidelity = next(line for line in lines if line.startswith("fidelity:"))
+    cov = kdlib.cache.coverage(kdlib.cache.TopKCache(tmp_path / "cache", "train"))
+    assert f"the top {cfg.cache.top_k} tokens keep {cov['mean']:.1%} of the teacher's probability mass" in fidelity
+    assert 0 < cov["p05"] <= cov["median"] <= 1
+
+
+def test_summary_text_and_decoded_sample(tmp_path, smoke_data, capsys):
+    from kdlib.data import load_split, tokenizer_of
+
+    cfg = preset("smoke")
+    text = kdlib.ui.show_sample(cfg, smoke_data[0], n_tokens=40)
+    assert "40 training tokens, decoded:" in capsys.readouterr().out
+    ids = tokenizer_of(cfg, smoke_data[0])(text)["input_ids"]
+    tokens = load_split(smoke_data[0], "train").tokens()
+    assert 30 <= len(ids) <= 50 and len(text) > 40  # real text, about as many tokens back
+    assert len(tokens) > 40
+    summary = {"exp": "kl", "seed": 0, "teacher_source": "online", "best_val_ppl": 123.456, "best_step": 8,
+               "final_val_ppl": 130.0, "test_ppl": 125.0, "eval_block_size": 32, "eval_stride": 16,
+               "teacher_test_ppl": 80.0, "steps": 10, "tokens": 2560, "budget_tokens": 5120,
+               "stopped_early": True, "train_wall_s": 3.2, "device": "cpu", "tokens_per_s": 800.0,
+               "student_path": "/x/student.safetensors"}
+    shown = kdlib.ui.summary_text(summary)
+    assert "123.46 at step 8" in shown and "125.00 (block 32, stride 16); teacher 80.00" in shown
+    assert "2,560 of a budget of 5,120 (stopped early)" in shown and "3 s on cpu" in shown
+    assert kdlib.ui.summary_text({"stopped_at": 5}).startswith("stopped at step 5")

@@ -56,10 +56,10 @@ CHANGE_RUNTIME = "Runtime -> Change runtime type -> Hardware accelerator"
 DRIVE_LAYOUT = """\
 | where | what | size |
 |---|---|---|
-| `MyDrive/kdlib/PRESET/RUN/` (Drive) | per run `config.json`, `metrics.jsonl`, `summary.json` | ~30-70 KiB a run |
+| `MyDrive/kdlib/PRESET/RUN/` (Drive) | per run `config.json`, `metrics.jsonl`, `summary.json` | ~25-65 KiB a run |
 | `MyDrive/kdlib/PRESET/RUN/student.safetensors` (Drive) | the best finished run's student only (fp16) | 97 MiB (study's TinyGPT) |
 | `MyDrive/kdlib-data/PRESET/` (Drive) | token files of 01 | ~240 MB for WikiText-103 (colab presets), ~4 MB study, <1 MB smoke |
-| `MyDrive/kdlib-figures/` (Drive) | 04's tables and figures (PNG + PDF) | ~5 MB |
+| `MyDrive/kdlib-figures/` (Drive) | 04's tables and figures (PNG + PDF) | a few MB |
 | `/content/kdlib-local/` (runtime disk) | every student and the running run's resume state | ~100 MiB a student, ~610 MiB resume |
 | `/content/kdlib-cache/PRESET/` (runtime disk) | 02's top-k cache (optional) | ~15 GB for WikiText-103 |
 

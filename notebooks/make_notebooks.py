@@ -57,7 +57,8 @@ def install_kdlib(repo, ref):
             "commit or branch), then run it again. For good: in your checkout run `python -m kdlib badges "
             "--repo alice/kdlib --ref v0.1.0`, commit, tag and push (README: Publishing your copy).")
     url = f"https://github.com/{repo}"
-    found = subprocess.run(["git", "ls-remote", url, ref, ref + "^{}"], capture_output=True, text=True)
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # a private or missing repository fails, never prompts
+    found = subprocess.run(["git", "ls-remote", url, ref, ref + "^{}"], capture_output=True, text=True, env=env)
     if found.returncode != 0:
         raise SystemExit(f"{url} cannot be read (git: {found.stderr.strip()[-300:]}); check repo, and that "
                          "the repository is public")
@@ -74,7 +75,7 @@ def install_kdlib(repo, ref):
         print(f"kdlib from {repo}@{ref} ({commit[:10]}) is installed")
         return
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
-                    f"git+{url}@{commit}"], check=True)
+                    f"git+{url}@{commit}"], check=True, env=env)
     for name in [m for m in sys.modules if m == "kdlib" or m.startswith("kdlib.")]:
         del sys.modules[name]  # the next import reads the new code
     importlib.invalidate_caches()
@@ -227,7 +228,7 @@ interactively instead; Run all does not press its button.""")),
                     param(f'divergence = "kl"  #@param {options(("none",) + DIVERGENCES)}',
                           "**divergence**: the output divergence to the teacher (none = no output term)"),
                     param('cosine = False  #@param {type:"boolean"}',
-                          "**cosine**: add the cosine term on hidden states"),
+                          "**cosine**: add the cosine term between student and teacher logits (the original study's)"),
                     param('seed = None  #@param {type:"raw"}',
                           "**seed**: None = the preset's first (the colab presets' sweep runs 0, 1, 2)"),
                     param('teacher_source = "online"  #@param ["online", "cache"]',

@@ -18,6 +18,10 @@ from kdlib.config import TinyGPTConfig  # noqa: E402
 
 TEACHER_VOCAB = 97
 
+# tests/browser drives a real browser under ipywidgets 7 (its own environment: .ci/run builds it);
+# collected only when named, as `python -m pytest tests/browser`.
+collect_ignore = ["browser"]
+
 
 def build_teacher(n_layer: int = 4, n_embd: int = 24, n_head: int = 2, vocab_size: int = TEACHER_VOCAB,
                   n_positions: int = 64, seed: int = 0, **kw):

@@ -32,12 +32,10 @@ BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 _REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 # A git ref as a URL path part and a pip URL's @REF: no spaces, quotes, '..', '@', '#', '\', '?' or ':'.
 _REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./+-]*$")
-_PART = r"[A-Za-z0-9_.-]+"
 _REFPART = r"[A-Za-z0-9_./+-]+?"
-# What rewrite_badges rewrites: a badge's target, a pip install URL, the install cell's two fields
-# (in a notebook's JSON their quotes are escaped: \"), and the two lines above.
-_BADGE_URL = re.compile(rf"(colab\.research\.google\.com/github/){_PART}/{_PART}/blob/{_REFPART}(/notebooks/)")
-_INSTALL_URL = re.compile(rf"(git\+https://github\.com/){_PART}/{_PART}(?:@[A-Za-z0-9_./+-]+)?")
+# What rewrite_badges rewrites: a badge's target and a pip install URL of the current repository (no
+# other project's), the install cell's two fields (in a notebook's JSON their quotes are escaped: \"),
+# and the two lines above.
 _CELL_REPO = re.compile(r'(\brepo = \\?")[^"\\\n]*(\\?"  #@param)')
 _CELL_REF = re.compile(r'(\bref = \\?")[^"\\\n]*(\\?"  #@param)')
 _REPO_LINE = re.compile(r'^REPO = "[^"\n]*"$', re.MULTILINE)
@@ -46,7 +44,8 @@ _REF_LINE = re.compile(r'^REF = "[^"\n]*"$', re.MULTILINE)
 
 def check_repo(repo: str) -> str:
     """``repo`` if it is a GitHub ``owner/name``, else ``KdlibError`` saying what is expected."""
-    if not isinstance(repo, str) or not _REPO_RE.fullmatch(repo) or any(p in (".", "..") for p in repo.split("/")):
+    if (not isinstance(repo, str) or not _REPO_RE.fullmatch(repo) or repo.endswith(".git")
+            or any(p in (".", "..") or p.startswith("-") for p in repo.split("/"))):
         raise KdlibError(f"repository {repo!r} is not a GitHub owner/name such as 'alice/kdlib' (letters, "
                          "digits, '.', '_' and '-', one '/'); give it as it appears in github.com/OWNER/REPO")
     return repo
@@ -54,8 +53,8 @@ def check_repo(repo: str) -> str:
 
 def check_ref(ref: str) -> str:
     """``ref`` if it is a plausible git tag, commit or branch name, else ``KdlibError``."""
-    if (not isinstance(ref, str) or not _REF_RE.fullmatch(ref) or ".." in ref or ref.endswith((".", "/", ".lock"))
-            or "//" in ref):
+    if (not isinstance(ref, str) or not _REF_RE.fullmatch(ref) or ".." in ref or ref.endswith((".", "/"))
+            or "//" in ref or any(p.startswith(".") or p.endswith(".lock") for p in ref.split("/"))):
         raise KdlibError(f"ref {ref!r} is not a git tag, commit or branch such as 'v0.1.0', 'main' or a commit "
                          "hash (letters, digits and . _ - + /, no spaces)")
     return ref
@@ -83,11 +82,14 @@ def install_url(repo: str = REPO, ref: Optional[str] = REF) -> str:
     return f"git+https://github.com/{check_repo(repo)}" + (f"@{check_ref(ref)}" if ref else "")
 
 
-def rewrite_text(text: str, repo: str, ref: str = REF) -> str:
-    """``text`` with every Colab badge, kdlib install URL and install-cell field pointing at ``repo``/``ref``."""
-    check_repo(repo), check_ref(ref)
-    text = _BADGE_URL.sub(lambda m: f"{m.group(1)}{repo}/blob/{ref}{m.group(2)}", text)
-    text = _INSTALL_URL.sub(lambda m: f"{m.group(1)}{repo}@{ref}", text)
+def rewrite_text(text: str, repo: str, ref: str = REF, old: str = REPO) -> str:
+    """``text`` with every Colab badge and install URL of repository ``old`` (other projects' stay),
+    and the install cell's two fields, pointing at ``repo``/``ref``."""
+    check_repo(repo), check_ref(ref), check_repo(old)
+    badge = re.compile(rf"(colab\.research\.google\.com/github/){re.escape(old)}/blob/{_REFPART}(/notebooks/)")
+    install = re.compile(rf"(git\+https://github\.com/){re.escape(old)}(?:@[A-Za-z0-9_./+-]+)?(?![A-Za-z0-9_.-])")
+    text = badge.sub(lambda m: f"{m.group(1)}{repo}/blob/{ref}{m.group(2)}", text)
+    text = install.sub(lambda m: f"{m.group(1)}{repo}@{ref}", text)
     text = _CELL_REPO.sub(lambda m: f"{m.group(1)}{repo}{m.group(2)}", text)
     return _CELL_REF.sub(lambda m: f"{m.group(1)}{ref}{m.group(2)}", text)
 
@@ -107,11 +109,14 @@ def rewrite_badges(root: Union[str, Path], repo: str, ref: Optional[str] = None)
     root = Path(root)
     if not root.is_dir():
         raise KdlibError(f"{root} is not a folder; give the repository root (the folder holding notebooks/)")
+    source = root / "kdlib" / "badges.py"
+    # The repository the files point at now: the checkout's own REPO line (this module's otherwise).
+    named = _REPO_LINE.search(source.read_text(encoding="utf-8")) if source.is_file() else None
+    old = named.group(0).split('"')[1] if named else REPO
     changed = []
     for path in sorted((root / "notebooks").glob("*.ipynb")) + [root / "README.md"]:
-        if path.is_file() and _rewrite(path, lambda text: rewrite_text(text, repo, ref)):
+        if path.is_file() and _rewrite(path, lambda text: rewrite_text(text, repo, ref, old)):
             changed.append(path)
-    source = root / "kdlib" / "badges.py"
     if source.is_file() and _rewrite(source, lambda text: _REF_LINE.sub(
             f'REF = "{ref}"', _REPO_LINE.sub(f'REPO = "{repo}"', text, count=1), count=1)):
         changed.append(source)

@@ -65,15 +65,38 @@ def free_bytes(folder: PathLike) -> int:
 FREE_MARGIN = 256 * 2**20
 
 
+def size_text(n: int) -> str:
+    """Bytes as a person reads them: MiB under a GiB, GiB above."""
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def remaining_bytes(cfg: ExperimentConfig, tokens: TokenSplit, folder: PathLike, split: str = "train") -> int:
+    """The bytes a build of ``split``'s cache in ``folder`` still has to fill: all of it for a new cache,
+    what is left for an interrupted one (its files are made at full size, sparse, and fill as it runs),
+    0 for a complete one."""
+    total = cache_bytes(cfg, tokens)
+    manifest = _paths(Path(folder), split)["manifest"]
+    if not manifest.is_file():
+        return total
+    try:
+        found = read_json(manifest, "cache manifest")
+        n, done = int(found["windows"]), int(found.get("complete_windows", 0))
+    except (KdlibError, KeyError, TypeError, ValueError):
+        return total  # unreadable: build_cache says what is wrong with it
+    if found.get("complete"):
+        return 0
+    return total * max(n - done, 0) // max(n, 1)
+
+
 def check_space(folder: PathLike, need: int) -> None:
     """Refuse a build that would not fit ``folder``'s disk, before a file is made: a memory-mapped
     write into a full disk kills the process (SIGBUS) rather than raising."""
     free = free_bytes(folder)
     if need + FREE_MARGIN > free:
-        raise KdlibError(f"the top-k cache needs {need / 2**30:,.2f} GiB in {folder} and its disk has "
-                         f"{free / 2**30:,.2f} GiB free (plus a {FREE_MARGIN // 2**20} MiB margin); nothing was "
-                         "written. Build it on a disk with more room (on Colab the runtime's own disk, "
-                         "/content, not Drive), or train with the teacher online")
+        raise KdlibError(f"the top-k cache needs {size_text(need)} more in {folder}, and its disk has "
+                         f"{size_text(free)} free, less than that plus a {FREE_MARGIN // 2**20} MiB margin; "
+                         "nothing was written. Build it on a disk with more room (on Colab the runtime's own "
+                         "disk, /content, not Drive), or train with the teacher online")
 
 
 def coverage(cache: "TopKCache", max_windows: int = 512) -> dict:
@@ -227,6 +250,8 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
     # A manifest write that a killed build never finished (one builder per cache folder).
     for stale in folder.glob(f".{paths['manifest'].name}.*.tmp"):
         stale.unlink(missing_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise KdlibError(f"{folder} is a file, not a folder; give the cache a folder")
     per_token = bytes_per_token(k, cfg.model.vocab_size)
     total = n * T * per_token
     check_space(folder, total if not existing else total * (n - start) // n)  # sparse files fill as built

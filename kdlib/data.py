@@ -213,17 +213,22 @@ def load_tokenizer(spec):
 def tokenizer_of(cfg: ExperimentConfig, folder: PathLike):
     """The tokenizer ``prepare`` used for ``folder``: its own trained BPE, or the named one."""
     if cfg.data.tokenizer == "bpe":
+        if not (Path(folder) / "tokenizer").is_dir():
+            raise KdlibError(f"{folder} has no tokenizer/ folder (the BPE prep trained for it); run prep again")
         return load_tokenizer(Path(folder) / "tokenizer")
     return load_tokenizer(cfg.data.tokenizer or cfg.teacher.name)
 
 
 def sample_text(cfg: ExperimentConfig, folder: PathLike, split: str = "train", n_tokens: int = 80,
-                at: float = 0.5) -> str:
-    """``n_tokens`` of a prepared split decoded back to text, starting ``at`` (a fraction) into it:
-    what the model will read, tokenizer round trip included."""
+                at: float = 0.5) -> tuple[str, int]:
+    """(text, tokens): up to ``n_tokens`` of a prepared split decoded back to text, starting ``at`` (a
+    fraction) into it: what the model will read, tokenizer round trip included."""
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise KdlibError(f"n_tokens must be a positive number of tokens, got {n_tokens!r}")
     tokens = load_split(folder, split).tokens()
     start = int(max(0.0, min(at, 1.0)) * max(len(tokens) - n_tokens, 0))
-    return tokenizer_of(cfg, folder).decode(np.asarray(tokens[start:start + n_tokens]).tolist())
+    piece = np.asarray(tokens[start:start + n_tokens]).tolist()
+    return tokenizer_of(cfg, folder).decode(piece), len(piece)
 
 
 def tokenizer_hash(tok) -> str:
@@ -298,8 +303,15 @@ def load_split(folder: PathLike, split: str, verify: bool = False) -> TokenSplit
         if manifest.get("format") != TOKENS_FORMAT:
             raise KdlibError(f"{folder / f'{split}.json'} is not a kdlib token manifest")
         expected = int(manifest["tokens"]) * np.dtype(manifest["dtype"]).itemsize
-    except (KeyError, TypeError, ValueError) as e:
-        raise KdlibError(f"token manifest {folder / f'{split}.json'} is corrupt ({e}); run prep again") from None
+        tokenizer = manifest["inputs"]["tokenizer"]  # what training and the cache check first
+        vocab = tokenizer["vocab_size"]
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or not isinstance(manifest["inputs"], dict):
+            raise TypeError(f"inputs.tokenizer.vocab_size is {vocab!r}, not a number of tokens")
+        if not isinstance(tokenizer["hash"], str):
+            raise TypeError(f"inputs.tokenizer.hash is {tokenizer['hash']!r}, not a hash")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise KdlibError(f"token manifest {folder / f'{split}.json'} is corrupt or from an older kdlib "
+                         f"({type(e).__name__}: {e}); run prep again") from None
     if not path.is_file():
         raise KdlibError(f"{path} is missing; run `python -m kdlib prep` again")
     if path.stat().st_size != expected:
@@ -488,7 +500,8 @@ def _source_name(source: dict) -> str:
     kind = source.get("kind") if isinstance(source, dict) else None
     if kind == "hf":
         return f"{source.get('dataset')} ({source.get('config')})"
-    return {PYTHON_DOCS: "Python's documentation", "files": "local text files"}.get(kind, repr(kind))
+    return {PYTHON_DOCS: "Python's documentation", "files": "local text files"}.get(
+        kind, "an unknown source (its manifest names none)" if kind is None else repr(kind))
 
 
 def check_prepared_for(cfg: ExperimentConfig, split: TokenSplit) -> None:

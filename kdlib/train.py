@@ -318,12 +318,16 @@ def _load_data(cfg: ExperimentConfig, data_dir: Path, log) -> dict:
 def check_subset(cfg: ExperimentConfig, train_split) -> None:
     """Refuse a training split prepared with another ``data.train_tokens`` subset (or with one, for
     a config that trains on the whole split): the budget's epochs would mean other data."""
-    found = train_split.manifest.get("inputs", {}).get("subset")
+    found = train_split.manifest["inputs"].get("subset")  # load_split checked that inputs is a dict
     d = cfg.data
     expected = {"tokens": d.train_tokens, "seed": d.subset_seed} if d.train_tokens is not None else None
     if found != expected:
         def say(x):
-            return "the whole train split" if x is None else f"a subset of {x['tokens']:,} tokens (seed {x['seed']})"
+            if x is None:
+                return "the whole train split"
+            if not isinstance(x, dict) or not isinstance(x.get("tokens"), int):
+                return f"a subset it does not describe ({x!r})"
+            return f"a subset of {x['tokens']:,} tokens (seed {x.get('seed')})"
         raise KdlibError(f"{train_split.path} holds {say(found)}, but this run (preset {cfg.preset!r}) trains on "
                          f"{say(expected)}; prepare its data in its own folder (`python -m kdlib prep --preset "
                          f"{cfg.preset} --data-dir data/{cfg.preset}`) and point --data-dir there")

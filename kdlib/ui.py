@@ -40,8 +40,8 @@ PathLike = Union[str, Path]
 # Colab's working folder, the runtime's own disk (KDLIB_COLAB_CONTENT moves it: the tests' simulated Colab).
 CONTENT = Path(os.environ.get("KDLIB_COLAB_CONTENT", "/content"))
 DRIVE = CONTENT / "drive"  # where Colab mounts Google Drive
-COLAB_RESUME_DIR = str(CONTENT / "kdlib-resume")  # the runtime's local disk: resume state is several x the student
-COLAB_WEIGHTS_DIR = str(CONTENT / "kdlib-weights")  # the students a 100 MiB Drive budget cannot hold
+# The runtime's disk for the resume state (several times the student) of presets that name none.
+COLAB_RESUME_DIR = str(CONTENT / "kdlib-local" / "resume")
 COLAB_CACHE_DIR = CONTENT / "kdlib-cache"  # the top-k cache: GBs, the runtime's disk, never Drive
 DIVERGENCES = ("kl", "js")  # the study's; experiment_name takes any the grammar does
 BUDGET_MIB = 100.0  # the results folder's storage budget, as the CLI's --budget-mib
@@ -84,6 +84,8 @@ def on_colab() -> bool:
 def _mount(fix: str) -> Path:
     """Mount Google Drive (once: Colab's mount is a no-op when mounted); ``fix`` says which of the
     notebook's parameters to set instead when the mount fails."""
+    if (DRIVE / "MyDrive").is_dir():  # mounted already (a second mount would print, or prompt)
+        return DRIVE / "MyDrive"
     try:
         from google.colab import drive
 
@@ -112,16 +114,19 @@ def results_folder(name: str = "kdlib", local: PathLike = "runs") -> Path:
     return drive_folder(name) if on_colab() else Path(local)
 
 
-def data_folder(preset: str, data_dir: Optional[PathLike] = None, drive_name: str = "kdlib-data") -> Path:
+def data_folder(preset: str, data_dir: Optional[PathLike] = None, drive_name: str = "kdlib-data",
+                create: bool = True) -> Path:
     """A preset's prepared-data folder: ``data_dir`` if given, else ``data/PRESET`` (the CLI's default)
     or, on Colab, ``MyDrive/kdlib-data/PRESET``: each Colab notebook runs on its own machine, so data
-    that 01 prepares reaches 02 and 03 only through Drive."""
+    that 01 prepares reaches 02 and 03 only through Drive. ``create=False``: name it, make nothing."""
     if preset not in PRESETS:
         raise KdlibError(f"unknown preset {preset!r}; choose one of: {choices(PRESETS)}")
     if data_dir:
         return Path(data_dir)
-    return drive_folder(f"{drive_name}/{preset}", f"set data_dir = '/content/kdlib-data/{preset}'") \
-        if on_colab() else Path("data") / preset
+    if not on_colab():
+        return Path("data") / preset
+    fix = f"set data_dir = '/content/kdlib-data/{preset}'"
+    return drive_folder(f"{drive_name}/{preset}", fix) if create else _mount(fix) / drive_name / preset
 
 
 def cache_folder(preset: str, data_dir: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
@@ -137,6 +142,7 @@ _FOLDERS = {
     "data_dir": ("kdlib-data/{preset}", "data/{preset}", "/content/kdlib-data/{preset}"),
     "results_dir": ("kdlib", "runs", "/content/runs"),
     "figures_dir": ("kdlib-figures", "figures", "/content/figures"),
+    "cache_dir": (None, None, "/content/kdlib-cache/{preset}"),  # never on Drive by default
 }
 
 
@@ -158,11 +164,9 @@ class Folders:
 
 
 def _medium(path: Path) -> str:
-    try:
-        Path(path).absolute().relative_to(DRIVE.absolute())
+    if _under(path, DRIVE):
         return "Google Drive"
-    except ValueError:
-        return "this runtime's disk: lost when it is recycled" if on_colab() else "local disk"
+    return "this runtime's disk: lost when it is recycled" if on_colab() else "local disk"
 
 
 def folders(preset: Optional[str] = None, *, data_dir: Optional[PathLike] = None,
@@ -178,33 +182,40 @@ def folders(preset: Optional[str] = None, *, data_dir: Optional[PathLike] = None
     """
     if preset is not None and preset not in PRESETS:
         raise KdlibError(f"unknown preset {preset!r}; choose one of: {choices(NOTEBOOK_PRESETS)}")
-    given = {"data_dir": data_dir, "results_dir": results_dir, "figures_dir": figures_dir}
+    given = {"data_dir": data_dir, "results_dir": results_dir, "figures_dir": figures_dir, "cache_dir": cache_dir}
+    given = {k: (None if v is None else str(v).strip()) for k, v in given.items()}
     fill = {"preset": preset or "PRESET"}
-    out = Folders()
-    defaults = [name for name, value in given.items() if value is not None and not str(value).strip()]
+    paths = {k: Path(v).expanduser() for k, v in given.items() if v}
     colab = on_colab()
+    defaults = [k for k, v in given.items() if v == "" and k != "cache_dir"]  # the cache never goes to Drive
+    on_drive = [k for k, p in paths.items() if _under(p, DRIVE)]
     mydrive = None
-    if colab and defaults:
-        fix = "set " + " and ".join(f"{name} = '{_FOLDERS[name][2].format(**fill)}'" for name in defaults) \
+    if colab and (defaults or on_drive):
+        fix = "set " + " and ".join(f"{k} = '{_FOLDERS[k][2].format(**fill)}'" for k in defaults + on_drive) \
             + " in the parameters cell"
         mydrive = _mount(fix)
-    for name, value in given.items():
-        if value is None:
-            continue
-        if str(value).strip():
-            path = Path(str(value).strip()).expanduser()
-        elif colab:
-            path = mydrive / _FOLDERS[name][0].format(**fill)
-            path.mkdir(parents=True, exist_ok=True)
+    for name in defaults:
+        if colab:
+            paths[name] = mydrive / _FOLDERS[name][0].format(**fill)
+            paths[name].mkdir(parents=True, exist_ok=True)
         else:
-            path = Path(_FOLDERS[name][1].format(**fill))
-        if path.exists() and not path.is_dir():
-            raise KdlibError(f"{name} = {str(path)!r} is a file, not a folder; give a folder")
-        setattr(out, name, path)
-    if cache_dir is not None:
-        out.cache_dir = cache_folder(preset or "PRESET", out.data_dir or Path("data") / fill["preset"],
-                                     str(cache_dir).strip() or None)
-    return out
+            paths[name] = Path(_FOLDERS[name][1].format(**fill))
+    if given["cache_dir"] is not None and "cache_dir" not in paths:
+        paths["cache_dir"] = cache_folder(preset or "PRESET", paths.get("data_dir", Path("data") / fill["preset"]))
+    for name, path in paths.items():
+        blocked = next((p for p in (path, *path.absolute().parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            where = "is a file" if blocked == path else f"is inside {blocked}, a file"
+            raise KdlibError(f"{name} = {str(path)!r} {where}, not a folder; give a folder")
+    return Folders(**paths)
+
+
+def _under(path: Path, folder: Path) -> bool:
+    try:
+        Path(path).absolute().relative_to(Path(folder).absolute())
+        return True
+    except ValueError:
+        return False
 
 
 def device() -> str:
@@ -273,7 +284,7 @@ def check_runtime(preset: Optional[str] = None, needs_gpu: bool = False, log: Ca
     if problems and needs_gpu:
         raise KdlibError("; ".join(problems))
     for problem in problems:
-        log(f"warning: {problem}")
+        log(f"note: this notebook needs no GPU, but 02 and 03 with this preset do: {problem}")
     return text
 
 
@@ -415,8 +426,8 @@ def show_sample(cfg: ExperimentConfig, data_dir: PathLike, n_tokens: int = 80, l
     """Print ``n_tokens`` of the prepared training split decoded back to text (mid-split)."""
     from .data import sample_text
 
-    text = sample_text(cfg, data_dir, "train", n_tokens)
-    log(f"{n_tokens} training tokens, decoded:\n" + "\n".join("    " + line for line in text.splitlines()))
+    text, n = sample_text(cfg, data_dir, "train", n_tokens)
+    log(f"{n} training tokens, decoded:\n" + "\n".join("    " + line for line in text.splitlines()))
     return text
 
 
@@ -432,23 +443,26 @@ def _cache_complete(cache_dir: Path) -> bool:
 
 def cache_plan(cfg: ExperimentConfig, data_dir: PathLike, cache_dir: PathLike,
                log: Callable[[str], None] = print) -> int:
-    """Print the cache's size, where it goes and that disk's free space; ``KdlibError`` (before
-    anything is written) when it does not fit, or when ``cache_dir`` is on Drive. Returns the bytes."""
-    from .cache import FREE_MARGIN, cache_bytes, free_bytes
+    """Print the cache's size, where it goes, how much of it is still to build and that disk's free
+    space; ``KdlibError`` (before anything is written) when the rest does not fit, or when a cache
+    larger than the results budget would go to Drive. Returns the cache's bytes."""
+    from .cache import FREE_MARGIN, cache_bytes, free_bytes, remaining_bytes, size_text
     from .data import load_split
 
-    need = cache_bytes(cfg, load_split(data_dir, "train"))
+    tokens = load_split(data_dir, "train")
+    need, left = cache_bytes(cfg, tokens), remaining_bytes(cfg, tokens, cache_dir)
     free = free_bytes(cache_dir)
-    log(f"top-{cfg.cache.top_k} cache of the training split: {need / 2**30:,.2f} GiB in {cache_dir} "
-        f"({_medium(Path(cache_dir))}); {free / 2**30:,.1f} GiB free there")
-    if _medium(Path(cache_dir)) == "Google Drive" and need > BUDGET_MIB * 2**20:
-        raise KdlibError(f"cache_dir {cache_dir} is on Google Drive, and the cache needs {need / 2**30:,.2f} GiB: "
+    state = "complete" if left == 0 else ("to build" if left == need else f"{size_text(left)} still to build")
+    log(f"top-{cfg.cache.top_k} cache of the training split: {size_text(need)} in {cache_dir} "
+        f"({_medium(Path(cache_dir))}), {state}; {size_text(free)} free there")
+    if left and _medium(Path(cache_dir)) == "Google Drive" and need > BUDGET_MIB * 2**20:
+        raise KdlibError(f"cache_dir {cache_dir} is on Google Drive, and the cache needs {size_text(need)}: "
                          "more than a free Drive holds. Leave cache_dir empty (the runtime's disk, "
                          f"{COLAB_CACHE_DIR}), or train with the teacher online")
-    if need + FREE_MARGIN > free:
-        raise KdlibError(f"the cache needs {need / 2**30:,.2f} GiB and {cache_dir}'s disk has "
-                         f"{free / 2**30:,.2f} GiB free; nothing was written. Give a cache_dir on a larger "
-                         "disk, or train with the teacher online")
+    if left and left + FREE_MARGIN > free:
+        raise KdlibError(f"the cache needs {size_text(left)} more and {cache_dir}'s disk has {size_text(free)} "
+                         f"free, less than that plus a {FREE_MARGIN // 2**20} MiB margin; nothing was written. "
+                         "Give a cache_dir on a larger disk, or train with the teacher online")
     return need
 
 
@@ -471,23 +485,25 @@ def build_cache(cfg: ExperimentConfig, data_dir: PathLike, cache_dir: PathLike,
 def summary_text(summary: dict) -> str:
     """A finished (or stopped) run's summary as a few lines: perplexities, steps, tokens, time."""
     def num(key, fmt="{:.2f}"):
-        v = summary.get(key)
-        return "-" if v is None else fmt.format(v)
+        return _num(summary.get(key), fmt)
+
+    def get(key):
+        value = summary.get(key)
+        return "-" if value is None else value
 
     if "best_val_ppl" not in summary:
         return f"stopped at step {summary.get('stopped_at')}: run the cell again to continue"
-    rows = [("experiment", f"{summary.get('exp')} (seed {summary.get('seed')}, teacher "
-                           f"{summary.get('teacher_source', 'online')})"),
-            ("best validation perplexity", f"{num('best_val_ppl')} at step {summary.get('best_step')} "
+    rows = [("experiment", f"{get('exp')} (seed {get('seed')}, teacher {summary.get('teacher_source') or 'online'})"),
+            ("best validation perplexity", f"{num('best_val_ppl')} at step {get('best_step')} "
                                            "(in-training windows)"),
             ("final validation perplexity", num("final_val_ppl")),
-            ("test perplexity", f"{num('test_ppl')} (block {summary.get('eval_block_size')}, stride "
-                                f"{summary.get('eval_stride')}); teacher {num('teacher_test_ppl')}"),
-            ("steps / tokens", f"{summary.get('steps')} / {num('tokens', '{:,}')} of a budget of "
+            ("test perplexity", f"{num('test_ppl')} (block {get('eval_block_size')}, stride "
+                                f"{get('eval_stride')}); teacher {num('teacher_test_ppl')}"),
+            ("steps / tokens", f"{get('steps')} / {num('tokens', '{:,}')} of a budget of "
                                f"{num('budget_tokens', '{:,}')}" + (" (stopped early)" if summary.get("stopped_early") else "")),
-            ("training time", f"{num('train_wall_s', '{:.0f}')} s on {summary.get('device')} "
+            ("training time", f"{num('train_wall_s', '{:.0f}')} s on {get('device')} "
                               f"({num('tokens_per_s', '{:,.0f}')} tokens/s)"),
-            ("student", str(summary.get("student_path")))]
+            ("student", str(get("student_path")))]
     return "\n".join(f"{k:<28} {v}" for k, v in rows)
 
 
@@ -623,11 +639,14 @@ class Panel:
 
         base = make_preset(preset)  # refuses an unknown preset
         self.results_dir, self.train_fn = results_dir, train_fn
-        # A data folder given for the first preset is that preset's; another preset uses its own default.
-        self._data_dirs = {preset: data_dir} if data_dir else {}
+        # A data folder given for the first preset is that preset's. Another preset's is its sibling
+        # when the given one is named after its preset (data/smoke -> data/colab-t4), else its default.
+        self._data_given, self._data_dirs = (Path(data_dir) if data_dir else None), {}
+        self._seed_edited = seed is not None
+        self._run_shown = None  # the run folder the status line and plot are about
         self.max_steps, self.resume_dir, self.budget_mib, self.poll_s = max_steps, resume_dir, budget_mib, poll_s
         self.teacher_source = teacher_source
-        self._preset_was = preset
+        self._preset_was = self._first_preset = preset
         self.summary: Optional[dict] = None
         self._busy = False
         self._drawn = None  # the points last drawn, to redraw only when they change
@@ -653,6 +672,7 @@ class Panel:
         self.output = w.Output()
         for control in (self.preset, self.feature_map, self.feature, self.divergence, self.cosine, self.seed):
             control.observe(self._update, names="value")
+        self.seed.observe(self._seed_changed, names="value")
         self.button.on_click(self._on_click)
         self.widget = w.VBox([
             w.HBox([self.preset, self.seed]),
@@ -681,8 +701,20 @@ class Panel:
 
     @property
     def data_dir(self) -> Path:
-        """The selected preset's data folder: the one given for it, else its default (``data_folder``)."""
-        return data_folder(self.preset.value, self._data_dirs.get(self.preset.value))
+        """The selected preset's data folder: the one given for the first preset; for another, the given
+        folder's sibling named after it when the given one is named after its preset, else that
+        preset's default (``data_folder``). Resolved once per preset; nothing is created."""
+        name = self.preset.value
+        if name not in self._data_dirs:
+            given, first = self._data_given, self._first_preset
+            if given is not None and name == first:
+                folder = given
+            elif given is not None and given.name == first:
+                folder = given.parent / name
+            else:
+                folder = data_folder(name, create=False)
+            self._data_dirs[name] = folder
+        return self._data_dirs[name]
 
     def problems(self) -> list[str]:
         """Why the current choices cannot train here, or [] (each a sentence saying what to do)."""
@@ -707,18 +739,26 @@ class Panel:
             return f"data: {data} (prepared)"
         return f"data: {data} (not prepared yet: Train prepares it first, or run 01_data_prep with this preset)"
 
+    def _seed_changed(self, change) -> None:
+        if not getattr(self, "_following", False):
+            self._seed_edited = True  # the user's seed: kept when the preset changes
+
     def _update(self, change=None) -> None:
         # The feature kind matters only with a feature map.
         self.feature.disabled = self.feature_map.value == "none"
         if change is not None and change.get("owner") is self.preset and self.preset.value != self._preset_was:
-            # A seed left at the old preset's default follows the new preset's.
-            old, new = make_preset(self._preset_was).seed, make_preset(self.preset.value).seed
             self._preset_was = self.preset.value
-            if self.seed.value == old and old != new:
-                self.seed.value = new  # observed: this calls _update again
+            new = make_preset(self.preset.value).seed
+            if not self._seed_edited and self.seed.value != new:  # an untouched seed follows the preset
+                self._following = True
+                try:
+                    self.seed.value = new  # observed: this calls _update again
+                finally:
+                    self._following = False
                 return
         try:
             cfg = self.config()
+            run = run_folder(cfg, self.results_dir)
             self.name_label.value = describe(cfg, self.results_dir)
             self.data_label.value = self._data_line()
             problems = self.problems()
@@ -726,15 +766,20 @@ class Panel:
             self.name_label.value = f"invalid choice: {e}"
             self.data_label.value = ""
             self.button.disabled = True
+            if not self._busy:
+                self.plot.layout.display = "none"
+                self._run_shown = self._drawn = None
             return
         self.button.disabled = self._busy or bool(problems)
-        if not self._busy:
-            if problems:
-                self.status.value = "cannot train: " + "; ".join(problems)
-            elif self.status.value.startswith("cannot train"):
-                self.status.value = ""  # a finished run's line stays until the choice changes
-            self._drawn = None
-            self._draw(run_folder(cfg, self.results_dir), hide=True)  # the selected run's curve, if any
+        if self._busy:
+            return
+        if problems:
+            self.status.value = "cannot train: " + "; ".join(problems)
+        elif run != self._run_shown or self.status.value.startswith("cannot train"):
+            self.status.value = ""  # a run's line stays while that run is selected
+        if run != self._run_shown:
+            self._run_shown, self._drawn = run, None
+            self._draw(run, hide=True)  # the selected run's curve, if it has one
 
     # training
 
@@ -769,6 +814,7 @@ class Panel:
             self._update()
         self.summary = summary
         self.status.value = _summary_line(run_dir.name, summary)
+        self._run_shown = run_dir
         return summary
 
     def _on_click(self, _button) -> None:
@@ -802,12 +848,17 @@ class Panel:
         display(self.widget)
 
 
+def _num(value, fmt: str = "{:.2f}") -> str:
+    """A summary's number for display; "-" for a missing (or hand-edited, non-numeric) one."""
+    return fmt.format(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
 def _summary_line(name: str, summary: dict) -> str:
     if "best_val_ppl" not in summary:
         return f"{name}: stopped at step {summary.get('stopped_at')} (run again to continue)"
     test = summary.get("test_ppl")
-    return (f"{name}: done, best validation perplexity {summary['best_val_ppl']:.2f} at step "
-            f"{summary.get('best_step')}" + (f", test {test:.2f}" if test is not None else ""))
+    return (f"{name}: done, best validation perplexity {_num(summary['best_val_ppl'])} at step "
+            f"{summary.get('best_step', '-')}" + (f", test {_num(test)}" if test is not None else ""))
 
 
 def panel(preset: str = "smoke", results_dir: PathLike = "runs", data_dir: Optional[PathLike] = None,

@@ -50,6 +50,7 @@ from importlib import metadata
 
 
 def install_kdlib(repo, ref):
+    repo, ref = repo.strip().removeprefix("https://github.com/").removesuffix(".git").strip("/"), ref.strip()
     if repo.split("/")[0] in ("", "OWNER") or repo.count("/") != 1:
         raise SystemExit(
             f"kdlib's GitHub repository is not set: repo is {repo!r}. Type the copy to install in this "
@@ -58,15 +59,16 @@ def install_kdlib(repo, ref):
             "--repo alice/kdlib --ref v0.1.0`, commit, tag and push (README: Publishing your copy).")
     url = f"https://github.com/{repo}"
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # a private or missing repository fails, never prompts
-    found = subprocess.run(["git", "ls-remote", url, ref, ref + "^{}"], capture_output=True, text=True, env=env)
+    names = [f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}", f"refs/heads/{ref}"]  # a tag's commit, a tag, a branch
+    found = subprocess.run(["git", "ls-remote", url, *names], capture_output=True, text=True, env=env)
     if found.returncode != 0:
         raise SystemExit(f"{url} cannot be read (git: {found.stderr.strip()[-300:]}); check repo, and that "
                          "the repository is public")
-    shas = {name: sha for sha, name in (line.split("\\t") for line in found.stdout.splitlines())}
-    commit = next((s for n, s in shas.items() if n.endswith("^{}")), None) or next(iter(shas.values()), None)
+    shas = {name: sha for sha, name in (line.split("\t") for line in found.stdout.splitlines())}
+    commit = next((shas[n] for n in names if n in shas), None)  # exactly REF: never old/REF or release/REF
     if commit is None and not (len(ref) >= 7 and all(c in "0123456789abcdef" for c in ref.lower())):
         raise SystemExit(f"{url} has no tag or branch {ref!r}; check ref (a tag, branch or commit hash)")
-    commit = commit or ref
+    commit = (commit or ref).lower()
     try:
         now = json.loads(metadata.distribution("kdlib").read_text("direct_url.json") or "{}")
     except metadata.PackageNotFoundError:
@@ -74,15 +76,19 @@ def install_kdlib(repo, ref):
     if now.get("url") == url and now.get("vcs_info", {}).get("commit_id", "").startswith(commit):
         print(f"kdlib from {repo}@{ref} ({commit[:10]}) is installed")
         return
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
-                    f"git+{url}@{commit}"], check=True, env=env)
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    if subprocess.run([*pip, "--no-deps", "--force-reinstall", f"git+{url}@{commit}"], env=env).returncode:
+        raise SystemExit(f"pip could not install {url} at {ref} ({commit[:10]}): see its message above; "
+                         "check ref (a commit of that repository)")
     for name in [m for m in sys.modules if m == "kdlib" or m.startswith("kdlib.")]:
         del sys.modules[name]  # the next import reads the new code
     importlib.invalidate_caches()
-    import kdlib.requirements
-    missing = kdlib.requirements.missing()  # kdlib's requirements this runtime lacks: none on Colab
-    if missing:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+    try:
+        from kdlib.requirements import missing  # kdlib's requirements this runtime lacks: none on Colab
+    except ImportError:  # a ref from before kdlib.requirements: its requirements are Colab's too
+        missing = list
+    if missing():
+        subprocess.run([*pip, *missing()], check=True)
     print(f"installed kdlib from {repo}@{ref} ({commit[:10]})")
 
 

@@ -92,3 +92,28 @@ def test_bad_repo_is_refused_before_anything_is_written(checkout, repo):
 def test_root_that_is_not_a_folder_is_refused(tmp_path):
     with pytest.raises(KdlibError, match="not a folder"):
         rewrite_badges(tmp_path / "missing", "alice/kd")
+
+
+def test_other_projects_urls_are_left_alone_and_a_second_rewrite_follows_the_first(checkout):
+    readme = checkout / "README.md"
+    other = ("pip install git+https://github.com/huggingface/transformers@v4.53.0 and "
+             "[x](https://colab.research.google.com/github/bob/tool/blob/main/notebooks/demo.ipynb)")
+    readme.write_text(readme.read_text(encoding="utf-8") + "\n" + other + "\n", encoding="utf-8")
+    rewrite_badges(checkout, "alice/kd-fork", "v1")
+    rewrite_badges(checkout, "carol/kd2", "v2")  # the repo named in the checkout's badges.py now
+    text = readme.read_text(encoding="utf-8")
+    assert other in text and badge_markdown("03_train", "carol/kd2", "v2") in text
+    assert "alice/kd-fork" not in text
+    assert f"github/{REPO}/" not in text and f"github.com/{REPO}" not in text  # prose may name the placeholder
+
+
+@pytest.mark.parametrize("repo", ["alice/kdlib.git", "-a/kd", "alice/-kd"])
+def test_repo_names_github_would_not_have_are_refused(repo):
+    with pytest.raises(KdlibError, match="owner/name"):
+        badges.check_repo(repo)
+
+
+@pytest.mark.parametrize("ref", ["a/.hidden", "a.lock/b", ".v1"])
+def test_refs_git_would_refuse_are_refused(ref):
+    with pytest.raises(KdlibError, match="tag, commit or branch"):
+        badges.check_ref(ref)

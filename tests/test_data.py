@@ -665,3 +665,43 @@ def test_data_of_another_corpus_or_bpe_size_is_refused_before_training(smoke_dat
     with pytest.raises(KdlibError, match="Prepare this preset's data in its own folder"):
         train(preset("colab-t4", "kl"), tmp_path / "run", smoke_data[0], progress=False, log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("inputs"),
+    lambda m: m.update(inputs=None),
+    lambda m: m["inputs"].pop("tokenizer"),
+    lambda m: m["inputs"]["tokenizer"].update(vocab_size="512"),
+    lambda m: m["inputs"]["tokenizer"].pop("hash"),
+])
+def test_an_old_or_edited_manifest_is_a_clear_error_for_training_and_the_panel(smoke_data, tmp_path, edit):
+    from kdlib.data import load_split
+    from kdlib.train import train
+    from kdlib.ui import panel
+
+    data = shutil.copytree(smoke_data[0], tmp_path / "data")
+    manifest = json.loads((data / "train.json").read_text())
+    edit(manifest)
+    (data / "train.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdlibError, match="is corrupt or from an older kdlib .*run prep again"):
+        load_split(data, "train")
+    with pytest.raises(KdlibError, match="run prep again"):
+        train(preset("smoke", "kl"), tmp_path / "run", data, progress=False, log=lambda *_: None)
+    p = panel("smoke", tmp_path / "runs", data)  # builds, and says why it cannot train
+    assert p.button.disabled and "run prep again" in p.status.value
+
+
+def test_a_subset_the_manifest_does_not_describe_is_named_not_a_crash(smoke_data, tmp_path):
+    from kdlib.data import load_split
+    from kdlib.train import check_subset
+
+    data = shutil.copytree(smoke_data[0], tmp_path / "data")
+    manifest = json.loads((data / "train.json").read_text())
+    manifest["inputs"]["subset"] = {"tokens": 1000}  # no seed
+    (data / "train.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdlibError, match=r"holds a subset of 1,000 tokens \(seed None\), but this run"):
+        check_subset(preset("smoke"), load_split(data, "train"))
+    manifest["inputs"]["subset"] = "half"
+    (data / "train.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdlibError, match="a subset it does not describe"):
+        check_subset(preset("smoke"), load_split(data, "train"))

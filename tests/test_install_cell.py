@@ -136,3 +136,40 @@ def test_set_repository_installs_the_pinned_ref_alone_and_a_rerun_picks_up_a_new
     assert done.returncode != 0 and "has no tag or branch 'v-nope'" in done.stderr
     done = run_cells(python, [with_fields(source, "alice/nothere", "v-a")], tmp_path, env)
     assert done.returncode != 0 and "https://github.com/alice/nothere cannot be read" in done.stderr
+
+
+def test_the_ref_is_matched_exactly_and_pasted_fields_are_cleaned(tmp_path):
+    # Names that end the same way: ls-remote matches old/v3 and release/v1 too; the cell must not.
+    gitconfig = fake_github(tmp_path)
+    remote = tmp_path / "github" / "alice" / "kdlib"
+    init = remote / "kdlib" / "__init__.py"
+    commits = {}
+    for marker in ("a", "b", "c"):
+        if marker != "a":
+            init.write_text(init.read_text() + f'\nMARKER = "{marker}"\n')
+            git("commit", "-q", "-am", marker, cwd=remote)
+        commits[marker] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=remote, capture_output=True,
+                                         text=True).stdout.strip()
+    git("tag", "v1", commits["a"], cwd=remote)  # lightweight, as README's `git tag`
+    git("branch", "release/v1", commits["b"], cwd=remote)
+    git("tag", "-a", "old/v3", "-m", "x", commits["b"], cwd=remote)
+    git("tag", "-a", "v3", "-m", "x", commits["c"], cwd=remote)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")], check=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": str(gitconfig), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    source = install_cell()
+    done = run_cells(python, [with_fields(source, "alice/kdlib", "v3"), with_fields(source, "alice/kdlib", "v1 "),
+                              with_fields(source, " https://github.com/alice/kdlib.git", commits["b"][:8].upper())],
+                     tmp_path, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    v3, v1, short = cells_output(done.stdout)
+    assert f"INSTALLED https://github.com/alice/kdlib {commits['c']}" in v3 and "MARKER c" in v3
+    assert f"INSTALLED https://github.com/alice/kdlib {commits['a']}" in v1 and "@v1 (" in v1
+    assert f"INSTALLED https://github.com/alice/kdlib {commits['b']}" in short
+    # The same short hash again: recognised as installed (case does not matter).
+    done = run_cells(python, [with_fields(source, "alice/kdlib", commits["b"][:8].upper())], tmp_path, env)
+    assert "is installed" in done.stdout and "installed kdlib from" not in done.stdout
+    # A hex ref that is no commit: pip fails, and the cell says so in one message.
+    done = run_cells(python, [with_fields(source, "alice/kdlib", "cafe1234")], tmp_path, env)
+    assert done.returncode != 0 and "pip could not install https://github.com/alice/kdlib at cafe1234" in done.stderr
+    assert "CalledProcessError" not in done.stderr

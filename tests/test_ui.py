@@ -207,6 +207,10 @@ def test_folders_resolve_each_notebook_parameter_off_colab(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(KdlibError, match="is a file, not a folder"):
         kdlib.ui.folders("smoke", results_dir=str(tmp_path / "file"))
+    for name in ("data_dir", "cache_dir"):  # below a file, and the cache folder too
+        with pytest.raises(KdlibError, match=f"{name} = .* is inside .*file, a file, not a folder"):
+            kdlib.ui.folders("smoke", **{"data_dir": "", name: str(tmp_path / "file" / "sub")})
+    assert kdlib.ui.folders("smoke", cache_dir=" ~/c ").cache_dir == Path.home() / "c"  # stripped, ~ expanded
     with pytest.raises(KdlibError, match="unknown preset"):
         kdlib.ui.folders("nope", data_dir="")
 
@@ -279,7 +283,8 @@ def test_a_gpu_preset_on_a_cpu_runtime_stops_the_notebooks_that_train(monkeypatc
     capsys.readouterr()
     kdlib.ui.check_runtime("study", needs_gpu=False)  # 01 and 04 need no GPU: a warning only
     out = capsys.readouterr().out
-    assert "GPU: none" in out and "warning: preset study trains on a GPU" in out and "A100 GPU" in out
+    assert "GPU: none" in out and "note: this notebook needs no GPU, but 02 and 03 with this preset do: preset " \
+        "study trains on a GPU" in out and "A100 GPU" in out
 
 
 def test_panel_follows_its_preset_to_that_presets_data_folder(tmp_path, smoke_data):
@@ -351,6 +356,8 @@ def test_summary_text_and_decoded_sample(tmp_path, smoke_data, capsys):
     tokens = load_split(smoke_data[0], "train").tokens()
     assert 30 <= len(ids) <= 50 and len(text) > 40  # real text, about as many tokens back
     assert len(tokens) > 40
+    with pytest.raises(KdlibError, match="positive number of tokens"):
+        kdlib.ui.show_sample(cfg, smoke_data[0], n_tokens=-3)
     summary = {"exp": "kl", "seed": 0, "teacher_source": "online", "best_val_ppl": 123.456, "best_step": 8,
                "final_val_ppl": 130.0, "test_ppl": 125.0, "eval_block_size": 32, "eval_stride": 16,
                "teacher_test_ppl": 80.0, "steps": 10, "tokens": 2560, "budget_tokens": 5120,
@@ -360,3 +367,83 @@ def test_summary_text_and_decoded_sample(tmp_path, smoke_data, capsys):
     assert "123.46 at step 8" in shown and "125.00 (block 32, stride 16); teacher 80.00" in shown
     assert "2,560 of a budget of 5,120 (stopped early)" in shown and "3 s on cpu" in shown
     assert kdlib.ui.summary_text({"stopped_at": 5}).startswith("stopped at step 5")
+
+
+def test_a_drive_path_typed_into_a_parameter_mounts_drive_first(tmp_path, monkeypatch):
+    mounted = []
+    fake_colab(monkeypatch, mounted.append)
+    monkeypatch.setattr(kdlib.ui, "DRIVE", tmp_path / "drive")
+    f = kdlib.ui.folders("smoke", data_dir=str(tmp_path / "drive" / "MyDrive" / "mine"))
+    assert mounted == [str(tmp_path / "drive")] and "(Google Drive)" in str(f)
+
+
+def test_panel_on_colab_mounts_once_creates_nothing_while_browsing_and_keeps_a_typed_seed(tmp_path, monkeypatch,
+                                                                                         smoke_data):
+    mounted = []
+
+    def mount(path):  # as Colab: the mount makes MyDrive appear
+        mounted.append(path)
+        (Path(path) / "MyDrive").mkdir(parents=True, exist_ok=True)
+
+    fake_colab(monkeypatch, mount)
+    monkeypatch.setattr(kdlib.ui, "DRIVE", tmp_path / "drive")
+    p = panel("smoke", tmp_path / "runs", smoke_data[0])
+    for value in ("colab-t4", "study", "colab-a100", "smoke", "colab-t4"):
+        p.preset.value = value
+        p.divergence.value = "js" if p.divergence.value != "js" else "kl"
+    assert len(mounted) == 1  # mounted once, not on every change
+    assert p.data_dir == tmp_path / "drive" / "MyDrive" / "kdlib-data" / "colab-t4"
+    assert not (tmp_path / "drive" / "MyDrive" / "kdlib-data").exists()  # browsing creates no folder
+    p.preset.value = "smoke"
+    p.seed.value = 42
+    p.preset.value, p.preset.value = "study", "smoke"
+    assert p.seed.value == 42  # typed by the user: kept, even where it equals a preset's default
+
+
+def test_panel_derives_another_presets_folder_from_a_given_one_named_after_its_preset(tmp_path):
+    p = panel("smoke", tmp_path / "runs", tmp_path / "local" / "smoke")
+    p.preset.value = "colab-t4"
+    assert p.data_dir == tmp_path / "local" / "colab-t4"
+    p = panel("smoke", tmp_path / "runs", tmp_path / "mine")
+    p.preset.value = "colab-t4"
+    assert p.data_dir == Path("data/colab-t4")  # not named after its preset: the other's default
+
+
+def test_panel_status_and_plot_follow_the_selected_run(tmp_path):
+    def fake_train(cfg, run_dir, data_dir, **kw):
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 2, "val_ppl": 300.0}) + "\n")
+        return {"best_val_ppl": 300.0, "best_step": 2, "test_ppl": None}
+
+    p = panel("smoke", tmp_path / "runs", tmp_path / "data", fake_train, divergence="kl")
+    p.train()
+    assert "kl-seed0: done" in p.status.value and p.plot.layout.display == ""
+    p.divergence.value = "js"  # another run: its line and curve are not kl's
+    assert p.status.value == "" and p.plot.layout.display == "none"
+    p.divergence.value = "kl"  # back: kl's curve is shown again
+    assert p.plot.layout.display == ""
+    p.seed.value = -1
+    assert "invalid choice" in p.name_label.value and p.plot.layout.display == "none"
+
+
+def test_cache_plan_counts_only_what_is_left_to_build(tmp_path, cache_data, monkeypatch, capsys):
+    import kdlib.cache
+
+    cfg = experiment_config("smoke", divergence="kl")
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_data / "cache", cache)
+    monkeypatch.setattr(kdlib.cache, "free_bytes", lambda folder: 0)  # a full disk
+    kdlib.ui.cache_plan(cfg, cache_data, cache)  # complete: nothing to write, so it fits
+    assert "complete" in capsys.readouterr().out
+    manifest = json.loads((cache / "train.cache.json").read_text())
+    n = manifest["windows"]
+    manifest.update(complete=False, complete_windows=n - 4)  # interrupted: 4 windows left
+    (cache / "train.cache.json").write_text(json.dumps(manifest))
+    need = kdlib.cache.cache_bytes(cfg, kdlib.data.load_split(cache_data, "train"))
+    left = need * 4 // n
+    monkeypatch.setattr(kdlib.cache, "free_bytes", lambda folder: left + kdlib.cache.FREE_MARGIN)
+    kdlib.ui.cache_plan(cfg, cache_data, cache)
+    assert f"{kdlib.cache.size_text(left)} still to build" in capsys.readouterr().out
+    monkeypatch.setattr(kdlib.cache, "free_bytes", lambda folder: left)
+    with pytest.raises(KdlibError, match="plus a 256 MiB margin; nothing was written"):
+        kdlib.ui.cache_plan(cfg, cache_data, cache)

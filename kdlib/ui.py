@@ -467,12 +467,14 @@ def cache_plan(cfg: ExperimentConfig, data_dir: PathLike, cache_dir: PathLike,
 
 
 def build_cache(cfg: ExperimentConfig, data_dir: PathLike, cache_dir: PathLike,
-                log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Build (or finish) the training split's top-k cache after ``cache_plan``'s checks; print and
-    return its coverage (the teacher's probability mass the top k keep, ``kdlib.cache.coverage``)."""
+                log: Callable[[str], None] = print, progress: bool = True, plan: bool = True) -> dict:
+    """Build (or finish) the training split's top-k cache after ``cache_plan``'s checks (printed with
+    ``plan``; the build checks the disk's room either way); print and return its coverage (the
+    teacher's probability mass the top k keep, ``kdlib.cache.coverage``)."""
     from . import cache as topk
 
-    cache_plan(cfg, data_dir, cache_dir, log)
+    if plan:
+        cache_plan(cfg, data_dir, cache_dir, log)
     built = topk.build_cache(cfg, data_dir, cache_dir, device=device(), log=log, progress=progress)
     cov = topk.coverage(built)
     log(f"fidelity: the top {cov['k']} tokens keep {cov['mean']:.1%} of the teacher's probability mass at "
@@ -501,7 +503,8 @@ def summary_text(summary: dict) -> str:
                                 f"{get('eval_stride')}); teacher {num('teacher_test_ppl')}"),
             ("steps / tokens", f"{get('steps')} / {num('tokens', '{:,}')} of a budget of "
                                f"{num('budget_tokens', '{:,}')}" + (" (stopped early)" if summary.get("stopped_early") else "")),
-            ("training time", f"{num('train_wall_s', '{:.0f}')} s on {get('device')} "
+            ("training time", f"{num('train_wall_s', '{:.1f}' if (summary.get('train_wall_s') or 0) < 100 else '{:.0f}')}"
+                              f" s on {get('device')} "
                               f"({num('tokens_per_s', '{:,.0f}')} tokens/s)"),
             ("student", str(get("student_path")))]
     return "\n".join(f"{k:<28} {v}" for k, v in rows)

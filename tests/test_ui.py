@@ -365,7 +365,7 @@ def test_summary_text_and_decoded_sample(tmp_path, smoke_data, capsys):
                "student_path": "/x/student.safetensors"}
     shown = kdlib.ui.summary_text(summary)
     assert "123.46 at step 8" in shown and "125.00 (block 32, stride 16); teacher 80.00" in shown
-    assert "2,560 of a budget of 5,120 (stopped early)" in shown and "3 s on cpu" in shown
+    assert "2,560 of a budget of 5,120 (stopped early)" in shown and "3.2 s on cpu" in shown
     assert kdlib.ui.summary_text({"stopped_at": 5}).startswith("stopped at step 5")
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import __version__, faults
 from .config import ExperimentConfig
-from .data import TokenSplit, load_split, n_windows, token_dtype, window_inputs
+from .data import TokenSplit, checked_split, n_windows, token_dtype, window_inputs
 from .errors import KdlibError
 from .fileio import PathLike, atomic_write_json, read_json
 from .losses import TopKTargets, teacher_top_k
@@ -141,6 +141,13 @@ def _mismatch(found: dict, expected: dict) -> list[str]:
             for key in IDENTITY_KEYS if found.get(key) != expected[key]]
 
 
+def _rebuild(paths: dict) -> str:
+    """What to do about a damaged cache: the same command only finishes or reuses one."""
+    names = ", ".join(p.name for p in paths.values())
+    return (f"Delete this split's cache files ({names} in {paths['manifest'].parent}), then build it again "
+            "(`python -m kdlib cache`)")
+
+
 def _open_memmaps(paths: dict, ident: dict, mode: str) -> dict[str, np.memmap]:
     out = {}
     for part, shape in _shapes(ident).items():
@@ -150,8 +157,7 @@ def _open_memmaps(paths: dict, ident: dict, mode: str) -> dict[str, np.memmap]:
             size = paths[part].stat().st_size if paths[part].is_file() else -1
             if size != expected:
                 raise KdlibError(f"cache file {paths[part]} has {max(size, 0)} bytes, expected {expected}: "
-                                 "it is truncated or missing. Delete the cache folder's files for this split "
-                                 "and build it again")
+                                 f"it is truncated or missing. {_rebuild(paths)}")
         out[part] = np.memmap(paths[part], dtype=dtype, mode=mode, shape=shape)
     return out
 
@@ -177,8 +183,11 @@ class TopKCache:
                              "windows): run `python -m kdlib cache` again to finish it")
         try:
             self.arrays = _open_memmaps(self.paths, self.manifest, "r")
+        except KdlibError:
+            raise  # a truncated or missing file: its own message
         except (KeyError, TypeError, ValueError) as e:
-            raise KdlibError(f"cache manifest {self.paths['manifest']} is corrupt ({e}); rebuild the cache") from None
+            raise KdlibError(f"cache manifest {self.paths['manifest']} is corrupt ({e}). "
+                             f"{_rebuild(self.paths)}") from None
 
     @property
     def k(self) -> int:
@@ -224,7 +233,8 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
     """Build (or finish) the top-k cache of ``split``; return it opened for reading."""
     from tqdm.auto import tqdm
 
-    tokens = load_split(data_folder, split)
+    # The teacher reads these ids: the file must be what its manifest says, each id in the vocabulary.
+    tokens = checked_split(data_folder, split, cfg.model.vocab_size)
     ident = cache_identity(cfg, tokens)
     folder = Path(cache_folder)
     paths = _paths(folder, split)
@@ -241,12 +251,13 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
                              + "; ".join(problems) + "). Nothing was changed: build into another folder, "
                              "or delete that cache first")
         if found.get("complete"):
+            cache = TopKCache(folder, split, ident)  # checks its files first: "reused" only when it can be
             log(f"cache for {split} is complete in {folder}: reused")
-            return TopKCache(folder, split, ident)
+            return cache
         start = found.get("complete_windows", 0)
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < n:
             raise KdlibError(f"cache manifest {paths['manifest']} says {start!r} windows are complete, of {n}: "
-                             "it is corrupt; delete this split's cache files and build again")
+                             f"it is corrupt. {_rebuild(paths)}")
     # A manifest write that a killed build never finished (one builder per cache folder).
     for stale in folder.glob(f".{paths['manifest'].name}.*.tmp"):
         stale.unlink(missing_ok=True)

@@ -21,7 +21,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -294,24 +296,56 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
+def _int(manifest: dict, key: str) -> int:
+    value = manifest[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"{key} is {value!r}, not a count")
+    return value
+
+
+def _check_manifest(manifest: dict, split: str) -> None:
+    """Every key something downstream reads, with its type (KeyError / TypeError / ValueError).
+
+    The dtype must be the one prep stores its tokenizer's ids in: a manifest that says ``uint32``
+    over a file of ``uint16`` ids (with the count halved, so the size still fits) would otherwise
+    train on pairs of ids read as one.
+    """
+    if not isinstance(manifest["inputs"], dict):
+        raise TypeError(f"inputs is {manifest['inputs']!r}, not an object")
+    tokenizer = manifest["inputs"]["tokenizer"]  # what training and the cache check first
+    vocab = tokenizer["vocab_size"]
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise TypeError(f"inputs.tokenizer.vocab_size is {vocab!r}, not a number of tokens")
+    if not isinstance(tokenizer["hash"], str):
+        raise TypeError(f"inputs.tokenizer.hash is {tokenizer['hash']!r}, not a hash")
+    for key in ("tokens", "texts", "chars"):
+        _int(manifest, key)
+    dtype = manifest["dtype"]
+    if dtype != token_dtype(vocab):
+        raise ValueError(f"dtype is {dtype!r}, but prep stores the ids of a {vocab}-token tokenizer as "
+                         f"{token_dtype(vocab)}")
+    sha = manifest["sha256"]
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ValueError(f"sha256 is {sha!r}, not a SHA-256")
+    if manifest["split"] != split:
+        raise ValueError(f"it describes split {manifest['split']!r}, not {split!r}")
+
+
 def load_split(folder: PathLike, split: str, verify: bool = False) -> TokenSplit:
     """Open a prepared split, checking its manifest and file size (and checksum with ``verify``)."""
     folder = Path(folder)
     manifest = read_json(folder / f"{split}.json", "token manifest")
     path = folder / f"{split}.bin"
+    if manifest.get("format") != TOKENS_FORMAT:
+        raise KdlibError(f"{folder / f'{split}.json'} is not a kdlib token manifest (format "
+                         f"{TOKENS_FORMAT}); run prep again")
     try:
-        if manifest.get("format") != TOKENS_FORMAT:
-            raise KdlibError(f"{folder / f'{split}.json'} is not a kdlib token manifest")
-        expected = int(manifest["tokens"]) * np.dtype(manifest["dtype"]).itemsize
-        tokenizer = manifest["inputs"]["tokenizer"]  # what training and the cache check first
-        vocab = tokenizer["vocab_size"]
-        if isinstance(vocab, bool) or not isinstance(vocab, int) or not isinstance(manifest["inputs"], dict):
-            raise TypeError(f"inputs.tokenizer.vocab_size is {vocab!r}, not a number of tokens")
-        if not isinstance(tokenizer["hash"], str):
-            raise TypeError(f"inputs.tokenizer.hash is {tokenizer['hash']!r}, not a hash")
+        _check_manifest(manifest, split)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"{e} is missing" if isinstance(e, KeyError) else str(e)
         raise KdlibError(f"token manifest {folder / f'{split}.json'} is corrupt or from an older kdlib "
-                         f"({type(e).__name__}: {e}); run prep again") from None
+                         f"({type(e).__name__}: {what}); run prep again") from None
+    expected = manifest["tokens"] * np.dtype(manifest["dtype"]).itemsize
     if not path.is_file():
         raise KdlibError(f"{path} is missing; run `python -m kdlib prep` again")
     if path.stat().st_size != expected:
@@ -319,18 +353,54 @@ def load_split(folder: PathLike, split: str, verify: bool = False) -> TokenSplit
                          f"{manifest['tokens']} tokens ({expected} bytes): the file is truncated or "
                          "was replaced; run `python -m kdlib prep` again")
     split_obj = TokenSplit(path, manifest)
-    if verify and _sha256_file(path) != manifest.get("sha256"):
+    if verify and _scan(path, manifest["dtype"])[0] != manifest["sha256"]:
         raise KdlibError(f"{path} does not match the checksum in its manifest: the file is corrupt; "
                          "run `python -m kdlib prep` again")
     return split_obj
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+# (device, inode, size, mtime_ns, ctime_ns) of a token file -> (SHA-256, largest id). Hashing is
+# what costs (~1 s for the study's 240 MB train split): a sweep in one process verifies each file
+# once. Any change to the file (rewritten, replaced, touched) changes the key.
+_SCANNED: dict[tuple, tuple[str, int]] = {}
+
+
+def _scan(path: Path, dtype: str) -> tuple[str, int]:
+    """(SHA-256 of the file, its largest token id or -1 when empty), read once per process."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, dtype)
+    if key not in _SCANNED:
+        h, top = hashlib.sha256(), -1
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):  # 16 MiB: a whole number of ids
+                h.update(block)
+                if block:
+                    top = max(top, int(np.frombuffer(block, dtype=dtype).max()))
+        _SCANNED[key] = (h.hexdigest(), top)
+    return _SCANNED[key]
+
+
+def verify_split(split: TokenSplit, vocab_size: int) -> TokenSplit:
+    """Refuse a split whose bytes are not the ones its manifest describes, or that holds an id the
+    model has no embedding for (an IndexError on the CPU, a device-side assert on a GPU, mid-run).
+
+    Train and eval call this once per split; the scan is cached per process (``_scan``).
+    """
+    sha, top = _scan(split.path, split.manifest["dtype"])
+    if sha != split.manifest["sha256"]:
+        raise KdlibError(f"{split.path} does not match the checksum (SHA-256) in its manifest "
+                         f"{split.path.with_suffix('.json').name}: the file is corrupt or was changed "
+                         "after prep; run `python -m kdlib prep` again (it rebuilds the file)")
+    if top >= vocab_size:
+        raise KdlibError(f"{split.path} holds token id {top}, but the model's vocabulary has {vocab_size} "
+                         f"tokens (ids 0..{vocab_size - 1}): the data was made with another tokenizer or "
+                         "its manifest is wrong; run `python -m kdlib prep` for this preset into its own folder")
+    return split
+
+
+def checked_split(folder: PathLike, split: str, vocab_size: int) -> TokenSplit:
+    """``load_split`` plus ``verify_split``: a split safe to feed a model of ``vocab_size`` tokens."""
+    return verify_split(load_split(folder, split), vocab_size)
 
 
 def _check_ratio(split: str, n_tokens: int, n_chars: int, min_tokens_per_char: float) -> None:
@@ -377,17 +447,29 @@ def _reusable(folder: Path, split: str, inputs: dict) -> Optional[TokenSplit]:
     return existing if existing.manifest.get("inputs") == inputs else None
 
 
+DATA_MARKER = ".kdlib-data.json"  # written by prep into every data folder it manages
+STAGING_OWNER = "owner.json"  # in a .prep-* staging folder: which process made it
+DATA_FORMAT = "kdlib.data/1"
+_STALE_ELSEWHERE_S = 24 * 3600  # a staging folder of another machine this long untouched is left over
+_PREP_NAMES = ("tokenizer", "tokenizer.inputs.json", DATA_MARKER,
+               *(f"{s}.{e}" for s in SPLITS for e in ("bin", "json")))
+
+
 def prepare(cfg: ExperimentConfig, folder: PathLike, tokenizer=None,
             log: Callable[[str], None] = print) -> dict[str, TokenSplit]:
     """Tokenize every split of ``cfg.data`` into ``folder``; reuse files whose inputs did not change.
 
     ``tokenizer`` (an object) overrides ``cfg.data.tokenizer``. Prints one summary line per split.
     All new files (a trained tokenizer, token files) are staged first and moved into place only
-    when every split succeeded: a refused split leaves the folder as it was.
+    when every split succeeded: a refused split leaves the folder as it was. A folder that holds
+    files but is not a kdlib data folder is refused before anything is written (prep replaces
+    ``tokenizer/`` and the token files: they must be its own). Staging folders of earlier preps
+    that were killed are removed first, and said so.
     """
     cfg.validate()
     data = cfg.data
     folder = Path(folder)
+    check_data_folder(folder)
     texts, source = load_texts(data)
     missing = [s for s in SPLITS if not texts.get(s)]
     if missing:
@@ -396,16 +478,184 @@ def prepare(cfg: ExperimentConfig, folder: PathLike, tokenizer=None,
                          "(train, validation, test), or one text to split by ratio")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(folder, log)
     staging = Path(tempfile.mkdtemp(prefix=".prep-", dir=folder))
+    marked = False
     try:
+        _write_owner(staging)
+        if not (folder / DATA_MARKER).is_file():
+            # First, so that a prep killed at any later point leaves a folder the next prep knows as its own.
+            atomic_write_json(folder / DATA_MARKER, {"format": DATA_FORMAT, "kdlib_version": __version__,
+                                                     "note": "a kdlib data folder: `python -m kdlib prep` "
+                                                             "manages tokenizer/ and the {split}.bin/.json here"})
+            marked = True
         out = _prepare_staged(cfg, folder, staging, texts, source, tokenizer, log)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if marked:  # a refused prep leaves the folder as it was
+            (folder / DATA_MARKER).unlink(missing_ok=True)
         if created and not any(folder.iterdir()):
             folder.rmdir()
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+# --------------------------------------------------------------------------
+# whose folder: prep writes only into its own data folders
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        return read_json(path).get("format") == TOKENS_FORMAT
+    except KdlibError:
+        return False
+
+
+def _is_tokenizer_stamp(path: Path) -> bool:
+    try:
+        return {"vocab_size", "text_sha256", "source"} <= set(read_json(path))
+    except KdlibError:
+        return False
+
+
+def _own_leftover(path: Path) -> bool:
+    """A leftover of a killed prep: its staging folder (with its owner file), or the temporary file of
+    an atomic write of one of prep's own files (``.train.json.x1y2.tmp``)."""
+    if path.name.startswith(".prep-"):
+        return path.is_dir() and (path / STAGING_OWNER).is_file()
+    return (path.name.endswith(".tmp") and path.is_file()
+            and any(path.name.startswith(f".{name}.") for name in _PREP_NAMES))
+
+
+def is_data_folder(folder: PathLike) -> bool:
+    """A kdlib data folder: it carries prep's marker ``.kdlib-data.json``, or (one prepared before the
+    marker existed) a token manifest of format kdlib.tokens/1 or the stamp of a tokenizer prep trained."""
+    folder = Path(folder)
+    return ((folder / DATA_MARKER).is_file() or any(_is_manifest(folder / f"{s}.json") for s in SPLITS)
+            or _is_tokenizer_stamp(folder / "tokenizer.inputs.json"))
+
+
+def _not_kdlibs(folder: Path) -> list[str]:
+    """The entries of ``folder`` that are not kdlib's, each with why (empty: prep may write here)."""
+    entries = sorted(p for p in folder.iterdir() if not _own_leftover(p))
+    if not entries:
+        return []
+    if not is_data_folder(folder):
+        return [p.name + ("/" if p.is_dir() else "") for p in entries]
+    if (folder / DATA_MARKER).is_file():
+        return []  # marked by prep: what is at its names is its own (a killed prep can leave any of them)
+    # Prepared by an older kdlib (no marker): the tokenizer and manifests prep would replace must be its own.
+    out = []
+    if (folder / "tokenizer").exists() and not _is_tokenizer_stamp(folder / "tokenizer.inputs.json"):
+        out.append("tokenizer/ (no tokenizer.inputs.json: not a tokenizer prep trained)")
+    out += [f"{s}.json (not a kdlib token manifest)" for s in SPLITS
+            if (folder / f"{s}.json").exists() and not _is_manifest(folder / f"{s}.json")]
+    return out
+
+
+def check_data_folder(folder: PathLike) -> None:
+    """Refuse, before anything is written, a folder prep must not write into: a file, or a folder that
+    holds files that are not kdlib's (prep would replace a ``tokenizer/`` or ``train.json`` there)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise KdlibError(f"data folder {folder} is a file; give --data-dir a new or empty folder")
+    foreign = _not_kdlibs(folder)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise KdlibError(f"{folder} is not a kdlib data folder: {shown} {'is' if len(foreign) == 1 else 'are'} "
+                         "not kdlib's. prep writes tokenizer/, tokenizer.inputs.json and {train,validation,test}"
+                         ".bin/.json and would replace these; nothing was changed. Give prep a new or empty "
+                         "folder (--data-dir), or move these files away")
+
+
+# --------------------------------------------------------------------------
+# staging folders left by killed preps
+
+
+def _boot_id() -> Optional[str]:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None  # not Linux: a restart is told by the process being gone
+
+
+def _write_owner(staging: Path) -> None:
+    """Say in ``staging`` which process on which machine (and boot) made it, for ``remove_stale_staging``.
+    A plain write into the folder mkdtemp just made: a torn one is a folder no one removes automatically."""
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(), "started": time.time(),
+             "kdlib_version": __version__}
+    with open(staging / STAGING_OWNER, "w", encoding="utf-8") as f:
+        f.write(json.dumps(owner))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's): not ours to call dead
+    return True
+
+
+def _staging_status(staging: Path) -> tuple[bool, str]:
+    """(stale, why): stale when its process is provably gone; anything unsure is kept."""
+    try:
+        owner = json.loads((staging / STAGING_OWNER).read_text(encoding="utf-8"))
+        pid, host, boot = int(owner["pid"]), str(owner["host"]), owner.get("boot")
+        if pid < 1:  # os.kill(0 or -1, 0) would ask about a process group, not a process
+            raise ValueError(pid)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False, ("it has no readable owner file (made by an older kdlib, or not by kdlib); delete it "
+                       "by hand when no prep runs on this folder")
+    if host == socket.gethostname():
+        if boot is not None and _boot_id() is not None and boot != _boot_id():
+            return True, f"its machine has restarted since (process {pid})"
+        if _alive(pid):
+            return False, f"it is in use by process {pid} (another prep of this folder?)"
+        return True, f"its process {pid} is gone"
+    newest = max((p.stat().st_mtime for p in [staging, *staging.rglob("*")]), default=0.0)
+    hours = (time.time() - newest) / 3600
+    if hours * 3600 > _STALE_ELSEWHERE_S:
+        return True, f"made on machine {host}, untouched for {hours:.0f} hours"
+    return False, (f"it was made on machine {host} (another Colab session?) {hours * 60:.0f} minutes ago and "
+                   "may still be in use; it is removed once a day old, or delete it when no prep runs there")
+
+
+def _size_mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def remove_stale_staging(folder: PathLike, log: Callable[[str], None] = print) -> None:
+    """Remove the ``.prep-*`` staging folders of earlier preps that were killed (at study scale hundreds
+    of MB each), and, when no other prep is at work here, the temporary files of prep's own atomic writes;
+    say what was removed and what was left and why. Only what kdlib made and no live process uses."""
+    folder = Path(folder)
+    busy = False
+    for staging in sorted(folder.glob(".prep-*")):
+        if not staging.is_dir():
+            continue
+        stale, why = _staging_status(staging)
+        if stale:
+            size = _size_mib(staging)
+            shutil.rmtree(staging, ignore_errors=True)
+            log(f"removed {staging.name} ({size:.1f} MiB), the staging folder of a killed prep: {why}")
+        else:
+            busy = True
+            log(f"left {staging.name} in {folder}: {why}")
+    if not busy:
+        for tmp in sorted(folder.glob(".*.tmp")):
+            if _own_leftover(tmp):
+                tmp.unlink(missing_ok=True)
+        # the old tokenizer of a prep killed while it swapped in a new one (see _replace_folder)
+        shutil.rmtree(folder / ".tokenizer.old", ignore_errors=True)
 
 
 def _prepare_staged(cfg, folder: Path, staging: Path, texts, source, tokenizer, log) -> dict[str, TokenSplit]:
@@ -456,6 +706,15 @@ def _prepare_staged(cfg, folder: Path, staging: Path, texts, source, tokenizer, 
     return out
 
 
+def _fsync_files(folder: Path) -> None:
+    """Flush every file under ``folder`` to the disk, so that once it is renamed into place no power
+    loss leaves it holding empty files (what ``fileio.atomic_path`` does for a single file)."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+
+
 def _replace_folder(new: Path, target: Path) -> None:
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -484,6 +743,7 @@ def _tokenizer_for(cfg: ExperimentConfig, folder: Path, staging: Path, train_tex
             pass
     staged = staging / "tokenizer"
     tok = train_bpe(train_texts, cfg.model.vocab_size, staged)
+    _fsync_files(staged)  # save_pretrained does not: the folder is renamed into place whole
     (staging / "stamp.json").write_text(json.dumps(stamp))
     return tok, staged
 

@@ -6,9 +6,13 @@ Every function takes tables from ``kdlib.analysis`` and returns a Figure;
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pandas as pd
+
+from .errors import KdlibError
+from .fileio import atomic_write_bytes
 
 BASELINES = ("ce", "kl")
 WIDTH = 6.5  # inches: a report column at readable font sizes
@@ -26,13 +30,28 @@ def _plt():
 
 
 def save(fig, folder, name: str) -> list[Path]:
-    """Write ``name``.png (200 dpi) and ``name``.pdf into ``folder``; returns both paths."""
+    """Write ``name``.png (200 dpi) and ``name``.pdf into ``folder``; returns both paths.
+
+    Each figure is rendered in memory, then written with ``fileio.atomic_write_bytes`` (a temporary
+    file in ``folder``, fsynced, renamed): savefig straight onto the path left, on a full disk, a PNG
+    cut before its end chunk or a 0-byte PDF in place of the previous good figure. Now a failure
+    leaves the previous figure as it was and no temporary file, and says so (``KdlibError``).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = [folder / f"{name}.png", folder / f"{name}.pdf"]
-    fig.savefig(out[0], dpi=200, bbox_inches="tight")
-    fig.savefig(out[1], bbox_inches="tight")
-    _plt().close(fig)
+    try:
+        for path, kw in zip(out, ({"format": "png", "dpi": 200}, {"format": "pdf"})):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, bbox_inches="tight", **kw)
+            try:
+                atomic_write_bytes(path, buffer.getvalue())
+            except OSError as e:
+                raise KdlibError(f"cannot write figure {path}: {e.strerror or e}; the previous {path.name} (if "
+                                 f"any) is kept as it was. Free space in {folder} (or give another figures "
+                                 "folder) and run the report again") from None
+    finally:
+        _plt().close(fig)
     return out
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .config import TinyGPTConfig, _build
 from .errors import KdlibError
-from .fileio import PathLike, atomic_write_bytes
+from .fileio import PathLike, atomic_write_bytes, check_run_folder
 from .models import TinyGPT
 
 MiB = 2**20
@@ -129,7 +129,6 @@ def delete_weights(budget: StorageBudget, runs: Union[str, Sequence[str]]) -> in
     refused. Returns the bytes freed.
     """
     runs = [runs] if isinstance(runs, str) else list(runs)
-    root = budget.root.resolve()
     folders = []
     for run in runs:
         parts = run.split("/") if isinstance(run, str) else []
@@ -141,9 +140,7 @@ def delete_weights(budget: StorageBudget, runs: Union[str, Sequence[str]]) -> in
         if not folder.is_dir():
             names = ", ".join(budget.usage()) if budget.root.is_dir() else ""
             raise KdlibError(f"no run folder {folder} (there: {names or 'none'}); nothing was deleted")
-        expected = root.joinpath(*parts[:-1])
-        if folder.is_symlink() or (budget.root / parts[0]).is_symlink() or folder.resolve().parent != expected:
-            raise KdlibError(f"{folder} leads outside {budget.root}; nothing was deleted")
+        check_run_folder(folder, budget.root)  # no link on the way: it would lead outside the results folder
         folders.append(folder)
     freed = 0
     for folder in folders:
@@ -219,11 +216,51 @@ def student_metadata(path: PathLike) -> dict:
         raise KdlibError(f"student checkpoint {path} has corrupt metadata ({e})") from None
 
 
+# A student file's metadata is read before its tensors: a model it claims that is larger than this
+# is refused before anything is built (the study's student has 51M parameters).
+MAX_STUDENT_PARAMETERS = 10**10
+
+
+def model_parameters(config: TinyGPTConfig) -> int:
+    """A TinyGPT's parameter count from its config alone (tied embeddings counted once; biases
+    counted even when ``bias`` is off: an upper bound then), with no allocation."""
+    m = config
+    per_block = 4 * m.n_embd * m.n_embd + 2 * m.n_embd * m.d_ff + 9 * m.n_embd + m.d_ff
+    return m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + m.n_layer * per_block + 2 * m.n_embd \
+        + (m.block_size * m.n_embd if m.positions == "learned" else 0)
+
+
+def expected_tensors(config: TinyGPTConfig) -> dict[str, tuple]:
+    """The names and shapes of the tensors a student file of ``config`` holds, with nothing allocated:
+    one block built on the meta device, repeated ``n_layer`` times (the blocks are alike)."""
+    with torch.device("meta"):
+        one = TinyGPT(dataclasses.replace(config, n_layer=1))
+    shapes = {k: tuple(v.shape) for k, v in one.state_dict().items()
+              if not (config.tie_embeddings and k == "lm_head.weight")}
+    block = {k[len("h.0."):]: v for k, v in shapes.items() if k.startswith("h.0.")}
+    out = {k: v for k, v in shapes.items() if not k.startswith("h.")}
+    for i in range(config.n_layer):
+        out.update({f"h.{i}.{k}": v for k, v in block.items()})
+    return out
+
+
+def _header(path: Path) -> dict[str, tuple]:
+    """{name: (shape, dtype)} of a safetensors file, from its header alone (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KdlibError(f"cannot read the tensors' header in {path} ({e}); the file is corrupt") from None
+
+
 def load_student(path: PathLike, device: Union[str, torch.device] = "cpu",
                  dtype: torch.dtype = torch.float32, expect: Optional[TinyGPTConfig] = None) -> TinyGPT:
     """Rebuild a TinyGPT from a file written by ``save_student`` (weights cast to ``dtype``).
 
-    With ``expect``, a checkpoint of another model config is refused.
+    With ``expect``, a checkpoint of another model config is refused. The file is untrusted: the
+    model its metadata claims is bounded (``MAX_STUDENT_PARAMETERS``) and compared with the
+    tensors its header lists (names, shapes, float16) before the model is built, so a small file
+    cannot make kdlib allocate a huge one.
     """
     path = Path(path)
     info = student_metadata(path)
@@ -233,18 +270,27 @@ def load_student(path: PathLike, device: Union[str, torch.device] = "cpu",
                 if getattr(config, k) != getattr(expect, k)}
         raise KdlibError(f"{path} holds a student of another shape: " +
                          ", ".join(f"{k}={a!r} (expected {b!r})" for k, (a, b) in diff.items()))
+    n_params = model_parameters(config)
+    if n_params > MAX_STUDENT_PARAMETERS:
+        raise KdlibError(f"{path} claims a student of {n_params:,} parameters, over the {MAX_STUDENT_PARAMETERS:,} "
+                         "kdlib loads; its metadata is corrupt or it is not a kdlib student. Nothing was loaded")
+    header = _header(path)
+    if config.n_layer > len(header):  # every block has tensors: checked before listing n_layer blocks
+        raise KdlibError(f"{path} claims {config.n_layer:,} blocks but holds {len(header)} tensors: it does not "
+                         "match its own model config; the file is corrupt")
+    expected = expected_tensors(config)
+    missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    wrong = sorted(k for k in expected.keys() & header.keys() if header[k][0] != expected[k])
+    not_fp16 = sorted(k for k in expected.keys() & header.keys() if header[k][1] != "F16")
+    if missing or extra or wrong or not_fp16:
+        raise KdlibError(f"{path} does not match its own model config: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}, wrong shape {wrong[:3]}"
+                         + (f", not float16 {not_fp16[:3]}" if not_fp16 else "") + "; the file is corrupt")
     model = TinyGPT(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()
-                if not (config.tie_embeddings and k == "lm_head.weight")}
     try:
         tensors = st_load(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as e:
         raise KdlibError(f"cannot read the weights in {path} ({e}); the file is truncated or corrupt") from None
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = [k for k in expected.keys() & tensors.keys() if tuple(tensors[k].shape) != tuple(expected[k])]
-    if missing or extra or wrong:
-        raise KdlibError(f"{path} does not match its own model config: missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}, wrong shape {wrong[:3]}; the file is corrupt")
     model.load_state_dict(tensors, strict=False)  # lm_head is tied to wte, and loaded with it
     return model.to(device=device, dtype=dtype)
 
@@ -319,5 +365,4 @@ def load_resume(path: PathLike) -> dict:
         tensors = st_load(path.read_bytes())
         return _decode(json.loads(md["state"]), tensors)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise KdlibError(f"resume state {path} is corrupt ({e}); delete it to restart the run from "
-                         "its last checkpoint") from None
+        raise KdlibError(f"resume state {path} is corrupt ({e}); a run cannot continue from it") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -67,6 +68,11 @@ def read_json(path: PathLike, what: str = "file") -> dict:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise KdlibError(f"{what} {path} does not exist") from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise KdlibError(f"{what} {path} cannot be read ({e.strerror}): give the path of a readable file") from None
+    except RecursionError:
+        raise KdlibError(f"{what} {path} is nested too deeply to be a kdlib file; it is not one of ours "
+                         "(or is corrupt)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KdlibError(f"{what} {path} is unreadable or corrupt ({e}); delete it to rebuild") from None
     if not isinstance(obj, dict):
@@ -107,3 +113,54 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_run_folder(run_dir: PathLike, results_dir: PathLike | None = None) -> Path:
+    """``run_dir`` as a run folder inside ``results_dir``, checked before anything touches it.
+
+    kdlib writes, appends to and deletes files in a run folder (its config, metrics, student,
+    lock, leftover ``.*.tmp`` files). Through a symbolic link that would happen in the link's
+    target, anywhere on the machine, so the run folder and every folder between it and its
+    results folder must be real folders (the results folder itself and the folders above it may be
+    links: on Colab, Drive is one). Refused, with nothing created or deleted: a run folder outside
+    its results folder (or with ``..`` in it), one that is a symbolic link or has one inside the
+    results folder, and one that is a file. ``results_dir`` None: the folder the run folder is in.
+    Returns ``run_dir`` as a ``Path``.
+    """
+    run = Path(run_dir)
+    root = Path(results_dir) if results_dir is not None else run.absolute().parent
+    try:
+        rel = run.absolute().relative_to(root.absolute())
+    except ValueError:
+        rel = None
+    if rel is None or not rel.parts or ".." in rel.parts:
+        raise KdlibError(f"run folder {run} is not a folder inside its results folder {root}; give a run "
+                         "folder inside it (without '..'); nothing was changed")
+    here = root
+    for part in rel.parts:
+        here = here / part
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            break  # nothing deeper exists yet: kdlib creates real folders
+        except OSError as e:
+            raise KdlibError(f"cannot read {here} ({e}); nothing was changed") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise KdlibError(f"{here} is a symbolic link (to {os.readlink(here)}); kdlib refuses it, since it "
+                             f"leads outside the results folder {root} and kdlib would write and delete files "
+                             "there. Use a real folder (move the run's files into one), or give the link's "
+                             "target as the results folder; nothing was changed")
+        if not stat.S_ISDIR(st.st_mode):
+            raise KdlibError(f"{here} is a file, not a folder, so it cannot hold a run; move it away or use "
+                             "another results folder; nothing was changed")
+    return run
+
+
+def refuse_links(paths, what: str = "run folder") -> None:
+    """Refuse if any of ``paths`` is a symbolic link: kdlib writes, appends to or deletes these files,
+    which through a link would change the link's target (a file anywhere on the machine)."""
+    for p in paths:
+        if Path(p).is_symlink():
+            raise KdlibError(f"{p} is a symbolic link (to {os.readlink(p)}); kdlib writes and deletes this "
+                             f"{what}'s files itself and refuses to follow a link out of it. Replace the link "
+                             "with the file itself (or delete it); nothing was changed")

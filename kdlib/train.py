@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import os
 import platform
 import random
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,12 +33,12 @@ from torch import nn
 
 from . import __version__, faults
 from .cache import TopKCache, cache_identity
-from .checkpoint import (MiB, StorageBudget, load_resume, save_resume, save_student)
+from .checkpoint import (MiB, StorageBudget, load_resume, model_parameters, save_resume, save_student)
 from .config import TEACHER_SOURCES, ExperimentConfig
 from .data import SPLITS, WindowSampler, check_prepared_for, check_vocab, load_split, n_windows, prepare
 from .errors import KdlibError
 from .evaluate import perplexity
-from .fileio import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .fileio import atomic_write_json, atomic_write_text, check_run_folder, read_json, read_jsonl, refuse_links
 from .grid import parse
 from .models import TinyGPT, load_teacher, resolve_teacher_dtype, teacher_forward, teacher_shape
 from .objective import DistillationLoss
@@ -157,10 +158,20 @@ class RunPaths:
     weights_dir: Optional[Path] = None  # train.weights = "best": the students live here
 
     @classmethod
-    def of(cls, cfg: ExperimentConfig, run_dir) -> "RunPaths":
+    def of(cls, cfg: ExperimentConfig, run_dir, results_dir=None) -> "RunPaths":
+        """The files of the run of ``cfg`` in ``run_dir``, checked before anything touches them: the
+        one place where train, sweep, eval and the panel get a run folder. Refused (``KdlibError``,
+        nothing created or deleted): a run folder that is a symbolic link, or has one between it and
+        ``results_dir`` (default: the folder it is in), that is a file or lies outside
+        ``results_dir`` (``fileio.check_run_folder``); and any of the run's own files that is a link
+        (kdlib writes, appends to and deletes them: through a link, that would be the link's target)."""
         t = cfg.train
-        return cls(Path(run_dir), Path(t.resume_dir) if t.resume_dir else None,
-                   Path(t.weights_dir) if t.weights == "best" else None)
+        paths = cls(check_run_folder(run_dir, results_dir), Path(t.resume_dir) if t.resume_dir else None,
+                    Path(t.weights_dir) if t.weights == "best" else None)
+        refuse_links([paths.id_file])  # read by paths.student and paths.resume
+        refuse_links([paths.config, paths.metrics, paths.summary, paths.kept_student, paths.previous_student,
+                      paths.lock, paths.root / "resume.safetensors", paths.student, paths.resume])
+        return paths
 
     @property
     def config(self) -> Path:
@@ -193,15 +204,19 @@ class RunPaths:
         folder (``ensure_id``), so a results folder that is moved or renamed finds its files again;
         before there is one, a hash of the folder's path."""
         import hashlib
+
+        return self.run_id or hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:10]
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The run folder's id (``.run-id``), or None before it has one."""
         import re
 
         try:
             text = self.id_file.read_text(encoding="ascii").strip()
-            if re.fullmatch(r"[0-9a-f]{10}", text):
-                return text
         except (OSError, UnicodeDecodeError):
-            pass
-        return hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:10]
+            return None
+        return text if re.fullmatch(r"[0-9a-f]{10}", text) else None
 
     def ensure_id(self) -> None:
         """Give the run folder its id, where its files live outside it (resume_dir, weights_dir)."""
@@ -214,6 +229,11 @@ class RunPaths:
     def kept_student(self) -> Path:
         """The student's place in the run folder (with weights = "best", a copy of the best run's)."""
         return self.root / "student.safetensors"
+
+    @property
+    def previous_student(self) -> Path:
+        """Where a run that starts again from step 0 keeps the best student of its earlier attempt."""
+        return self.student.with_name(self.student.name.replace(".safetensors", ".previous.safetensors"))
 
     @property
     def resume(self) -> Path:
@@ -252,58 +272,145 @@ def source_label(cfg: ExperimentConfig) -> str:
 
 
 class RunLock:
-    """One process per run folder. A lock left by a killed process (its PID is gone) is taken over."""
+    """One process per run folder, across the machines that share it (Colab VMs on one Drive).
 
-    def __init__(self, path: Path):
-        self.path = path
+    The lock file records who holds it: ``{"pid", "host", "boot_id", "started"}`` (JSON). It is
+    stale, and taken over with a log line, when its process cannot be running: the lock names
+    another host or another boot of this one (a Colab runtime restarted: the old PID may now be
+    any live process, even this kernel), or its PID is gone, or it is this process's PID but this
+    process does not hold it (``_HELD``: a lock left by an earlier life of this PID). Plain-PID
+    lock files of older versions and unreadable ones are read the same way (a PID alone; garbage
+    is stale). The refusal names the lock file, which can be deleted by hand when no process on
+    any machine is training the run. A lock of another host cannot be checked from here: it is
+    taken over, so two machines must not train one run folder at the same time.
+    """
+
+    def __init__(self, path: Path, log: Callable[[str], None] = print):
+        self.path, self.log, self.mine = Path(path), log, None
 
     def __enter__(self):
-        self.created = not self.path.parent.exists()
+        # The folders this lock makes (the run's, and RESULTS/PRESET when new): a run refused before it
+        # wrote anything leaves none of them behind.
+        self.created = []
+        folder = self.path.parent
+        while not folder.exists():
+            self.created.append(folder)
+            folder = folder.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                pid = _read_pid(self.path)
-                if pid is not None and _alive(pid):
-                    raise KdlibError(f"run folder {self.path.parent} is in use by process {pid}; wait for it "
-                                     "to finish, or stop it first") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                holder = _read_lock(self.path)
+                why = _stale_because(holder, self.path)
+                if why is None:
+                    raise KdlibError(
+                        f"run folder {self.path.parent} is in use by process {holder['pid']} "
+                        f"({_describe(holder)}; lock file {self.path}); wait for it to finish, or stop it first. "
+                        f"If no process on any machine is training this run (e.g. after a runtime restart), "
+                        f"delete {self.path} and run again") from None
+                self.log(f"taking over the lock {self.path}: {why}")
+                self.path.unlink(missing_ok=True)
                 continue
+            self.mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "boot_id": _boot_id(),
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(self.mine + "\n")
+            _HELD.add(_lock_key(self.path))
             return self
-        raise KdlibError(f"cannot take the lock {self.path}")
+        raise KdlibError(f"cannot take the lock {self.path}; another process took it at the same moment: "
+                         "run again")
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-        if getattr(self, "created", False):  # a run refused before it wrote anything leaves no folder
+        _HELD.discard(_lock_key(self.path))
+        try:  # only our own lock: one taken over from us (wrongly judged stale) stays its holder's
+            if self.path.read_text().strip() == self.mine:
+                self.path.unlink()
+        except OSError:
+            pass
+        for folder in getattr(self, "created", []):  # innermost first; a run refused early leaves none
             try:
-                self.path.parent.rmdir()
+                folder.rmdir()
             except OSError:
-                pass  # not empty: the run's files
+                break  # not empty: the run's files
 
 
-def _read_pid(path: Path) -> Optional[int]:
+_HELD: set = set()  # the locks this process holds (RunLock), by real path
+
+
+def _lock_key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _boot_id() -> Optional[str]:
+    """This boot of this machine (Linux), or None where it cannot be read."""
     try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
         return None
 
 
-def _alive(pid: int) -> bool:
+def _read_lock(path: Path) -> Optional[dict]:
+    """A lock file's holder: a dict with an int ``pid`` (and host, boot_id, started when recorded),
+    from a JSON lock or an older plain-PID one; None when unreadable or not a lock."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        obj = {"pid": obj}  # older kdlib: the PID alone
+    if not isinstance(obj, dict) or isinstance(obj.get("pid"), bool) or not isinstance(obj.get("pid"), int) \
+            or obj["pid"] <= 0:
+        return None
+    return {k: obj.get(k) for k in ("pid", "host", "boot_id", "started")}
+
+
+def _stale_because(holder: Optional[dict], path: Path) -> Optional[str]:
+    """Why a lock's holder cannot be running (the log line's reason), or None if it may be."""
+    if holder is None:
+        return "it is not a readable lock"
+    pid, host, boot = holder["pid"], holder["host"], holder["boot_id"]
+    if host is not None and host != socket.gethostname():
+        return f"it was taken by process {pid} on another machine ({_describe(holder)})"
+    if boot is not None and _boot_id() is not None and boot != _boot_id():
+        return f"it was taken by process {pid} before this machine restarted ({_describe(holder)})"
     if pid == os.getpid():
-        return True
+        if _lock_key(path) in _HELD:
+            return None
+        return f"it holds this process's PID {pid}, from an earlier process (this one does not hold it)"
+    if not _alive(pid):
+        return f"its process {pid} is gone"
+    return None
+
+
+def _describe(holder: dict) -> str:
+    if holder.get("host") is None:
+        return "a lock of an older kdlib, without its machine"
+    return f"host {holder['host']}, started {holder.get('started')}"
+
+
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except (OverflowError, OSError):
+        return False
     return True
 
 
 def _load_data(cfg: ExperimentConfig, data_dir: Path, log) -> dict:
+    """The three splits, checked before anything is trained: their manifests against this run (cheap),
+    then each file against its manifest's checksum and every id against the model's vocabulary (once
+    per file and process: a corrupt or foreign file would otherwise train silently or crash mid-run)."""
+    from .data import verify_split
+
     if not all((data_dir / f"{s}.json").is_file() for s in SPLITS):
         log(f"preparing the data in {data_dir}")
         prepare(cfg, data_dir, log=log)
@@ -312,6 +419,8 @@ def _load_data(cfg: ExperimentConfig, data_dir: Path, log) -> dict:
         check_vocab(split, cfg.model.vocab_size)
         check_prepared_for(cfg, split)
     check_subset(cfg, splits["train"])
+    for split in splits.values():
+        verify_split(split, cfg.model.vocab_size)
     return splits
 
 
@@ -405,10 +514,7 @@ RESUME_EXTRA_BYTES = 128 * 1024
 
 def student_parameters(cfg: ExperimentConfig) -> int:
     """The student's parameter count, from its config (tied embeddings counted once)."""
-    m = cfg.model
-    per_block = 4 * m.n_embd * m.n_embd + 2 * m.n_embd * m.d_ff + 9 * m.n_embd + m.d_ff
-    return m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + m.n_layer * per_block + 2 * m.n_embd \
-        + (m.block_size * m.n_embd if m.positions == "learned" else 0)
+    return model_parameters(cfg.model)
 
 
 def projector_parameters(cfg: ExperimentConfig, teacher_shape: Optional[tuple[int, int]] = None) -> int:
@@ -449,7 +555,10 @@ def check_budget(cfg: ExperimentConfig, run_dir, budget: Optional[StorageBudget]
 
     need = estimate_run_bytes(cfg, inside, teacher_shape, with_student=student_inside,
                               small_bytes=small_files_bytes(cfg, sched) if sched is not None else MiB)
-    have = sum(f.stat().st_size for f in paths.root.rglob("*") if f.is_file()) if paths.root.is_dir() else 0
+    # What the run will replace; not the student a run that starts again from step 0 keeps aside.
+    kept = {paths.previous_student} | (set() if paths.resume.is_file() else {paths.student})
+    have = sum(f.stat().st_size for f in paths.root.rglob("*") if f.is_file() and f not in kept) \
+        if paths.root.is_dir() else 0
     if budget.used() - have + need > budget.limit_bytes:
         raise KdlibError(
             f"run {paths.root.name} will need about {need / MiB:.1f} MiB "
@@ -470,7 +579,8 @@ class FiniteGuard:
     nothing after it (weights, metrics) is ever written.
     """
 
-    def __init__(self):
+    def __init__(self, source: str = "online"):
+        self.source = source  # where the teacher's outputs come from: names the likely cause
         self.step: Optional[torch.Tensor] = None  # 0 = every step so far was finite
         self.bad: Optional[torch.Tensor] = None  # [1 + parts] the first bad step's non-finite terms
         self.names: list[str] = []
@@ -499,9 +609,13 @@ class FiniteGuard:
         elif not mine:
             return
         bad = [n for n, b in zip(self.names, self.bad.tolist()) if b and n != "total"] or ["total"]
+        hint = ("the top-k cache may hold non-finite values (a damaged file): delete this split's cache files "
+                "and build it again (`python -m kdlib cache`), or train with the teacher online; if the cache "
+                "is sound, lower the learning rate or use fp32") if self.source == "cache" else \
+            "lower the learning rate or use fp32"
         raise KdlibError(f"step {int(self.step)}: the loss is not finite (component: {', '.join(bad)}); the "
                          f"run stopped. The last good student is {student_path} and the resume state "
-                         f"{resume_path}; lower the learning rate or use fp32")
+                         f"{resume_path}; {hint}")
 
 
 def optimizer_step(accelerator, trainee: nn.Module, optimizer, scheduler, windows, batch, teacher_out_fn,
@@ -569,7 +683,8 @@ def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_s
                              f"{', '.join(TEACHER_SOURCES)} (the top-k cache is used only when asked for)")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, teacher_source=teacher_source))
     cfg.validate()
-    paths = RunPaths.of(cfg, run_dir)
+    # The run folder checked before anything touches it (a link, a file, outside the results folder).
+    paths = RunPaths.of(cfg, run_dir, budget.root if budget is not None else None)
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     # The scheduler steps once per optimizer step, not once per process (accelerate's default).
@@ -582,25 +697,47 @@ def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_s
     if paths.summary.is_file():
         log(f"{paths.root} is finished: {paths.summary}")
         return read_json(paths.summary, "summary")
-    with (RunLock(paths.lock) if main else nullcontext()):
+    with (RunLock(paths.lock, log) if main else nullcontext()):
         if main:  # temporary files of a write that a killed process never finished
             for stale in paths.root.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
         splits = _load_data(cfg, data_dir, log)
         source = teacher_source_of(cfg)
         cache = _open_cache(cfg, cache_dir, splits["train"]) if source == "cache" else None
-        return _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progress, log,
-                    stop_after, tqdm)
+        where: dict = {}  # _run keeps its state here: the step an interruption reports
+        try:
+            return _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progress, log,
+                        stop_after, tqdm, where)
+        except KeyboardInterrupt:
+            # Ctrl-C (or a notebook's stop button): every file is whole (writes are atomic) and the
+            # resume state is the last one saved; the lock goes with this block. One line, then the
+            # interrupt goes on to the caller (the CLI prints its message, a notebook stops the cell).
+            if "bar" in where:
+                where["bar"].close()
+            state = where.get("state")
+            if state is None:
+                log(f"{paths.root.name}: interrupted before training started; run the same command again "
+                    "to continue")
+            else:
+                log(f"interrupted at step {state['step']}; run the same command again to continue (from step "
+                    f"{where['saved']}, its last saved state)")
+            raise
 
 
-def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progress, log, stop_after, tqdm):
+def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progress, log, stop_after, tqdm,
+         where=None):
     t = cfg.train
+    where = {} if where is None else where
     world = accelerator.num_processes
     # Read (and a bad $KDLIB_PEAK_TFLOPS refused) before anything is written.
     peak = peak_tflops(None if accelerator.device.type == "cuda" else "cpu")
     if t.batch_size % world:
         raise KdlibError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({world})")
     plan = schedule(cfg, splits["train"].n_tokens)
+    if accelerator.is_main_process:
+        # From the config alone (parameter counts, the teacher's shape from its config), before any
+        # model is built: a run the budget refuses allocates nothing and writes nothing.
+        check_budget(cfg, paths.root, budget, None, plan)
     torch.manual_seed(cfg.seed)
     student = TinyGPT(cfg.model)
     if t.compile:
@@ -622,9 +759,11 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, plan.warmup, t.min_lr_ratio))
     if accelerator.is_main_process:
-        # Checked before anything is written: a refused run leaves no folder claimed.
+        # Checked before anything is written: a refused run leaves no folder claimed. Again with the
+        # loaded teacher's shape, where the projectors' size depends on it and the config's hint differs.
         shape = teacher_shape(teacher) if teacher is not None and objective.needs_hidden_states else None
-        check_budget(cfg, paths.root, budget, shape, plan)
+        if shape is not None and tuple(shape) != tuple(teacher_shape_hint(cfg)):
+            check_budget(cfg, paths.root, budget, shape, plan)
         if not paths.config.is_file():
             atomic_write_text(paths.config, cfg.to_json() + "\n")
         paths.ensure_id()
@@ -632,30 +771,27 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
              "eval_wall": 0.0, "evals": 0}
 
     if paths.resume.is_file():
-        resume = load_resume(paths.resume)
-        if resume.get("exp") != cfg.exp or resume.get("seed") != cfg.seed:
-            raise KdlibError(f"resume state {paths.resume} belongs to another run "
-                             f"({resume.get('exp')!r} seed {resume.get('seed')}); delete it or use another folder")
-        if resume.get("teacher_source", source) != source:
-            raise KdlibError(f"resume state {paths.resume} was trained with the teacher source "
-                             f"{resume['teacher_source']!r}, this run asks for {source!r}: a run keeps its source. "
-                             "Continue it with the same source, or delete the run folder and its resume state "
-                             "to start over")
-        trainee.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        sampler.load_state_dict(resume["sampler"])
-        _set_rng_state(resume["rng"])
-        state.update(resume["state"])
+        try:
+            resume = load_resume(paths.resume)
+            check_resume(resume, cfg, paths, plan, source)
+            _load_resume(resume, trainee, optimizer, scheduler, sampler, state, paths.resume)
+        except KdlibError as e:
+            raise KdlibError(f"{e}\n{restart_advice(paths)}") from None
         if state["best_step"] is not None and not paths.student.is_file() and accelerator.is_main_process:
             raise KdlibError(f"the best student of {paths.root.name} (step {state['best_step']}, validation "
                              f"perplexity {state['best']:.2f}) is missing from {paths.student}, so this run cannot "
                              "be finished from its resume state: restore that file (e.g. to the train.weights_dir "
                              f"it was in), or delete {paths.resume} to train the run again from step 0")
         log(f"resuming {paths.root.name} at step {state['step']}")
-    elif accelerator.is_main_process and paths.metrics.is_file() and paths.metrics.stat().st_size:
-        log(f"note: {paths.root.name} has metrics but no resume state at {paths.resume}: it starts again "
-            "from step 0 (a moved run folder keeps its state only with its .run-id file)")
+    elif accelerator.is_main_process:
+        if paths.metrics.is_file() and paths.metrics.stat().st_size:
+            log(f"note: {paths.root.name} has metrics but no resume state at {paths.resume}: it starts again "
+                "from step 0 (a moved run folder keeps its state only with its .run-id file)")
+        if paths.student.is_file():  # an earlier attempt's best student: kept, not overwritten
+            os.replace(paths.student, paths.previous_student)
+            log(f"note: {paths.root.name} starts again from step 0; the best student of its earlier attempt "
+                f"is kept as {paths.previous_student}")
+    where.update(state=state, saved=state["step"])
     trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
     metrics = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= state["step"]] \
         if accelerator.is_main_process else []
@@ -666,6 +802,7 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
     tokens_per_step = plan.tokens_per_step
     bar = tqdm(total=total, initial=state["step"], desc=run_name(cfg), unit="step",
                disable=not (progress and accelerator.is_main_process))
+    where["bar"] = bar
     val_tokens = splits["validation"].tokens()
     last_val = None
     last_loss = None
@@ -684,7 +821,7 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
             return None
     flops_token = flops_per_token(flop_params(student), cfg.model.n_layer, cfg.model.n_embd, cfg.data.block_size,
                                   *((flop_params(teacher), *teacher_shape(teacher)) if source == "online" else ()))
-    guard = FiniteGuard()
+    guard = FiniteGuard(source)
     clock = _TrainClock(state["wall"])
     wall_log = state["wall"]
     wall_saved = state["wall"]
@@ -765,6 +902,7 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
             _save_resume(paths, cfg, source, trainee, optimizer, scheduler, sampler, state, accelerator, budget)
             clock.resume()
             wall_saved = state["wall"]
+            where["saved"] = state["step"]
         if stopped_early:
             log(f"early stop at step {state['step']}: no improvement in {t.patience} evaluations")
             break
@@ -823,12 +961,11 @@ def keep_best_student(folder: Path, budget: Optional[StorageBudget], log=print) 
 
     finished = []
     for run in sorted(p for p in Path(folder).iterdir() if p.is_dir() and (p / "summary.json").is_file()):
-        try:
-            cfg = ExperimentConfig.load(run / "config.json")
+        try:  # a link (RunPaths.of refuses it) is not a run of this folder: never copied into or deleted
+            paths = RunPaths.of(ExperimentConfig.load(run / "config.json"), run)
             summary = read_json(run / "summary.json", "summary")
         except KdlibError:
             continue
-        paths = RunPaths.of(cfg, run)
         ppl = summary.get("best_val_ppl")
         if paths.weights_dir is None or not isinstance(ppl, (int, float)) or not math.isfinite(ppl) \
                 or not (paths.student.is_file() or paths.kept_student.is_file()):
@@ -885,10 +1022,125 @@ def _peak_mem() -> float:
         return float("nan")
 
 
+SPEED_ONLY = ("compile", "save_every_s")  # train fields a continued run may change (_check_config)
+
+
+def config_digest(cfg: ExperimentConfig) -> str:
+    """sha256 of the run's full config, less the speed-only fields: what binds a resume state to it."""
+    import hashlib
+
+    d = cfg.to_dict()
+    for k in SPEED_ONLY:
+        d["train"].pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def restart_advice(paths: RunPaths) -> str:
+    """What deleting a resume state does: said exactly, since the run's best student is at stake."""
+    return (f"To train {paths.root.name} again from step 0 instead, delete {paths.resume}: its metrics.jsonl starts "
+            f"over, and its best student so far ({paths.student}, if any) is kept as {paths.previous_student} "
+            "(replacing an older one there); nothing else is deleted.")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_resume(resume: dict, cfg: ExperimentConfig, paths: RunPaths, plan: Schedule, source: str) -> None:
+    """Refuse a resume state that is not this run's, or whose contents cannot be this run's.
+
+    A resume state is bound to its run: experiment, seed, teacher source, the full config's digest
+    and (outside the run folder, in a shared ``train.resume_dir``) the run folder's id. States of
+    older versions have neither of the last two and are read on the first three. Its counters
+    decide what happens next (a step past the budget would mark the run finished and delete the
+    state), so they are checked for type and range here, and its parts for the types that
+    ``_load_resume`` hands to ``load_state_dict``; every refusal is a ``KdlibError``.
+    """
+    where = f"resume state {paths.resume}"
+    if resume.get("exp") != cfg.exp or resume.get("seed") != cfg.seed:
+        raise KdlibError(f"{where} belongs to another run ({resume.get('exp')!r} seed {resume.get('seed')!r}, this "
+                         f"run is {cfg.exp!r} seed {cfg.seed}); use another folder")
+    if resume.get("teacher_source", source) != source:
+        raise KdlibError(f"{where} was trained with the teacher source {resume['teacher_source']!r}, this run asks "
+                         f"for {source!r}: a run keeps its source. Continue it with the same source")
+    if "config_sha256" in resume and resume["config_sha256"] != config_digest(cfg):
+        raise KdlibError(f"{where} was saved by a run of another configuration than {paths.config}'s (config "
+                         f"digest {str(resume['config_sha256'])[:12]}, this run's {config_digest(cfg)[:12]}): it "
+                         "cannot continue this run")
+    if paths.resume_dir is not None and "run_id" in resume and resume["run_id"] != paths.run_id:
+        raise KdlibError(f"{where} was saved by another run folder (run id {resume['run_id']!r}, {paths.id_file} "
+                         f"says {paths.run_id!r}); it cannot continue this run")
+    types = {"model": dict, "optimizer": dict, "scheduler": dict, "sampler": dict, "rng": dict, "state": dict}
+    bad = [k for k, kind in types.items() if not isinstance(resume.get(k), kind)]
+    if bad:
+        raise KdlibError(f"{where} is incomplete or corrupt: {', '.join(bad)} missing or not a mapping")
+    opt = resume["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise KdlibError(f"{where} is corrupt: its optimizer state has no state or param_groups")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in resume["model"].items()):
+        raise KdlibError(f"{where} is corrupt: its model state is not a mapping of names to tensors")
+    st = resume["state"]
+    step, tokens = st.get("step"), st.get("tokens")
+    if not _is_int(step) or not 0 <= step <= plan.steps:
+        raise KdlibError(f"{where} is corrupt: step {step!r} is not a whole number in 0..{plan.steps} (this "
+                         "run's budget of steps)")
+    if not _is_int(tokens) or tokens != step * plan.tokens_per_step:
+        raise KdlibError(f"{where} is corrupt: tokens {tokens!r} is not step {step} x {plan.tokens_per_step} "
+                         "tokens per step")
+    best, best_step = st.get("best"), st.get("best_step")
+    if not _is_num(best) or math.isnan(best) or not (best_step is None or (_is_int(best_step)
+                                                                          and 1 <= best_step <= step)):
+        raise KdlibError(f"{where} is corrupt: best {best!r} at step {best_step!r} (step {step})")
+    for key in ("bad_evals", "evals"):
+        if not _is_int(st.get(key)) or st[key] < 0:
+            raise KdlibError(f"{where} is corrupt: {key} {st.get(key)!r} is not a whole number >= 0")
+    for key in ("wall", "eval_wall"):
+        if not _is_num(st.get(key)) or not math.isfinite(st[key]) or st[key] < 0:
+            raise KdlibError(f"{where} is corrupt: {key} {st.get(key)!r} is not a number of seconds")
+    last = resume["scheduler"].get("last_epoch")
+    if last != step:
+        raise KdlibError(f"{where} is corrupt: its schedule is at step {last!r}, its counters at step {step}")
+
+
+def _load_resume(resume: dict, trainee, optimizer, scheduler, sampler, state: dict, path: Path) -> None:
+    """Load a state ``check_resume`` passed into the run's objects; anything they reject (shapes,
+    missing entries, RNG states) is a ``KdlibError``, never a traceback."""
+    what = "model"
+    try:
+        trainee.load_state_dict(resume["model"])
+        what = "optimizer"
+        optimizer.load_state_dict(resume["optimizer"])
+        for p in optimizer.state:  # load_state_dict does not compare the moments' shapes to the params
+            for k, v in optimizer.state[p].items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                    raise ValueError(f"{k} has shape {tuple(v.shape)} for a parameter of {tuple(p.shape)}")
+        what = "scheduler"
+        unknown = set(resume["scheduler"]) - set(scheduler.state_dict())
+        if unknown:
+            raise ValueError(f"unknown entries {sorted(unknown)}")
+        scheduler.load_state_dict(resume["scheduler"])
+        what = "data position"
+        sampler.load_state_dict(resume["sampler"])
+        what = "random number generator"
+        _set_rng_state(resume["rng"])
+    except KdlibError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise KdlibError(f"resume state {path}: its {what} does not fit this run ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else e!r}); it is corrupt or of another "
+                         "model") from None
+    state.update({k: resume["state"][k] for k in state if k in resume["state"]})
+
+
 def _save_resume(paths, cfg, source, trainee, optimizer, scheduler, sampler, state, accelerator, budget) -> None:
     if not accelerator.is_main_process:
         return
     resume = {"exp": cfg.exp, "seed": cfg.seed, "teacher_source": source, "kdlib_version": __version__,
+              "config_sha256": config_digest(cfg), "run_id": paths.run_id,
               "model": accelerator.unwrap_model(trainee).state_dict(), "optimizer": optimizer.state_dict(),
               "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": _rng_state(),
               "state": dict(state)}
@@ -916,6 +1168,8 @@ def _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_stude
         "val_split": "validation", "test_split": "test",
         "eval_block_size": cfg.data.block_size, "eval_stride": stride, "in_training_eval_stride": cfg.data.block_size,
         "student_path": str(paths.student.resolve()), "kdlib_version": __version__,
+        # What `eval` checks its data against: another tokenizer's ids would give a number that means nothing.
+        "tokenizer_hash": splits["train"].manifest["inputs"]["tokenizer"]["hash"],
     }
     if best is not None:
         best = best.to(device)  # final perplexities on the training device, whatever the experiment

@@ -116,6 +116,14 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _empty_preset_folder(folder: Path) -> bool:
+    """A preset's folder with no file in it: what a run refused before it started leaves behind
+    (``RUNS/PRESET/``); not worth a "skipped" line."""
+    from .config import PRESETS
+
+    return folder.name in PRESETS and not any(f.is_file() for f in folder.rglob("*"))
+
+
 def run_folders(results_dir) -> tuple[list[Path], list]:
     """The run folders of a results folder (a folder holding ``config.json``) at depth 1
     (``RUNS/RUN``) or 2 (``RUNS/PRESET/RUN``), and [(folder, why not a run)] for the others."""
@@ -124,6 +132,8 @@ def run_folders(results_dir) -> tuple[list[Path], list]:
     for child in _subdirs(folder):
         if (child / "config.json").is_file():
             runs.append(child)
+            continue
+        if _empty_preset_folder(child):
             continue
         inner = [p for p in _subdirs(child) if (p / "config.json").is_file()]
         if not inner:
@@ -135,12 +145,94 @@ def run_folders(results_dir) -> tuple[list[Path], list]:
     return runs, skipped
 
 
+class _Malformed(Exception):
+    """A value of the wrong type in a run's files: the run is skipped with this reason."""
+
+
+# What reading one run folder can raise on content that is not what kdlib wrote (a list for an
+# object, text for a number, JSON nested too deeply to parse, an unreadable file): the run is
+# skipped with the reason, and the other runs are reported.
+_UNREADABLE = (KdlibError, _Malformed, KeyError, TypeError, ValueError, AttributeError, IndexError,
+               RecursionError, OSError)
+_KINDS = {"number": (int, float), "whole number": (int,), "string": (str,)}
+# The summary and metrics fields the report reads, and their kinds (None is allowed in a summary).
+SUMMARY_FIELDS = {"test_ppl": "number", "train_wall_s": "number", "tokens_per_s": "number",
+                  "budget_tokens": "whole number", "eval_stride": "whole number",
+                  "in_training_eval_stride": "whole number", "cache_top_k": "whole number",
+                  "teacher_source": "string"}
+METRIC_FIELDS = {"step": "whole number", "tokens": "whole number", "epoch": "number", "val_ppl": "number"}
+
+
+def _need(value, kind: str, what: str):
+    """``value`` if it is a ``kind`` of ``_KINDS`` (a bool is not a number), else ``_Malformed``."""
+    if isinstance(value, bool) or not isinstance(value, _KINDS[kind]):
+        raise _Malformed(f"{what} is {value!r}, not a {kind}")
+    return value
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply to read"
+    return str(e) if isinstance(e, (KdlibError, _Malformed)) else f"{type(e).__name__}: {e}"
+
+
+def _read_summary(run: Path, name: str) -> tuple[dict, Optional[tuple]]:
+    """(the run's summary, or {} when it has none or it is malformed; the skipped line saying so)."""
+    if not (run / "summary.json").is_file():
+        return {}, None
+    try:
+        summary = read_json(run / "summary.json", "summary")
+        for key, kind in SUMMARY_FIELDS.items():
+            if summary.get(key) is not None:
+                _need(summary[key], kind, f"its {key}")
+    except _UNREADABLE as e:
+        return {}, (name, f"unreadable summary.json ({_why(e)}); reported from its metrics")
+    return summary, None
+
+
+def _read_metric_rows(run: Path) -> pd.DataFrame:
+    """metrics.jsonl as a table, every field the report reads checked: an evaluation has all four."""
+    rows = read_jsonl(run / "metrics.jsonl")
+    for n, row in enumerate(rows, 1):
+        for key, kind in METRIC_FIELDS.items():
+            if key in row or "val_ppl" in row:
+                _need(row.get(key), kind, f"record {n}'s {key}")
+    return pd.DataFrame(rows)
+
+
+def _config_fields(config: dict, summary: dict) -> dict:
+    """The row fields a run's config gives (with its summary's say on the budget and the teacher)."""
+    exp, seed = _need(config["exp"], "string", "exp"), _need(config["seed"], "whole number", "seed")
+    feature = _need(config["loss"]["feature"], "string", "loss.feature")
+    block = _need(config["data"]["block_size"], "whole number", "data.block_size")
+    if config.get("preset") is not None:
+        _need(config["preset"], "string", "preset")
+    budget_tokens, budget = _budget(config, summary)
+    if not parse(exp, feature).needs_teacher:
+        source = "none"
+    else:  # old configs have no train.teacher_source: their teacher ran online
+        source = summary.get("teacher_source") or (config.get("train") or {}).get("teacher_source") or "online"
+    top_k = (summary.get("cache_top_k") or (config.get("cache") or {}).get("top_k")) if source == "cache" else None
+    if top_k is not None:
+        _need(top_k, "whole number", "cache.top_k")
+    test_stride = summary.get("eval_stride", block // 2)
+    val_stride = summary.get("in_training_eval_stride", block)
+    return {"exp": exp, "label": run_label(exp, feature, source, top_k), "seed": seed, "feature": feature,
+            **_components(exp, feature), "teacher_source": source, "cache_top_k": top_k,
+            "teacher": _teacher(config) if source != "none" else None, "preset": config.get("preset"),
+            "block_size": block, "test_stride": test_stride, "val_stride": val_stride,
+            "budget_tokens": budget_tokens, "budget": budget, "dataset": _dataset(config["data"]),
+            "protocol": _digest({**protocol_key(config), "test_stride": test_stride, "val_stride": val_stride})}
+
+
 def load_runs(results_dir) -> tuple[pd.DataFrame, dict, list]:
     """(one row per run, {run: validation curve [step, tokens, epoch, val_ppl]}, [(folder, why skipped)]).
 
     ``run`` is the run folder's path inside ``results_dir`` (``colab-t4/kl-seed0``, or ``kl-seed0``
     in a flat folder); ``label`` the experiment's row key (``run_label``); ``protocol`` a short hash
-    of the protocol (``protocol_key`` and the evaluation strides) that groups runs.
+    of the protocol (``protocol_key`` and the evaluation strides) that groups runs. A run whose
+    files are unreadable or malformed (wrong JSON, a list for an object, text for a number) is
+    skipped with the reason; a preset's folder with nothing in it is not listed.
     """
     folder = Path(results_dir)
     rows, curves = [], {}
@@ -149,47 +241,28 @@ def load_runs(results_dir) -> tuple[pd.DataFrame, dict, list]:
     folders, skipped = run_folders(folder)
     for run in folders:
         name = run.relative_to(folder).as_posix()
-        summary, unreadable = {}, None
-        if (run / "summary.json").is_file():
-            try:
-                summary = read_json(run / "summary.json", "summary")
-            except KdlibError as e:
-                unreadable = (name, f"unreadable summary.json ({e}); reported from its metrics")
+        summary, unreadable = _read_summary(run, name)
         try:
-            config = read_json(run / "config.json", "run config")
-            exp, seed, feature = config["exp"], config["seed"], config["loss"]["feature"]
-            comp = _components(exp, feature)
-            block = int(config["data"]["block_size"])
-            budget_tokens, budget = _budget(config, summary)
-            dataset = _dataset(config["data"])
-        except (KdlibError, KeyError, TypeError, ValueError) as e:
-            skipped.append((name, f"no readable kdlib config ({e})"))
+            fields = _config_fields(read_json(run / "config.json", "run config"), summary)
+        except _UNREADABLE as e:
+            skipped.append((name, f"no readable kdlib config ({_why(e)})"))
             continue
         if unreadable:
             skipped.append(unreadable)
-        metrics = read_metrics(run)
+        try:
+            metrics = _read_metric_rows(run)
+        except _UNREADABLE as e:
+            skipped.append((name, f"unreadable metrics.jsonl ({_why(e)})"))
+            continue
         if "val_ppl" not in metrics or metrics["val_ppl"].dropna().empty:
             skipped.append((name, "no evaluation in metrics.jsonl yet"))
             continue
         curve = metrics.dropna(subset=["val_ppl"])[["step", "tokens", "epoch", "val_ppl"]].reset_index(drop=True)
         best = curve.loc[curve["val_ppl"].idxmin()]
-        if not parse(exp, feature).needs_teacher:
-            source = "none"
-        else:  # old configs have no train.teacher_source: their teacher ran online
-            source = summary.get("teacher_source") or (config.get("train") or {}).get("teacher_source") or "online"
-        top_k = (summary.get("cache_top_k") or (config.get("cache") or {}).get("top_k")) if source == "cache" else None
-        test_stride = summary.get("eval_stride", block // 2)
-        val_stride = summary.get("in_training_eval_stride", block)
-        row = {"run": name, "source": "kdlib", "exp": exp, "label": run_label(exp, feature, source, top_k),
-               "seed": seed, "feature": feature, **comp,
-               "finished": (run / "summary.json").is_file(), "best_val_ppl": best["val_ppl"],
-               "final_val_ppl": curve["val_ppl"].iloc[-1], "best_step": int(best["step"]),
-               "best_epoch": float(best["epoch"]), "steps": int(metrics["step"].max()),
-               "tokens": int(metrics["tokens"].max()), "teacher_source": source, "cache_top_k": top_k,
-               "teacher": _teacher(config) if source != "none" else None,
-               "preset": config.get("preset"), "block_size": block, "test_stride": test_stride,
-               "val_stride": val_stride, "budget_tokens": budget_tokens, "budget": budget, "dataset": dataset,
-               "protocol": _digest({**protocol_key(config), "test_stride": test_stride, "val_stride": val_stride})}
+        row = {"run": name, "source": "kdlib", **fields, "finished": (run / "summary.json").is_file(),
+               "best_val_ppl": best["val_ppl"], "final_val_ppl": curve["val_ppl"].iloc[-1],
+               "best_step": int(best["step"]), "best_epoch": float(best["epoch"]),
+               "steps": int(metrics["step"].max()), "tokens": int(metrics["tokens"].max())}
         for key in ("test_ppl", "train_wall_s", "tokens_per_s"):
             row[key] = summary.get(key)
         rows.append(row)
@@ -330,7 +403,8 @@ def protocol_groups(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     shared = Counter(presets.values())
     groups = []
     for pid in sorted(ids, key=lambda p: (presets[p], p)):
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", presets[pid]) + (f"-{pid[:6]}" if shared[presets[pid]] > 1 else "")
+        # a folder name inside out_dir, whatever a config's preset says ("..", "../x" stay inside)
+        slug = re.sub(r"^\.|[^A-Za-z0-9._-]+", "_", presets[pid]) + (f"-{pid[:6]}" if shared[presets[pid]] > 1 else "")
         groups.append((slug, runs[runs["protocol"] == pid].reset_index(drop=True)))
     return groups
 

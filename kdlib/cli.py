@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -104,11 +106,17 @@ def _cache(args: argparse.Namespace) -> int:
     from .cache import build_cache
     from .config import preset
     from .grid import parse
+    from .models import device_of
 
     cfg = preset(args.preset, args.exp)
-    if not parse(cfg.exp, cfg.loss.feature).output_only:
+    spec = parse(cfg.exp, cfg.loss.feature)
+    if not spec.needs_teacher:
+        raise KdlibError(f"{cfg.exp} has no teacher term: nothing to cache. Build the cache for the experiment "
+                         "that will read it (e.g. --exp kl)")
+    if not spec.output_only:
         print(f"note: {cfg.exp} needs the teacher online (features or cosine); the cache serves output-only "
               "experiments with the same temperature", file=sys.stderr)
+    device_of(args.device)  # before any work: a GPU that is not here
     folder = args.cache_dir or f"{_data_dir(args)}/cache"
     for split in args.splits:
         cache = build_cache(cfg, _data_dir(args), folder, split=split, device=args.device)
@@ -144,10 +152,7 @@ def _budget(args: argparse.Namespace):
     from .checkpoint import MiB, StorageBudget
 
     if not (0 < args.budget_mib < 1e9):
-        raise KdlibError(f"--budget-mib must be a positive number of MiB, got {args.budget_mib}")
-    if Path(args.runs).exists() and not Path(args.runs).is_dir():
-        raise KdlibError(f"the results folder {args.runs} is a file, not a folder; give --runs a folder "
-                         "(it is created if missing)")
+        raise KdlibError(f"--budget-mib must be a positive number of MiB, got {args.budget_mib:g}")
     return StorageBudget(args.runs, int(args.budget_mib * MiB))
 
 
@@ -218,22 +223,74 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# A preset's name as it may appear in a path (data/PRESET): no "/", no "..", no leading dot.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _checked_preset(cfg, config_path: Path) -> str:
+    """A run config's preset, refused unless it is a plain name: eval reads data/PRESET."""
+    if not _SAFE_NAME.fullmatch(cfg.preset) or ".." in cfg.preset:
+        from .config import PRESETS
+        from .errors import choices
+
+        raise KdlibError(f"{config_path} names preset {cfg.preset!r}, which is not a preset's name (kdlib's are "
+                         f"{choices(PRESETS)}); the config was edited or is not kdlib's: nothing was read")
+    return cfg.preset
+
+
+def _check_eval_data(run: Path, cfg, split) -> None:
+    """Refuse data the run's student was not trained on: another corpus or BPE size (the config says),
+    another tokenizer (the tokenizer hash, where the run's summary records it)."""
+    from .data import check_prepared_for, check_vocab
+    from .fileio import read_json
+
+    check_vocab(split, cfg.model.vocab_size)
+    check_prepared_for(cfg, split)
+    found = split.manifest["inputs"]["tokenizer"]["hash"]
+    try:
+        trained = read_json(run / "summary.json", "summary").get("tokenizer_hash")
+    except KdlibError:  # unfinished, or an unreadable summary: nothing recorded to compare with
+        trained = None
+    if isinstance(trained, str) and trained != found:
+        raise KdlibError(f"{split.path} was tokenized with another tokenizer (hash {found[:12]}) than run "
+                         f"{run.name} was trained on ({trained[:12]}): the same ids stand for other text, and "
+                         "its perplexity would mean nothing. Give --data-dir the data folder the run trained on")
+    if not isinstance(trained, str):
+        print(f"note: {run.name} records no tokenizer hash (unfinished, or trained by an older kdlib), so whether "
+              f"{split.path.parent} was tokenized like its training data is not checked", file=sys.stderr)
+
+
 def _eval(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
     from .checkpoint import load_student
     from .config import ExperimentConfig
-    from .data import load_split
+    from .data import checked_split
     from .evaluate import perplexity
+    from .train import RunPaths
 
     run = Path(args.run_dir)
     cfg = ExperimentConfig.load(run / "config.json")
-    data_dir = args.data_dir or f"data/{cfg.preset}"
-    from .train import RunPaths
-
+    preset_name = _checked_preset(cfg, run / "config.json")  # before it names any path
+    data_dir = args.data_dir or f"data/{preset_name}"
     paths = RunPaths.of(cfg, run)
-    model = load_student(paths.kept_student if paths.kept_student.is_file() else paths.student, expect=cfg.model)
-    block = args.block_size or cfg.data.block_size
-    stride = args.stride or block // 2
-    ppl = perplexity(model, load_split(data_dir, args.split).tokens(), block, stride)
+    student = paths.kept_student if paths.kept_student.is_file() else paths.student
+    model = load_student(student, expect=cfg.model)
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise KdlibError(f"student {student} has non-finite weights (inf or NaN in {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the file is corrupt or the run diverged; its "
+                         "perplexity would mean nothing. Train the run again (delete its folder first)")
+    split = checked_split(data_dir, args.split, cfg.model.vocab_size)  # checksum and ids, once per process
+    _check_eval_data(run, cfg, split)
+    block = cfg.data.block_size if args.block_size is None else args.block_size
+    stride = block // 2 if args.stride is None else args.stride
+    ppl = perplexity(model, split.tokens(), block, stride)
+    if not math.isfinite(ppl):
+        raise KdlibError(f"the {args.split} perplexity of {student} is not finite ({ppl}): the student "
+                         "assigns (almost) zero probability to the text; is it the data the run trained on?")
     print(f"{run.name}: {args.split} perplexity {ppl:.3f} (block {block}, stride {stride})")
     return 0
 
@@ -270,13 +327,25 @@ def _storage(args: argparse.Namespace) -> int:
     from .checkpoint import MiB, StorageBudget, delete_weights
 
     if not (0 < args.limit_mib < 1e9):
-        raise KdlibError(f"--limit-mib must be a positive number of MiB, got {args.limit_mib}")
+        raise KdlibError(f"--limit-mib must be a positive number of MiB, got {args.limit_mib:g}")
+    if not Path(args.dir).is_dir():
+        raise KdlibError(f"no such results folder: {args.dir}; give the folder that holds the runs "
+                         "(train's --runs, default runs)")
     budget = StorageBudget(args.dir, int(args.limit_mib * MiB))
     if args.delete_weights:
         freed = delete_weights(budget, args.delete_weights)
-        print(f"deleted the weights of {', '.join(args.delete_weights)}: {freed / MiB:.2f} MiB freed")
+        print(f"deleted the weights of {', '.join(args.delete_weights)}: {mib_text(freed)} freed")
     print(budget.report())
     return 0
+
+
+def mib_text(n_bytes: int) -> str:
+    """Bytes in MiB as printed next to a budget: two significant digits below 10 MiB (0.05 MiB is not
+    "0.0 MiB"), hundredths above."""
+    from .checkpoint import MiB
+
+    value = n_bytes / MiB
+    return f"{value:.2g} MiB" if abs(value) < 10 else f"{value:,.2f} MiB"
 
 
 def _positive_int(text: str) -> int:
@@ -290,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m kdlib",
-                                     description="Compare knowledge-distillation losses for a small GPT student.")
+                                     description="Compare knowledge-distillation losses for a small GPT student.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kdlib {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -408,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a run's saved student under the sliding-window protocol.")
     p.add_argument("run_dir", help="a run folder (with config.json and student.safetensors)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    p.add_argument("--stride", type=int, help="window stride (default: block_size // 2)")
-    p.add_argument("--block-size", type=int, help="window length (default: the run's block size)")
+    p.add_argument("--stride", type=_positive_int, help="window stride (default: block_size // 2)")
+    p.add_argument("--block-size", type=_positive_int, help="window length (default: the run's block size)")
     p.add_argument("--data-dir", help="prepared token folder (default: data/PRESET)")
     p.set_defaults(func=_eval)
 
@@ -425,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="tables and figures from a results folder",
                        description="Read every run in a results folder (finished or not), write the "
-                                   "per-experiment table (mean and 95%% CI over seeds, change against no KD) "
+                                   "per-experiment table (mean and 95% CI over seeds, change against no KD) "
                                    "as CSV and Markdown, per-run and effect tables, and the figures (PNG and "
                                    "PDF). Runs it cannot read are listed with the reason and skipped.")
     p.add_argument("runs", nargs="?", default="runs", help="results folder (default: runs)")
@@ -489,11 +559,117 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CODES = """\
+exit codes:
+  0    done
+  1    check: a check failed; any command: a bug in kdlib (shown with its traceback)
+  2    bad input: "error: ..." says what was wrong and what to do (a usage error too)
+  3    the environment: a full disk, a folder that cannot be written, a path that is missing
+       or a file where a folder is expected; "error: ..." names the path
+  130  interrupted (Ctrl-C); train and sweep continue where they stopped when run again
+"""
+BAD_INPUT, ENVIRONMENT, INTERRUPTED = 2, 3, 130
+
+# The arguments that name folders, and their flags: each is refused before any work when it is a file,
+# or lies inside one (every command creates or reads folders there).
+FOLDER_ARGS = {"runs": "--runs", "data_dir": "--data-dir", "cache_dir": "--cache-dir", "figures": "--figures",
+               "weights_dir": "--weights-dir", "resume_dir": "--resume-dir", "dir": "--dir", "run_dir": "run folder",
+               "root": "--root", "out": "--out"}
+POSITIONAL_FOLDERS = {("report", "runs"): "results folder", ("storage", "dir"): "results folder"}
+
+
+def _check_folders(args: argparse.Namespace) -> None:
+    for attr, flag in FOLDER_ARGS.items():
+        value = getattr(args, attr, None)
+        if not isinstance(value, str) or not value:
+            continue
+        flag = POSITIONAL_FOLDERS.get((args.command, attr), flag)
+        path = Path(value)
+        above = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+        if above is None or above.is_dir():
+            continue
+        where = "is a file" if above == path else f"is inside {above}, which is a file"
+        raise KdlibError(f"{flag} {value} {where}, not a folder; give a folder (move the file away, or choose "
+                         "another path)")
+
+
+def _file_of(e: BaseException) -> Optional[str]:
+    """The file an exception is about: its ``filename``, else the ``path`` that the innermost kdlib
+    function it passed through was reading or writing (a write's OSError and JSON's errors name none)."""
+    if getattr(e, "filename", None):
+        return str(e.filename)
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__", "").startswith("kdlib.") and isinstance(frame.f_locals.get("path"),
+                                                                                   (str, Path)):
+            found = frame.f_locals["path"]
+        tb = tb.tb_next
+    return str(found) if found is not None else None
+
+
+def _from_json(e: BaseException) -> bool:
+    """Whether ``e`` was raised while the json module was parsing (a malformed file, not a bug)."""
+    tb = e.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if name == "json" or name.startswith("json."):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def environment_message(e: OSError) -> str:
+    """What an OSError means for the user, naming the path: the disk, the permissions, the folders."""
+    path = _file_of(e) or "a file kdlib writes or reads"
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk holding {path} is full ({why}): free space there (`python -m kdlib storage DIR` shows "
+                "what the runs take) or give a folder on another disk, then run the same command again")
+    if e.errno == errno.EROFS:
+        return f"{path} is not writable: it is on a read-only file system; give a folder on a writable disk"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return (f"{path} is not writable or readable by this user ({why}); give a folder you may write to, "
+                "or change its permissions")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{path}: a file stands where a folder is expected ({why}); move the file away or give another folder"
+    if e.errno == errno.EISDIR:
+        return f"{path} is a folder where a file is expected; move it away or give another path"
+    if e.errno == errno.ENOENT:
+        return f"{path} does not exist ({why}); check the path, or create what it names first"
+    return f"{why}{f' ({path})' if _file_of(e) else ''}: an operating-system error; check the disk, the path " \
+           "and the network, then run the same command again"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command. Every expected fault ends in ``error: what happened; what to do`` on stderr and
+    an exit code (``EXIT_CODES``); anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # after the subcommand: for reports
     try:
+        _check_folders(args)
         return args.func(args)
+    except KeyboardInterrupt:
+        if args.command in ("train", "sweep"):
+            what = "interrupted; the run's state is saved (as of its last checkpoint): run the same command " \
+                   "again to continue"
+        elif args.command in ("cache", "demo"):
+            what = "interrupted; run the same command again to continue from what is finished"
+        else:
+            what = "interrupted"
+        print(f"error: {what}", file=sys.stderr)
+        return INTERRUPTED
     except KdlibError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
+    except OSError as e:
+        print(f"error: {environment_message(e)}", file=sys.stderr)
+        return ENVIRONMENT
+    except (RecursionError, json.JSONDecodeError) as e:
+        if not _from_json(e):
+            raise  # a bug: its traceback
+        path = _file_of(e)
+        what = "is nested too deeply to read" if isinstance(e, RecursionError) else f"is not valid JSON ({e})"
+        print(f"error: {path or 'a JSON file'} {what}: it is not a file kdlib wrote, or it was damaged; "
+              "restore it, or delete it (and whatever kdlib made from it) to start over", file=sys.stderr)
+        return BAD_INPUT

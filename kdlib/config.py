@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -328,6 +329,9 @@ class TrainConfig:
         _one_of(self, "precision", ("auto", "bf16", "fp16", "fp32"))
 
 
+MAX_SEED = 2**63  # torch.manual_seed takes a 64-bit seed; kdlib's seeds stay below its signed range
+
+
 @dataclass
 class ExperimentConfig:
     """Everything that defines one run: preset, experiment name, seed and the parts."""
@@ -355,8 +359,14 @@ class ExperimentConfig:
 
         for part in (self.model, self.teacher, self.loss, self.data, self.cache, self.train):
             part.validate()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise KdlibError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        # The preset names a folder (RESULTS/PRESET/RUN, data/PRESET): a plain name, never a path.
+        if not isinstance(self.preset, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.preset) \
+                or ".." in self.preset:
+            raise KdlibError(f"preset must be a plain name (letters, digits, '.', '_', '-'), got {self.preset!r}: "
+                             "it names the run's and the data's folders")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
+            raise KdlibError(f"seed must be a whole number in [0, 2**63), got {self.seed!r}: torch takes seeds "
+                             "below 2**63")
         r = self.teacher.random_init
         if r is not None:
             if r["n_positions"] < self.data.block_size:

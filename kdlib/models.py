@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -180,6 +181,36 @@ def resolve_teacher_dtype(name: str, device) -> torch.dtype:
     return TEACHER_DTYPES[name]
 
 
+def device_of(device: Union[str, torch.device, None]) -> torch.device:
+    """``device`` as a torch device this machine has (None: the CPU), or ``KdlibError`` saying why not."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KdlibError(f"unknown device {device!r}; give cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KdlibError(f"no CUDA GPU here (device {device!r}); run on the CPU (--device cpu, or leave "
+                             "--device out), or on a machine with a GPU (on Colab: Runtime -> Change runtime "
+                             "type -> Hardware accelerator -> T4 GPU)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise KdlibError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
+def _no_safetensors(name: str, error: Exception) -> Optional[str]:
+    """Why ``name`` failed to load, when it is that it has no safetensors weights; else None."""
+    folder = Path(name)
+    if folder.is_dir():
+        bins = sorted(p.name for p in folder.glob("*.bin"))
+        if bins and not any(folder.glob("*.safetensors")):
+            return f"has no safetensors weights (only {', '.join(bins)}, a pickle)"
+        return None
+    return f"has no safetensors weights ({error})" if "safetensors" in str(error) else None  # a hub repository
+
+
 def _from_pretrained(name: str, dtype: torch.dtype, attn: str, revision: Optional[str]) -> nn.Module:
     import transformers
     from transformers import AutoModelForCausalLM
@@ -188,9 +219,16 @@ def _from_pretrained(name: str, dtype: torch.dtype, attn: str, revision: Optiona
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     try:
+        # safetensors only: a pytorch_model.bin is a pickle, and unpickling runs whatever code it holds
         return AutoModelForCausalLM.from_pretrained(name, revision=revision, attn_implementation=attn,
-                                                    **{dtype_kw: dtype})
+                                                    use_safetensors=True, **{dtype_kw: dtype})
     except (OSError, ValueError) as e:  # missing files, no network, a folder without a model
+        why = _no_safetensors(name, e)
+        if why:
+            raise KdlibError(f"teacher {name!r} {why}; kdlib never unpickles: convert it once, where you trust "
+                             "the file (load it with transformers and save it again with "
+                             "save_pretrained(folder, safe_serialization=True)), or use a model that ships "
+                             "model.safetensors") from None
         raise KdlibError(f"cannot load teacher {name!r}: {e}. Give a Hugging Face model id reachable "
                          "from here, or a folder written by save_pretrained") from None
 
@@ -207,7 +245,7 @@ def load_teacher(name_or_path: Union[str, nn.Module, TeacherConfig] = "gpt2", *,
     ``need_attentions`` (SDPA is faster and returns no maps). With
     ``student_vocab_size`` the vocabularies are checked to match.
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = device_of(device)
     if dtype is None:
         dtype = resolve_teacher_dtype(name_or_path.dtype, device) if isinstance(name_or_path, TeacherConfig) \
             else _half_dtype(device)

@@ -84,6 +84,9 @@ def _budget(config: dict, summary: dict) -> tuple[Optional[int], str]:
     training split's size, which the run folder does not record (None)."""
     t, block = config.get("train") or {}, config["data"]["block_size"]
     per_step = t["batch_size"] * t.get("grad_accum", 1) * block
+    if not isinstance(per_step, int) or not 0 < per_step < 2**63:
+        raise _Malformed(f"its config's batch_size x grad_accum x block_size is {per_step!r}, not a number of "
+                         "tokens per step")
     max_tokens, max_steps = t.get("max_tokens"), t.get("max_steps")
     how = (f"max_tokens {max_tokens:,}" if max_tokens is not None else f"{t.get('epochs')} epochs") \
         + (f", at most {max_steps:,} steps" if max_steps is not None else "")
@@ -164,9 +167,14 @@ METRIC_FIELDS = {"step": "whole number", "tokens": "whole number", "epoch": "num
 
 
 def _need(value, kind: str, what: str):
-    """``value`` if it is a ``kind`` of ``_KINDS`` (a bool is not a number), else ``_Malformed``."""
+    """``value`` if it is a ``kind`` of ``_KINDS`` (a bool is not a number; a number is finite, a whole
+    number in 0..2**63, what a table column and a plot axis can hold), else ``_Malformed``."""
     if isinstance(value, bool) or not isinstance(value, _KINDS[kind]):
         raise _Malformed(f"{what} is {value!r}, not a {kind}")
+    if kind == "number" and not math.isfinite(value):
+        raise _Malformed(f"{what} is {value!r}, not a finite number")
+    if kind == "whole number" and not 0 <= value < 2**63:
+        raise _Malformed(f"{what} is {value!r}, out of range")
     return value
 
 

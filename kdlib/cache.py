@@ -30,7 +30,7 @@ from . import __version__, faults
 from .config import ExperimentConfig
 from .data import TokenSplit, checked_split, n_windows, token_dtype, window_inputs
 from .errors import KdlibError
-from .fileio import PathLike, atomic_write_json, read_json
+from .fileio import PathLike, atomic_write_json, read_json, refuse_links
 from .losses import TopKTargets, teacher_top_k
 from .models import load_teacher, teacher_forward
 
@@ -168,6 +168,7 @@ class TopKCache:
     def __init__(self, folder: PathLike, split: str, expect: Optional[dict] = None):
         self.folder = Path(folder)
         self.paths = _paths(self.folder, split)
+        refuse_links(self.paths.values(), "cache folder")
         self.manifest = read_json(self.paths["manifest"], "cache manifest")
         if self.manifest.get("format") != CACHE_FORMAT:
             raise KdlibError(f"{self.paths['manifest']} is not a kdlib top-k cache manifest")
@@ -259,6 +260,8 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
             raise KdlibError(f"cache manifest {paths['manifest']} says {start!r} windows are complete, of {n}: "
                              f"it is corrupt. {_rebuild(paths)}")
     # A manifest write that a killed build never finished (one builder per cache folder).
+    # Written through memory maps: a link among them would overwrite its target, anywhere.
+    refuse_links(paths.values(), "cache folder")
     for stale in folder.glob(f".{paths['manifest'].name}.*.tmp"):
         stale.unlink(missing_ok=True)
     if folder.exists() and not folder.is_dir():

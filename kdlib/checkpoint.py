@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -141,12 +142,20 @@ def delete_weights(budget: StorageBudget, runs: Union[str, Sequence[str]]) -> in
             names = ", ".join(budget.usage()) if budget.root.is_dir() else ""
             raise KdlibError(f"no run folder {folder} (there: {names or 'none'}); nothing was deleted")
         check_run_folder(folder, budget.root)  # no link on the way: it would lead outside the results folder
+        if not (folder / "config.json").is_file():  # a preset's folder, or one of the user's own
+            raise KdlibError(f"{folder} is not a run folder (it has no config.json): give a run's own folder "
+                             "(RUN or PRESET/RUN, as `python -m kdlib storage` lists them); nothing was deleted")
         folders.append(folder)
     freed = 0
     for folder in folders:
-        for f in sorted(folder.rglob("*.safetensors")):
-            freed += f.stat().st_size
-            f.unlink()
+        # The run's weights, its subfolders' too, but never through a link (a linked folder or file).
+        for top, dirs, names in os.walk(folder, followlinks=False):
+            for name in sorted(n for n in names if n.endswith(".safetensors")):
+                f = Path(top) / name
+                if f.is_symlink() or not f.is_file():
+                    continue
+                freed += f.stat().st_size
+                f.unlink()
     return freed
 
 

@@ -277,6 +277,13 @@ def _eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or f"data/{preset_name}"
     paths = RunPaths.of(cfg, run)
     student = paths.kept_student if paths.kept_student.is_file() else paths.student
+    from .checkpoint import student_metadata
+
+    meta = student_metadata(student)["meta"]
+    if (meta.get("exp"), meta.get("seed")) not in ((cfg.exp, cfg.seed), (None, None)):
+        raise KdlibError(f"{student} is the student of {meta.get('exp')}-seed{meta.get('seed')} (its metadata), "
+                         f"not of this run ({cfg.exp}, seed {cfg.seed}); put the run's own student back, or "
+                         "eval the run it came from")
     model = load_student(student, expect=cfg.model)
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -644,7 +651,11 @@ def environment_message(e: OSError) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a command. Every expected fault ends in ``error: what happened; what to do`` on stderr and
     an exit code (``EXIT_CODES``); anything else is a bug and keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # before any work started
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # after the subcommand: for reports
     try:
         _check_folders(args)

@@ -169,8 +169,14 @@ class RunPaths:
         paths = cls(check_run_folder(run_dir, results_dir), Path(t.resume_dir) if t.resume_dir else None,
                     Path(t.weights_dir) if t.weights == "best" else None)
         refuse_links([paths.id_file])  # read by paths.student and paths.resume
-        refuse_links([paths.config, paths.metrics, paths.summary, paths.kept_student, paths.previous_student,
-                      paths.lock, paths.root / "resume.safetensors", paths.student, paths.resume])
+        files = [paths.config, paths.metrics, paths.summary, paths.kept_student, paths.previous_student,
+                 paths.lock, paths.root / "resume.safetensors", paths.student, paths.resume]
+        refuse_links(files)
+        # A folder in a file's place would make a finished run look unfinished (and be trained again).
+        odd = [f for f in files if f.exists() and not f.is_file()]
+        if odd:
+            raise KdlibError(f"{odd[0]} is not a file (a folder or a device where kdlib keeps a file of the run); "
+                             "move it away, or restore the file; nothing was changed")
         return paths
 
     @property
@@ -793,8 +799,7 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
                 f"is kept as {paths.previous_student}")
     where.update(state=state, saved=state["step"])
     trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
-    metrics = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= state["step"]] \
-        if accelerator.is_main_process else []
+    metrics = _metrics_until(paths.metrics, state["step"]) if accelerator.is_main_process else []
     if accelerator.is_main_process:  # drop lines written after the resume point: the rerun writes them again
         atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in metrics))
     n_student = sum(p.numel() for p in student.parameters())
@@ -1145,6 +1150,17 @@ def _save_resume(paths, cfg, source, trainee, optimizer, scheduler, sampler, sta
               "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": _rng_state(),
               "state": dict(state)}
     save_resume(paths.resume, resume, _budget_for(paths.resume, budget))
+
+
+def _metrics_until(path: Path, step: int) -> list[dict]:
+    """The metrics lines of a resumed run up to its resume step; a line whose step is not a whole
+    number (edited by hand) is a clear error naming the file, not a crash in a comparison."""
+    rows = read_jsonl(path)
+    bad = [r for r in rows if isinstance(r.get("step", 0), bool) or not isinstance(r.get("step", 0), int)]
+    if bad:
+        raise KdlibError(f"{path} has a line whose step is {bad[0].get('step')!r}, not a whole number: it was "
+                         "edited or damaged. Restore it, or delete the run folder to train the run again")
+    return [r for r in rows if r.get("step", 0) <= step]
 
 
 def _summary(cfg, paths, splits, teacher, state, metrics, stopped_early, n_student, n_teacher, source, plan,

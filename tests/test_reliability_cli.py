@@ -476,3 +476,90 @@ def test_a_refused_run_leaves_nothing_that_report_lists(trained, tmp_path, capsy
     assert main(["report", str(runs), "--figures", str(tmp_path / "fig")]) == 0
     out = capsys.readouterr().out
     assert "skipped" not in out.replace("0 skipped", ""), out
+
+
+# --------------------------------------------------------------------------
+# found by a hostile pass over the whole CLI, after the above
+
+
+def test_cache_refuses_links_among_its_files_and_the_target_is_untouched(trained, tmp_path, capsys):
+    data = shutil.copytree(trained[2], tmp_path / "data")
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"the user's file")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "train.log_tail.bin").symlink_to(victim)
+    assert main(["cache", "--preset", "smoke", "--data-dir", str(data), "--cache-dir", str(cache)]) == 2
+    assert "is a symbolic link" in one_error_line(capsys.readouterr().err)
+    assert victim.read_bytes() == b"the user's file" and sorted(p.name for p in cache.iterdir()) == ["train.log_tail.bin"]
+
+
+def test_delete_weights_refuses_a_folder_that_is_not_a_run(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    mine = tmp_path / "runs" / "mybackup"
+    mine.mkdir()
+    (mine / "best-ever.safetensors").write_bytes(b"x")
+    for name in ("smoke", "mybackup"):
+        assert main(["storage", str(tmp_path / "runs"), "--delete-weights", name]) == 2
+        assert "is not a run folder (it has no config.json)" in one_error_line(capsys.readouterr().err)
+    assert (run / "student.safetensors").is_file() and (mine / "best-ever.safetensors").is_file()
+
+
+def test_a_folder_in_place_of_a_finished_runs_summary_is_refused_not_retrained(trained, tmp_path, capsys):
+    from helpers import snapshot
+
+    run = copy_run(trained, tmp_path)
+    (run / "summary.json").unlink()
+    (run / "summary.json").mkdir()
+    before = snapshot(run)
+    assert main(["train", "--preset", "smoke", "--exp", "kl", "--runs", str(tmp_path / "runs"), "--data-dir",
+                 str(trained[2]), "--max-steps", "4"]) == 2
+    assert "summary.json is not a file" in one_error_line(capsys.readouterr().err)
+    assert snapshot(run) == before
+
+
+def test_a_hand_edited_metrics_step_is_a_clear_error_at_resume(trained, tmp_path):
+    from kdlib.train import _metrics_until
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": "abc"}\n{"step": 2, "val_ppl": 3.0}\n')
+    with pytest.raises(KdlibError, match="step is 'abc', not a whole number"):
+        _metrics_until(path, 4)
+    path.write_text('{"step": 2, "val_ppl": 3.0}\n{"step": 6}\n')
+    assert _metrics_until(path, 4) == [{"step": 2, "val_ppl": 3.0}]
+
+
+@pytest.mark.parametrize("where, edit", [
+    ("config", lambda c: c["train"].update(batch_size=0)),
+    ("config", lambda c: c["data"].update(block_size=10**30)),
+    ("summary", lambda s: s.update(budget_tokens=10**30)),
+    ("summary", lambda s: s.update(test_ppl=float("inf"))),
+])
+def test_report_skips_runs_with_impossible_numbers(trained, tmp_path, capsys, where, edit):
+    copy_run(trained, tmp_path)
+    bad = copy_run(trained, tmp_path, "bad-seed0")
+    path = bad / f"{where}.json"
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+    assert main(["report", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig")]) == 0
+    assert "skipped smoke/bad-seed0:" in capsys.readouterr().out
+
+
+def test_eval_refuses_another_runs_student(trained, tmp_path, capsys):
+    from kdlib.checkpoint import load_student, save_student
+
+    run = copy_run(trained, tmp_path)
+    save_student(load_student(run / "student.safetensors"), run / "student.safetensors", exp="js", seed=0)
+    assert main(["eval", str(run), "--data-dir", str(trained[2])]) == 2
+    assert "is the student of js-seed0 (its metadata), not of this run" in one_error_line(capsys.readouterr().err)
+
+
+def test_ctrl_c_while_the_arguments_are_read_is_exit_130(monkeypatch, capsys):
+    import kdlib.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kdlib.cli, "build_parser", interrupted)
+    assert main(["report", "x"]) == 130 and "error: interrupted" in capsys.readouterr().err

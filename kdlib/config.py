@@ -410,6 +410,8 @@ class ExperimentConfig:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "ExperimentConfig":
         path = Path(path)
+        if path.exists() and not path.is_file():  # a folder, or a FIFO that would block the read forever
+            raise KdlibError(f"cannot read config {path}: it is not a regular file")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

@@ -255,7 +255,16 @@ def train_bpe(texts: Sequence[str], vocab_size: int, folder: PathLike):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(folder))
+    try:
+        fast.save_pretrained(str(folder))
+    except OSError:
+        raise
+    except Exception as e:  # the Rust tokenizers library reports an OS error as a plain Exception
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        n = int(m.group(1))
+        raise OSError(n, os.strerror(n), str(folder)) from None
     return fast
 
 

@@ -64,6 +64,8 @@ def atomic_write_json(path: PathLike, obj) -> None:
 def read_json(path: PathLike, what: str = "file") -> dict:
     """Read a JSON object, or raise ``KdlibError`` naming the file and what to do."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO or a device: a read could block
+        raise KdlibError(f"{what} {path} is not a regular file; give the path of a file kdlib wrote")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -189,6 +189,8 @@ def device_of(device: Union[str, torch.device, None]) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise KdlibError(f"unknown device {device!r}; give cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):  # meta holds no values; mps and the rest are not kdlib's
+        raise KdlibError(f"device {device!r} is not one kdlib runs on; give cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise KdlibError(f"no CUDA GPU here (device {device!r}); run on the CPU (--device cpu, or leave "

@@ -694,8 +694,15 @@ def train(cfg: ExperimentConfig, run_dir, data_dir, *, cache_dir=None, teacher_s
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     # The scheduler steps once per optimizer step, not once per process (accelerate's default).
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.precision),
-                              cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    try:
+        accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.precision),
+                                  cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    except ValueError as e:  # e.g. a stray WORLD_SIZE without accelerate launch's other variables
+        if not any(os.environ.get(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")):
+            raise
+        raise KdlibError(f"the distributed setup in the environment is incomplete ({e}); unset WORLD_SIZE, "
+                         "RANK, LOCAL_RANK and MASTER_ADDR to train in one process, or start the run with "
+                         "`accelerate launch`") from None
     main = accelerator.is_main_process
     log = log if main else (lambda *_: None)
     # Every process reads the folder and takes the same decisions; only the main one writes.

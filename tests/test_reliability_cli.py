@@ -563,3 +563,51 @@ def test_ctrl_c_while_the_arguments_are_read_is_exit_130(monkeypatch, capsys):
 
     monkeypatch.setattr(kdlib.cli, "build_parser", interrupted)
     assert main(["report", "x"]) == 130 and "error: interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_a_device_kdlib_does_not_run_on_is_refused(trained, tmp_path, capsys, device):
+    data = shutil.copytree(trained[2], tmp_path / "data")
+    assert main(["cache", "--preset", "smoke", "--data-dir", str(data), "--device", device]) == 2
+    assert "is not one kdlib runs on" in one_error_line(capsys.readouterr().err)
+    assert not (data / "cache").exists()
+
+
+def test_a_stray_world_size_is_a_clear_error(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "kdlib", "train", "--preset", "smoke", "--exp", "kl", "--runs",
+                           str(tmp_path / "runs"), "--data-dir", str(trained[2]), "--max-steps", "2"],
+                          env={**env, "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "unset WORLD_SIZE" in done.stderr
+
+
+def test_a_full_disk_while_the_tokenizer_is_saved_is_exit_3(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def full(self, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")  # what the Rust library raises
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", full)
+    assert main(["prep", "--preset", "smoke", "--data-dir", str(tmp_path / "data")]) == 3
+    assert "full" in one_error_line(capsys.readouterr().err)
+    assert not list((tmp_path / "data").glob(".prep-*"))  # its staging folder is cleaned up
+
+
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(trained, tmp_path, capsys):
+    import os
+
+    run = copy_run(trained, tmp_path)
+    (run / "config.json").unlink()
+    os.mkfifo(run / "config.json")
+    assert main(["eval", str(run), "--data-dir", str(trained[2])]) == 2
+    assert "is not a regular file" in one_error_line(capsys.readouterr().err)
+    data = shutil.copytree(trained[2], tmp_path / "data")
+    (data / "test.json").unlink()
+    os.mkfifo(data / "test.json")
+    assert main(["eval", str(copy_run(trained, tmp_path, "kl2-seed0")), "--data-dir", str(data)]) == 2
+    assert "is not a regular file" in one_error_line(capsys.readouterr().err)

@@ -108,17 +108,19 @@ def test_a_full_disk_during_a_write_names_the_file_being_written(trained, tmp_pa
     assert f"the disk holding {figures / 'results.csv'} is full" in line and "free space" in line
 
 
-@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys (Linux)")
-def test_a_folder_that_cannot_be_written_is_exit_3(trained, capsys):
-    # chmod does not stop root; /sys refuses new folders to everyone (EPERM, or EROFS where mounted read-only)
-    target = Path("/sys/kdlib-test-figures")
-    try:
-        target.mkdir()
-    except OSError:
-        pass
-    else:
-        target.rmdir()
-        pytest.skip("/sys is writable here")
+def test_a_folder_that_cannot_be_written_is_exit_3(trained, tmp_path, capsys, monkeypatch):
+    # chmod does not stop root: the file system's refusal is injected where the folder is made
+    import errno
+
+    target = tmp_path / "ro" / "figures"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self == target or target in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
     assert main(["report", str(trained[0]), "--figures", str(target)]) == 3
     line = one_error_line(capsys.readouterr().err)
     assert f"{target} is not writable" in line

@@ -2,8 +2,7 @@
 ``error: what happened; what to do``, on stderr with its exit code (2 bad input, 3 the environment,
 130 interrupted), and a bug keeps its traceback. Also: malformed run files in ``report``, hostile
 config fields, pickle-only teachers, non-finite students, another tokenizer's data, and the smaller
-messages. Faults are injected by monkeypatching; nothing here needs a GPU (the CUDA refusal is
-skipped where one is present).
+messages. Faults are injected by monkeypatching; nothing here needs a GPU, and nothing skips.
 """
 
 from __future__ import annotations

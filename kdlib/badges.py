@@ -1,17 +1,19 @@
 """Open-in-Colab badges and the notebooks' install: the GitHub repository and ref, in one place.
 
-``REPO`` and ``REF`` are that one place: ``notebooks/make_notebooks.py`` writes
-them into each notebook's badge (which opens the notebook at ``REF``) and into
-its install cell (which installs kdlib at ``REF``, so the notebook and the
-package it calls are the same version). ``rewrite_badges`` (``python -m kdlib
-badges --repo OWNER/REPO [--ref REF]``) points every badge, install cell and
-install URL in ``notebooks/*.ipynb`` and ``README.md`` at another repository
-and ref, and updates the two lines below to match: a fork changes one command,
-not a dozen URLs (README, "Publishing your copy").
+That place is ``kdlib/published.json`` (data, read here into ``REPO`` and ``REF``):
+``notebooks/make_notebooks.py`` writes them into each notebook's badge (which opens
+the notebook at ``REF``) and into its install cell (which installs kdlib at ``REF``,
+so the notebook and the package it calls are the same version). ``rewrite_badges``
+(``python -m kdlib badges --repo OWNER/REPO [--ref REF]``) points every badge,
+install cell and install URL in ``notebooks/*.ipynb``, ``README.md`` and
+``docs/*.md`` at another repository and ref, and rewrites ``published.json`` to
+match: a fork changes one command, not a dozen URLs (docs/colab.md, "Publishing
+your copy").
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Optional, Union
@@ -19,14 +21,10 @@ from typing import Optional, Union
 from .errors import KdlibError
 from .fileio import atomic_write_text
 
-# The GitHub repository (owner/name) the badges open and the notebooks install
-# from, and the ref (a tag, commit or branch) they pin. REPO is a placeholder
-# until the project has a public home: the install cell refuses it with a
-# message saying what to do. Change both with
-# `python -m kdlib badges --repo OWNER/REPO --ref TAG`, which rewrites these lines.
-REPO = "OWNER/kdlib"
-REF = "v0.1.0"
-
+# The GitHub repository (owner/name) the badges open and the notebooks install from, and the ref (a
+# tag, commit or branch) they pin. The repository is a placeholder until the project has a public
+# home: the install cell refuses it with a message saying what to do.
+PUBLISHED = Path(__file__).with_name("published.json")
 PLACEHOLDER_OWNER = "OWNER"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 _REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
@@ -35,11 +33,9 @@ _REF_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./+-]*$")
 _REFPART = r"[A-Za-z0-9_./+-]+?"
 # What rewrite_badges rewrites: a badge's target and a pip install URL of the current repository (no
 # other project's), the install cell's two fields (in a notebook's JSON their quotes are escaped: \"),
-# and the two lines above.
+# and published.json.
 _CELL_REPO = re.compile(r'(\brepo = \\?")[^"\\\n]*(\\?"  #@param)')
 _CELL_REF = re.compile(r'(\bref = \\?")[^"\\\n]*(\\?"  #@param)')
-_REPO_LINE = re.compile(r'^REPO = "[^"\n]*"$', re.MULTILINE)
-_REF_LINE = re.compile(r'^REF = "[^"\n]*"$', re.MULTILINE)
 
 
 def check_repo(repo: str) -> str:
@@ -63,6 +59,29 @@ def check_ref(ref: str) -> str:
 def is_placeholder(repo: str) -> bool:
     """True while ``repo`` is the unpublished placeholder (``OWNER/...``)."""
     return repo.split("/", 1)[0] == PLACEHOLDER_OWNER
+
+
+def read_published(path: Union[str, Path] = PUBLISHED) -> tuple[str, str]:
+    """(repo, ref) from a ``published.json``: ``{"repo": "owner/name", "ref": "TAG"}``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        repo, ref = data["repo"], data["ref"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise KdlibError(f'{path} is not a published.json of kdlib ({{"repo": "owner/name", "ref": "TAG"}}: '
+                         f"{e!r}); restore it (git checkout -- {path}) or write its two fields by hand") from None
+    try:
+        return check_repo(repo), check_ref(ref)
+    except KdlibError as e:
+        raise KdlibError(f"{path}: {e}") from None
+
+
+def published_text(repo: str, ref: str) -> str:
+    """The text of a ``published.json`` naming ``repo`` and ``ref``."""
+    return json.dumps({"repo": check_repo(repo), "ref": check_ref(ref)}, indent=2) + "\n"
+
+
+# Change both with `python -m kdlib badges --repo OWNER/REPO --ref TAG`, which rewrites published.json.
+REPO, REF = read_published()
 
 
 def colab_url(notebook_name: str, repo: str = REPO, ref: str = REF) -> str:
@@ -95,31 +114,31 @@ def rewrite_text(text: str, repo: str, ref: str = REF, old: str = REPO) -> str:
 
 
 def rewrite_badges(root: Union[str, Path], repo: str, ref: Optional[str] = None) -> list[Path]:
-    """Point the badges, install cells and install URLs of ``root``'s notebooks and README at ``repo``.
+    """Point the badges, install cells and install URLs of ``root``'s notebooks and docs at ``repo``.
 
     ``ref`` (a tag, commit or branch; None = keep ``REF``) is what the badges open and the install
-    cells install. Rewrites ``notebooks/*.ipynb`` and ``README.md`` under ``root`` (as text, so
-    nothing else in a file moves), and the ``REPO``/``REF`` lines of ``kdlib/badges.py`` when
-    ``root`` holds it. Only files whose text changes are written, each atomically. Returns the
-    changed files (empty when all already point there); ``KdlibError`` for a malformed ``repo`` or
-    ``ref``, before anything is written.
+    cells install. Rewrites ``notebooks/*.ipynb``, ``README.md`` and ``docs/*.md`` under ``root``
+    (as text, so nothing else in a file moves), and ``kdlib/published.json`` when ``root`` holds it.
+    Only files whose text changes are written, each atomically. Returns the changed files (empty
+    when all already point there); ``KdlibError`` for a malformed ``repo`` or ``ref``, before
+    anything is written.
     """
     check_repo(repo)
     ref = check_ref(REF if ref is None else ref)
     root = Path(root)
     if not root.is_dir():
         raise KdlibError(f"{root} is not a folder; give the repository root (the folder holding notebooks/)")
-    source = root / "kdlib" / "badges.py"
-    # The repository the files point at now: the checkout's own REPO line (this module's otherwise).
-    named = _REPO_LINE.search(source.read_text(encoding="utf-8")) if source.is_file() else None
-    old = named.group(0).split('"')[1] if named else REPO
+    published = root / "kdlib" / PUBLISHED.name
+    # The repository the files point at now: the checkout's own published.json (this package's otherwise).
+    old = read_published(published)[0] if published.is_file() else REPO
     changed = []
-    for path in sorted((root / "notebooks").glob("*.ipynb")) + [root / "README.md"]:
+    texts = [*sorted((root / "notebooks").glob("*.ipynb")), root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    for path in texts:
         if path.is_file() and _rewrite(path, lambda text: rewrite_text(text, repo, ref, old)):
             changed.append(path)
-    if source.is_file() and _rewrite(source, lambda text: _REF_LINE.sub(
-            f'REF = "{ref}"', _REPO_LINE.sub(f'REPO = "{repo}"', text, count=1), count=1)):
-        changed.append(source)
+    if published.is_file() and read_published(published) != (repo, ref):
+        atomic_write_text(published, published_text(repo, ref))
+        changed.append(published)
     return changed
 
 

@@ -545,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("badges", help="point every Open-in-Colab badge and install cell at a GitHub repo and ref",
                        description="Rewrite the Open-in-Colab badges, the notebooks' install cells and the "
-                                   "install URLs in notebooks/*.ipynb, README.md and kdlib/badges.py (the one "
-                                   "place the repo and ref are named) to OWNER/REPO at REF.")
+                                   "install URLs in notebooks/*.ipynb, README.md and docs/*.md, and "
+                                   "kdlib/published.json (the one place the repo and ref are named) to OWNER/REPO at REF.")
     p.add_argument("--repo", required=True, help="GitHub OWNER/REPO")
     p.add_argument("--ref", help="the tag, commit or branch the badges open and the install cells install "
                                  "(default: keep kdlib.badges.REF); push it before opening a badge")

@@ -2,8 +2,10 @@
 
 The install cell installs kdlib alone (``pip install --no-deps``), so that
 Colab's torch, transformers, datasets and ipywidgets are never replaced, and
-then installs only what ``missing()`` names (on Colab: nothing). Standard
-library only: it runs before kdlib's requirements are known to be there.
+then installs only what ``missing()`` names (on Colab: nothing). The list is
+pyproject.toml's ``[project] dependencies`` (the only one), read from the
+installed package's metadata. Standard library only: it runs before kdlib's
+requirements are known to be there.
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from kdlib import badges
-from kdlib.badges import REF, REPO, badge_markdown, install_url, rewrite_badges
+from kdlib.badges import REF, REPO, badge_markdown, install_url, read_published, rewrite_badges
 from kdlib.errors import KdlibError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,20 +29,28 @@ def test_badge_markdown():
 
 @pytest.fixture
 def checkout(tmp_path):
-    """A copy of the notebooks, README (with a badge added) and kdlib/badges.py."""
+    """A copy of the notebooks, README, docs (a badge added to each) and kdlib/published.json."""
     shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    (tmp_path / "README.md").write_text(readme + "\n" + badge_markdown("03_train") + "\n", encoding="utf-8")
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    for page in (tmp_path / "README.md", tmp_path / "docs" / "protocol.md"):
+        text = (ROOT / page.relative_to(tmp_path)).read_text(encoding="utf-8")
+        page.write_text(text + "\n" + badge_markdown("03_train") + "\n", encoding="utf-8")
     (tmp_path / "kdlib").mkdir()
-    shutil.copy(ROOT / "kdlib" / "badges.py", tmp_path / "kdlib" / "badges.py")
+    shutil.copy(ROOT / "kdlib" / "published.json", tmp_path / "kdlib" / "published.json")
     return tmp_path
+
+
+def test_the_published_repo_and_ref_are_read_from_the_package_data():
+    assert (REPO, REF) == read_published(ROOT / "kdlib" / "published.json")
+    assert json.loads((ROOT / "kdlib" / "published.json").read_text(encoding="utf-8")) == {"repo": REPO, "ref": REF}
 
 
 def test_rewrite_points_every_badge_and_install_at_the_new_repo(checkout):
     before = {p: p.read_text(encoding="utf-8") for p in checkout.rglob("*") if p.is_file()}
     changed = rewrite_badges(checkout, "alice/kd-fork", "v9.9")
     notebooks = [checkout / "notebooks" / f"{n}.ipynb" for n in NAMES]
-    assert sorted(changed) == sorted(notebooks + [checkout / "README.md", checkout / "kdlib" / "badges.py"])
+    pages = [checkout / "README.md", checkout / "docs" / "protocol.md"]
+    assert sorted(changed) == sorted(notebooks + pages + [checkout / "kdlib" / "published.json"])
     for name, path in zip(NAMES, notebooks):
         text = path.read_text(encoding="utf-8")
         assert badge_markdown(name, "alice/kd-fork", "v9.9") in text
@@ -50,10 +59,9 @@ def test_rewrite_points_every_badge_and_install_at_the_new_repo(checkout):
         assert REPO not in text
         # Only the repository and ref changed: same text once they are put back.
         assert text.replace("alice/kd-fork", REPO).replace("v9.9", REF) == before[path]
-    readme = (checkout / "README.md").read_text(encoding="utf-8")
-    assert badge_markdown("03_train", "alice/kd-fork", "v9.9") in readme
-    source = (checkout / "kdlib" / "badges.py").read_text(encoding="utf-8")
-    assert 'REPO = "alice/kd-fork"' in source and 'REF = "v9.9"' in source
+    for page in pages:
+        assert badge_markdown("03_train", "alice/kd-fork", "v9.9") in page.read_text(encoding="utf-8")
+    assert read_published(checkout / "kdlib" / "published.json") == ("alice/kd-fork", "v9.9")
     untouched = [p for p in before if p not in changed]
     assert untouched and all(p.read_text(encoding="utf-8") == before[p] for p in untouched)
 
@@ -66,7 +74,7 @@ def test_rewrite_is_idempotent(checkout):
 
 
 def test_rewrite_to_the_current_repo_changes_nothing():
-    assert rewrite_badges(ROOT, REPO) == []  # the committed notebooks already point at REPO and REF
+    assert rewrite_badges(ROOT, REPO) == []  # the committed notebooks, README and docs already point there
     assert rewrite_badges(ROOT, REPO, REF) == []
 
 
@@ -100,7 +108,7 @@ def test_other_projects_urls_are_left_alone_and_a_second_rewrite_follows_the_fir
              "[x](https://colab.research.google.com/github/bob/tool/blob/main/notebooks/demo.ipynb)")
     readme.write_text(readme.read_text(encoding="utf-8") + "\n" + other + "\n", encoding="utf-8")
     rewrite_badges(checkout, "alice/kd-fork", "v1")
-    rewrite_badges(checkout, "carol/kd2", "v2")  # the repo named in the checkout's badges.py now
+    rewrite_badges(checkout, "carol/kd2", "v2")  # the repo named in the checkout's published.json now
     text = readme.read_text(encoding="utf-8")
     assert other in text and badge_markdown("03_train", "carol/kd2", "v2") in text
     assert "alice/kd-fork" not in text
@@ -117,3 +125,12 @@ def test_repo_names_github_would_not_have_are_refused(repo):
 def test_refs_git_would_refuse_are_refused(ref):
     with pytest.raises(KdlibError, match="tag, commit or branch"):
         badges.check_ref(ref)
+
+
+@pytest.mark.parametrize("text", ['{"repo": "OWNER/kdlib"}', "[1]", "not json", '{"repo": "OWNER/kdlib", "ref": 3}'])
+def test_a_damaged_published_json_is_refused_naming_it(checkout, text):
+    (checkout / "kdlib" / "published.json").write_text(text, encoding="utf-8")
+    snapshot = {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()}
+    with pytest.raises(KdlibError, match="published.json"):
+        rewrite_badges(checkout, "alice/kd")
+    assert {p: p.read_bytes() for p in checkout.rglob("*") if p.is_file()} == snapshot

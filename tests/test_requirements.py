@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import re
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,10 @@ def test_missing_names_absent_and_too_old_requirements_as_written(monkeypatch):
 
 def test_this_environment_has_every_requirement():
     assert missing() == []  # what CI installs: the install cell would install nothing more
+
+
+def test_the_requirements_are_pyprojects_one_list():
+    # What the install cell installs is read from the installed metadata: it must be pyproject's list.
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    listed = re.findall(r'"([^"]+)"', re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1))
+    assert listed and [spec for _, _, spec in requirements.requirements()] == listed

@@ -1,11 +1,17 @@
 import dataclasses
+import itertools
 import json
+from pathlib import Path
 
 import pytest
 
 from kdlib.config import (PRESETS, DataConfig, ExperimentConfig, LossConfig, TinyGPTConfig,
                           TrainConfig, preset)
 from kdlib.errors import KdlibError
+from kdlib.grid import EXPERIMENTS, parse
+
+# preset/experiment/feature -> the resolved loss of c6be9a8 (preset(p).with_experiment(e, feature=f).loss.effective())
+BEFORE = json.loads((Path(__file__).parent / "fixtures" / "resolved_losses.json").read_text())
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -30,13 +36,13 @@ def test_study_preset_has_the_original_study_values():
     assert (t.lr, t.betas, t.weight_decay, t.batch_size, t.epochs) == (4e-4, (0.9, 0.95), 0.01, 64, 50)
     assert (t.warmup_frac, t.min_lr_ratio, t.grad_clip, t.precision, t.patience) == (0.05, 0.1, 1.0, "fp32", 6)
     assert cfg.seed == 42 and cfg.data.block_size == 128
-    kl = cfg.with_experiment("kl").loss.effective()
+    kl = cfg.with_experiment("kl").loss_terms
     assert (kl.temperature, kl.w_div, kl.w_ce, kl.label_smoothing) == (2.0, 0.5, 0.5, 0.1)
-    js = cfg.with_experiment("last2all-js-cos").loss.effective()
+    js = cfg.with_experiment("last2all-js-cos").loss_terms
     assert (js.w_div, js.w_ce, js.label_smoothing, js.w_cos, js.w_feat) == (0.5, 0.5, 0.0, 0.05, 0.05)
-    assert (js.feature, js.layer_map_name) == ("attention", "last2all")
-    assert cfg.with_experiment("layerwise-kl").loss.layer_map_name == "study"
-    assert cfg.with_experiment("ce").loss.effective().w_ce == 1.0
+    assert (js.spec.feature, js.layer_map_name) == ("attention", "last2all")
+    assert cfg.with_experiment("layerwise-kl").loss_terms.layer_map_name == "study"
+    assert cfg.with_experiment("ce").loss_terms.w_ce == 1.0
 
 
 def test_with_experiment_is_idempotent_and_keeps_overrides():
@@ -44,7 +50,65 @@ def test_with_experiment_is_idempotent_and_keeps_overrides():
     a = cfg.with_experiment("kl").with_experiment("js").with_experiment("kl")
     assert a == cfg.with_experiment("kl")
     assert a.loss.overrides == cfg.loss.overrides
-    assert a.with_experiment("js").loss.effective().label_smoothing == 0.0
+    assert a.with_experiment("js").loss_terms.label_smoothing == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_setting_an_experiment_forgets_the_one_before(name):
+    for a, b in itertools.product(EXPERIMENTS + ("gjsd0.3", "last2all-tvd-cos"), repeat=2):
+        again, once = preset(name).with_experiment(a).with_experiment(b), preset(name).with_experiment(b)
+        assert again == once and again.loss_terms == once.loss_terms, (a, b)
+        assert preset(name, a).with_experiment(b) == preset(name, b), (a, b)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_experiment_resolves_to_the_loss_it_had_before(name):
+    rows = {k: v for k, v in BEFORE.items() if k.startswith(name + "/")}
+    assert len(rows) == 40
+    for key, row in rows.items():
+        _, exp, feature = key.split("/")
+        cfg = preset(name).with_experiment(exp, feature=feature)
+        terms = cfg.loss_terms
+        got = {"exp": cfg.exp, "layer_map_name": terms.layer_map_name, **terms.to_dict(),
+               **{k: getattr(cfg.spec, k) for k in ("needs_teacher", "needs_hidden_states", "needs_attentions",
+                                                    "output_only")}}
+        assert got == row, key
+        assert terms.spec is cfg.spec  # parsed once
+
+
+def test_spec_is_parsed_again_when_the_name_or_feature_changes():
+    cfg = preset("smoke", "layerwise-kl")
+    assert cfg.spec is cfg.spec and cfg.spec.needs_hidden_states
+    cfg.loss.feature = "attention"
+    assert cfg.spec.needs_attentions and not cfg.spec.needs_hidden_states
+    cfg.exp = "kl"
+    assert cfg.spec == parse("kl", feature="attention")
+
+
+def test_resolve_sets_the_components_from_the_experiment_and_the_values_from_the_loss():
+    base = LossConfig(temperature=3.0, w_ce=0.7)
+    terms = base.resolve(parse("last2all-gjsd0.3-cos", feature="attention"))
+    spec = terms.spec
+    assert (spec.divergence, spec.divergence_param, spec.feature_map, spec.feature, spec.cosine) == \
+        ("gjsd", 0.3, "last2all", "attention", True)
+    assert (terms.temperature, terms.w_ce) == (3.0, 0.7)
+    terms.validate()
+    ce = base.resolve(parse("ce")).spec
+    assert (ce.divergence, ce.divergence_param, ce.feature_map, ce.cosine) == (None, None, None, False)
+
+
+def test_a_config_names_its_experiment_once():
+    d = preset("study", "layerwise-kl-cos").to_dict()
+    assert not {"divergence", "divergence_param", "feature_map", "cosine"} & set(d["loss"])
+    assert d["exp"] == "layerwise-kl-cos"
+
+
+def test_an_older_config_json_with_components_in_loss_loads():
+    cfg = preset("study", "last2all-gjsd0.3-cos")
+    d = cfg.to_dict()
+    d["loss"].update(divergence="gjsd", divergence_param=0.3, feature_map="last2all", cosine=True)
+    assert ExperimentConfig.from_dict(d) == cfg
+    assert "divergence" in d["loss"]  # the caller's dict is left as it was
 
 
 def test_with_experiment_canonicalises_the_name():
@@ -63,6 +127,7 @@ def test_with_experiment_canonicalises_the_name():
     ({"loss": {"overrides": {"kl": {"feature": "hidden"}}}}, "it can set"),
     ({"loss": {"overrides": {"kl": {"temperature": -2}}}}, "temperature"),
     ({"exp": "not-a-thing"}, "unknown part"),
+    ({"exp": "gjsd1.5"}, r"\[0, 1\]"),
     ({"model": {"block_size": 16}}, "exceeds"),
 ])
 def test_out_of_range_values_are_refused_with_the_field_named(patch, fragment):

@@ -21,7 +21,7 @@ from ..errors import KdlibError, choices
 def require_positive(obj, name: str) -> None:
     v = getattr(obj, name)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise KdlibError(f"{_where(obj)}.{name} must be a whole number >= 1, got {v!r}")
+        raise KdlibError(f"{obj.SECTION}.{name} must be a whole number >= 1, got {v!r}")
 
 
 def require_in_range(obj, name: str, low: float, high: float, low_open=False, high_open=False) -> None:
@@ -30,17 +30,13 @@ def require_in_range(obj, name: str, low: float, high: float, low_open=False, hi
         and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
         lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
-        raise KdlibError(f"{_where(obj)}.{name} must be a finite number in {lo}, {hi}, got {v!r}")
+        raise KdlibError(f"{obj.SECTION}.{name} must be a finite number in {lo}, {hi}, got {v!r}")
 
 
 def require_one_of(obj, name: str, valid) -> None:
     v = getattr(obj, name)
     if v not in valid:
-        raise KdlibError(f"{_where(obj)}.{name} is {v!r}; choose one of: {choices(valid)}")
-
-
-def _where(obj) -> str:
-    return getattr(obj, "SECTION", type(obj).__name__)
+        raise KdlibError(f"{obj.SECTION}.{name} is {v!r}; choose one of: {choices(valid)}")
 
 
 def check_value(value: Any, hint: Any, where: str) -> Any:

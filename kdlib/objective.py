@@ -2,9 +2,9 @@
 
 ``DistillationLoss`` turns an experiment's ``LossTerms`` (its components
 plus the preset's values for them, ``ExperimentConfig.loss_terms``) into the
-total loss and its named parts. It owns the
-hidden-MSE projectors, which train with the student: give ``loss.parameters()``
-to the optimizer next to the student's.
+total loss and its named parts. It owns the hidden-MSE projectors, which
+train with the student: give ``loss.parameters()`` to the optimizer next to
+the student's.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def main() -> None:
     V = shapes.vocab_size
     s = torch.randn(*ids.shape, V, requires_grad=True)
     t = teacher_forward(teacher, ids).logits
-    c = cfg.loss.effective()
+    c = cfg.loss_terms
 
     def ref_loss():
         s.grad = None
@@ -58,8 +58,8 @@ def main() -> None:
 
     def fused_loss():
         s.grad = None
-        total, _ = losses.output_losses(s, labels, t, w_ce=c.w_ce, divergence=c.divergence, w_div=c.w_div,
-                                        temperature=c.temperature, cosine=c.cosine, w_cos=c.w_cos,
+        total, _ = losses.output_losses(s, labels, t, w_ce=c.w_ce, divergence=c.spec.divergence, w_div=c.w_div,
+                                        temperature=c.temperature, cosine=c.spec.cosine, w_cos=c.w_cos,
                                         label_smoothing=c.label_smoothing)
         total.backward()
 

@@ -246,7 +246,7 @@ class KdlibStep:
         from .train import FiniteGuard, Trainee, lr_factor, make_optimizer, mixed_precision
 
         cfg = cfg or experiment_config(shapes, exp, feature)
-        spec = parse(cfg.exp, cfg.loss.feature)
+        spec = cfg.spec
         if cached and not spec.output_only:
             raise KdlibError(f"the cached path serves output-only experiments; {exp!r} is not")
         self.cfg, self.dev = cfg, dev
@@ -260,7 +260,7 @@ class KdlibStep:
             teacher = None
         elif teacher is None:
             teacher = _teacher(shapes, dev, reference=False, need_attentions=spec.needs_attentions)
-        objective = DistillationLoss(cfg.loss, cfg.model, teacher, compile=compile)
+        objective = DistillationLoss(cfg.loss_terms, cfg.model, teacher, compile=compile)
         trainee = Trainee(student, objective)
         optimizer = make_optimizer(trainee, cfg.train, dev)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 10**6, 1, 0.1))
@@ -270,9 +270,9 @@ class KdlibStep:
         self.n_teacher = 0
         self.teacher_shape = (0, 0)
         if cached:
-            self.teacher_out_fn = self._cache(teacher, windows, cfg.loss.effective().temperature, top_k)
+            self.teacher_out_fn = self._cache(teacher, windows, cfg.loss_terms.temperature, top_k)
         elif teacher is not None:
-            h, a = objective.needs_hidden_states, objective.needs_attentions
+            h, a = objective.spec.needs_hidden_states, objective.spec.needs_attentions
             self.teacher_out_fn = lambda idx, ids: teacher_forward(teacher, ids, h, a)
             self.n_teacher = flop_params(teacher)
             self.teacher_shape = teacher_shape(teacher)

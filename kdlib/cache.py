@@ -120,7 +120,7 @@ def cache_identity(cfg: ExperimentConfig, tokens: TokenSplit) -> dict:
         "split": tokens.manifest["split"],
         "block_size": cfg.data.block_size,
         "k": cfg.cache.top_k,
-        "temperature": cfg.loss.effective().temperature,
+        "temperature": cfg.loss_terms.temperature,
         "dtypes": {"logp": LOGP_DTYPE, "ids": token_dtype(V), "tail": TAIL_DTYPE},
         "windows": n_windows(tokens.n_tokens, cfg.data.block_size),
     }

@@ -29,7 +29,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
-from .config import TinyGPTConfig, _build
+from .config import TinyGPTConfig
+from .config.strict import build
 from .errors import KdlibError
 from .fileio import PathLike, atomic_write_bytes, check_run_folder
 from .models import TinyGPT
@@ -273,7 +274,7 @@ def load_student(path: PathLike, device: Union[str, torch.device] = "cpu",
     """
     path = Path(path)
     info = student_metadata(path)
-    config = _build(TinyGPTConfig, info["model_config"], f"{path.name}: model_config")
+    config = build(TinyGPTConfig, info["model_config"], f"{path.name}: model_config")
     if expect is not None and config != expect:
         diff = {k: (getattr(config, k), getattr(expect, k)) for k in dataclasses.asdict(config)
                 if getattr(config, k) != getattr(expect, k)}

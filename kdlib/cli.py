@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import json
 import re
@@ -17,18 +16,16 @@ from .errors import KdlibError
 
 def _grid(args: argparse.Namespace) -> int:
     from .config import preset
-    from .grid import EXPERIMENTS, parse
+    from .grid import EXPERIMENTS
 
     if not args.json:
         print("\n".join(EXPERIMENTS))
         return 0
     base = preset(args.preset)
-    feature = args.feature or base.loss.feature
     rows = []
     for name in EXPERIMENTS:
-        spec = parse(name, feature=feature)
-        rows.append({**spec.to_dict(), "output_only": spec.output_only,
-                     "loss": dataclasses.asdict(spec.apply(base.loss).effective())})
+        cfg = base.with_experiment(name, feature=args.feature)
+        rows.append({**cfg.spec.to_dict(), "output_only": cfg.spec.output_only, "loss": cfg.loss_terms.to_dict()})
     print(json.dumps({"preset": args.preset, "experiments": rows}, indent=2))
     return 0
 
@@ -105,11 +102,10 @@ def _prep(args: argparse.Namespace) -> int:
 def _cache(args: argparse.Namespace) -> int:
     from .cache import build_cache
     from .config import preset
-    from .grid import parse
     from .models import device_of
 
     cfg = preset(args.preset, args.exp)
-    spec = parse(cfg.exp, cfg.loss.feature)
+    spec = cfg.spec
     if not spec.needs_teacher:
         raise KdlibError(f"{cfg.exp} has no teacher term: nothing to cache. Build the cache for the experiment "
                          "that will read it (e.g. --exp kl)")

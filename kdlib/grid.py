@@ -7,6 +7,10 @@ the grid (``js``, ``kl-cos``, ``rkl``, ``gjsd0.3``, ``last2all-tvd-cos``).
 Whether the feature loss uses hidden states or attention maps is not part of
 the name: it is ``LossConfig.feature`` (``parse(name, feature=...)``), so the
 14 names stay the same across presets.
+
+This module knows names only: it imports nothing of kdlib but its errors, so
+``config`` (which checks names against it) and ``losses`` (which computes
+them) both build on it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from typing import Optional
 
 import numpy as np
 
-from .config import LossConfig
 from .errors import KdlibError, choices
-from .losses import DIVERGENCES, PARAMETRIC
 
-MAPS = ("layerwise", "last2last", "last2all")
-FEATURES = ("hidden", "attention")
+DIVERGENCES = ("kl", "rkl", "js", "tvd", "gjsd", "skl", "srkl")
+# Divergences that take a mixing parameter in [0, 1], written after the name
+# in experiment names (``gjsd0.3``, ``skl0.1``).
+PARAMETRIC = ("gjsd", "skl", "srkl")
+MAPS = ("layerwise", "last2last", "last2all")  # the feature layer maps a name can start with
+FEATURES = ("hidden", "attention")  # what the feature loss compares: hidden states or attention maps
 
 EXPERIMENTS = (
     "ce", "kl",
@@ -41,7 +47,7 @@ _GRAMMAR = (f"an experiment name joins with '-' an optional layer map ({choices(
 
 @dataclass(frozen=True)
 class ExperimentSpec:
-    """The loss components of one experiment."""
+    """The loss components of one experiment, and what running it needs."""
 
     name: str  # canonical: map-divergence-cos
     divergence: Optional[str] = None
@@ -56,25 +62,20 @@ class ExperimentSpec:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.apply(LossConfig()).needs_teacher
+        return self.divergence is not None or self.feature_map is not None or self.cosine
 
     @property
     def needs_hidden_states(self) -> bool:
-        return self.apply(LossConfig()).needs_hidden_states
+        return self.feature_map is not None and self.feature == "hidden"
 
     @property
     def needs_attentions(self) -> bool:
-        return self.apply(LossConfig()).needs_attentions
+        return self.feature_map is not None and self.feature == "attention"
 
     @property
     def output_only(self) -> bool:
         """Needs only the teacher's output distribution: a top-k cache can stand in for the teacher."""
-        return self.apply(LossConfig()).output_only
-
-    def apply(self, loss: LossConfig) -> LossConfig:
-        """``loss`` with its component fields set to this experiment's."""
-        return dataclasses.replace(loss, divergence=self.divergence, divergence_param=self.divergence_param,
-                                   feature_map=self.feature_map, feature=self.feature, cosine=self.cosine)
+        return self.divergence is not None and self.feature_map is None and not self.cosine
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .errors import KdlibError, choices
+from .grid import DIVERGENCES, PARAMETRIC
 
 ChunkSize = Union[int, str, None]
 AUTO = "auto"
@@ -47,10 +48,6 @@ AUTO = "auto"
 _CHUNK_ELEMENTS = 2**22
 _LN2 = math.log(2.0)
 
-DIVERGENCES = ("kl", "rkl", "js", "tvd", "gjsd", "skl", "srkl")
-# Divergences that take a mixing parameter in [0, 1], written after the name
-# in experiment names (``gjsd0.3``, ``skl0.1``).
-PARAMETRIC = ("gjsd", "skl", "srkl")
 LAYER_MAPS = ("layerwise", "last2last", "last2all", "study")
 NORMS = ("layer", "none")
 

@@ -200,7 +200,7 @@ def sweep_configs(base: ExperimentConfig, exps: Optional[Sequence[str]] = None,
             cfg = copy.deepcopy(base).with_experiment(exp)
             cfg.seed = seed
             if teacher_source is not None:
-                spec = parse(cfg.exp, cfg.loss.feature)
+                spec = cfg.spec
                 if teacher_source == "cache" and not spec.output_only:
                     if spec.needs_teacher and cfg.exp not in online_only:
                         online_only.append(cfg.exp)
@@ -358,7 +358,7 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
         if key in rates:
             continue
         source = teacher_source_of(cfg)
-        attn = parse(cfg.exp, cfg.loss.feature).needs_attentions
+        attn = cfg.spec.needs_attentions
         if source != "none" and attn not in teachers:  # one random teacher of the configured shape
             dims = {k: v for k, v in _teacher_dims(cfg).items() if v is not None}
             teachers[attn] = load_teacher(random_teacher(dims), device=dev,
@@ -390,7 +390,7 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
 def _kind(cfg: ExperimentConfig) -> tuple:
     from .train import teacher_source_of
 
-    spec = parse(cfg.exp, cfg.loss.feature)
+    spec = cfg.spec
     return (spec.feature_map, spec.feature if spec.feature_map else None, spec.cosine,
             spec.divergence is not None, teacher_source_of(cfg))
 

@@ -24,7 +24,6 @@ from .checkpoint import load_student, save_student
 from .data import SPLITS, WindowSampler, check_vocab, load_split, n_windows
 from .config import ExperimentConfig
 from .errors import KdlibError
-from .grid import parse
 from .models import TinyGPT, load_teacher, teacher_forward
 from .objective import DistillationLoss
 
@@ -46,7 +45,7 @@ class CheckResult:
 
 
 def expected_parts(objective: DistillationLoss) -> list[str]:
-    c = objective.config
+    c = objective.spec
     return ["ce"] + [p for p, on in ((c.divergence, c.divergence is not None), ("cos", c.cosine),
                                      ("feat", c.feature_map is not None)) if on]
 
@@ -62,8 +61,8 @@ def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None,
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     student = TinyGPT(cfg.model)
-    objective = DistillationLoss(cfg.loss, cfg.model, teacher)
-    if objective.needs_teacher and teacher is None:
+    objective = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
+    if objective.spec.needs_teacher and teacher is None:
         raise KdlibError(f"experiment {cfg.exp!r} distils from a teacher; pass one")
     device = next(student.parameters()).device
     trainable = dict(chain((("student." + n, p) for n, p in student.named_parameters()),
@@ -83,10 +82,10 @@ def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None,
                                    f"{(batch_size, T + 1)}")
             return result
         ids, labels = window[:, :-1], window[:, 1:]  # [B, T] each
-        s_out = student(ids, output_hidden_states=objective.needs_hidden_states,
-                        output_attentions=objective.needs_attentions)
-        t_out = teacher_forward(teacher, ids, objective.needs_hidden_states,
-                                objective.needs_attentions) if objective.needs_teacher else None
+        s_out = student(ids, output_hidden_states=objective.spec.needs_hidden_states,
+                        output_attentions=objective.spec.needs_attentions)
+        t_out = teacher_forward(teacher, ids, objective.spec.needs_hidden_states,
+                                objective.spec.needs_attentions) if objective.spec.needs_teacher else None
         out = objective(s_out, t_out, labels)
         result.parts = {k: float(v) for k, v in out.parts.items()}
         missing = set(expected_parts(objective)) - set(result.parts)
@@ -148,7 +147,7 @@ def run_checks(base: ExperimentConfig, exps, feature: Optional[str] = None, step
     yields CheckResults as they finish."""
     tokens = check_data(data_dir, base) if data_dir is not None else None
     cfgs = [base.with_experiment(e, feature=feature) for e in exps]
-    specs = [parse(c.exp, feature=c.loss.feature) for c in cfgs]
+    specs = [c.spec for c in cfgs]
     teacher = None
     if any(s.needs_teacher for s in specs):
         teacher = load_teacher(base.teacher, need_attentions=any(s.needs_attentions for s in specs),

@@ -39,7 +39,6 @@ from .data import SPLITS, WindowSampler, check_prepared_for, check_vocab, load_s
 from .errors import KdlibError
 from .evaluate import perplexity
 from .fileio import atomic_write_json, atomic_write_text, check_run_folder, read_json, read_jsonl, refuse_links
-from .grid import parse
 from .models import TinyGPT, load_teacher, resolve_teacher_dtype, teacher_forward, teacher_shape
 from .objective import DistillationLoss
 from .perf import flop_params, flops_per_token, mfu, peak_tflops
@@ -53,8 +52,8 @@ class Trainee(nn.Module):
         self.student, self.objective = student, objective
 
     def forward(self, ids, labels, teacher_out):
-        out = self.student(ids, output_hidden_states=self.objective.needs_hidden_states,
-                           output_attentions=self.objective.needs_attentions)
+        out = self.student(ids, output_hidden_states=self.objective.spec.needs_hidden_states,
+                           output_attentions=self.objective.spec.needs_attentions)
         return self.objective(out, teacher_out, labels)
 
 
@@ -255,7 +254,7 @@ class RunPaths:
 def run_name(cfg: ExperimentConfig) -> str:
     """The run folder's name: experiment and seed, the feature kind when it is attention maps, and
     ``-topK`` when the teacher's outputs come from the top-k cache (``kl-top32-seed0``)."""
-    spec = parse(cfg.exp, cfg.loss.feature)
+    spec = cfg.spec
     cached = f"-top{cfg.cache.top_k}" if teacher_source_of(cfg) == "cache" else ""
     return f"{spec.name}{'-attn' if spec.needs_attentions else ''}{cached}-seed{cfg.seed}"
 
@@ -267,7 +266,7 @@ def run_dir(results_dir, cfg: ExperimentConfig) -> Path:
 
 def teacher_source_of(cfg: ExperimentConfig) -> str:
     """Where this run's teacher outputs come from: "none" (no KD term), "online" or "cache"."""
-    if not parse(cfg.exp, cfg.loss.feature).needs_teacher:
+    if not cfg.spec.needs_teacher:
         return "none"
     return cfg.train.teacher_source
 
@@ -527,10 +526,10 @@ def projector_parameters(cfg: ExperimentConfig, teacher_shape: Optional[tuple[in
     """Parameters of the hidden-state feature loss's projectors (0 without them)."""
     from .losses import layer_pairs
 
-    if not cfg.loss.needs_hidden_states:
+    if not cfg.spec.needs_hidden_states:
         return 0
     n_teacher, d_teacher = teacher_shape or teacher_shape_hint(cfg)
-    pairs = layer_pairs(cfg.loss.layer_map_name, cfg.model.n_layer, n_teacher)
+    pairs = layer_pairs(cfg.loss_terms.layer_map_name, cfg.model.n_layer, n_teacher)
     return len(pairs) * (cfg.model.n_embd * d_teacher + d_teacher)
 
 
@@ -757,14 +756,14 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
         student.compile()  # in place: parameter names, checkpoints and resume states stay the same
     teacher_dtype = resolve_teacher_dtype(cfg.teacher.dtype, accelerator.device)
     if source == "online" and teacher is None:
-        spec = parse(cfg.exp, cfg.loss.feature)
+        spec = cfg.spec
         teacher = load_teacher(cfg.teacher, device=accelerator.device, dtype=teacher_dtype,
                                need_attentions=spec.needs_attentions, student_vocab_size=cfg.model.vocab_size)
     elif teacher is not None:
         teacher = teacher.to(accelerator.device)
     if teacher is not None:
         teacher_dtype = next(teacher.parameters()).dtype
-    objective = DistillationLoss(cfg.loss, cfg.model, teacher if source == "online" else None, compile=t.compile)
+    objective = DistillationLoss(cfg.loss_terms, cfg.model, teacher if source == "online" else None, compile=t.compile)
     trainee = Trainee(student, objective)
     optimizer = make_optimizer(trainee, t, accelerator.device)
     sampler = WindowSampler(splits["train"].tokens(), cfg.data.block_size, t.batch_size * t.grad_accum, cfg.seed)
@@ -774,7 +773,7 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
     if accelerator.is_main_process:
         # Checked before anything is written: a refused run leaves no folder claimed. Again with the
         # loaded teacher's shape, where the projectors' size depends on it and the config's hint differs.
-        shape = teacher_shape(teacher) if teacher is not None and objective.needs_hidden_states else None
+        shape = teacher_shape(teacher) if teacher is not None and objective.spec.needs_hidden_states else None
         if shape is not None and tuple(shape) != tuple(teacher_shape_hint(cfg)):
             check_budget(cfg, paths.root, budget, shape, plan)
         if not paths.config.is_file():
@@ -821,7 +820,7 @@ def _run(cfg, paths, splits, source, cache, teacher, budget, accelerator, progre
     stopped_early = False
     steps_this_process = 0
     tokens_log = 0
-    spec_h, spec_a = objective.needs_hidden_states, objective.needs_attentions
+    spec_h, spec_a = objective.spec.needs_hidden_states, objective.spec.needs_attentions
     if source == "online":
         def teacher_out_fn(idx, ids):
             return teacher_forward(teacher, ids, spec_h, spec_a)

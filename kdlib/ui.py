@@ -382,7 +382,7 @@ def show_plan(cfg: ExperimentConfig, results_dir: PathLike, data_dir: Optional[P
 
 def describe(cfg: ExperimentConfig, results_dir: PathLike) -> str:
     """One line: the experiment, whether it is one of the study's 14, and its run folder."""
-    where = "in the study grid" if parse(cfg.exp).in_grid else "outside the study grid"
+    where = "in the study grid" if cfg.spec.in_grid else "outside the study grid"
     return f"experiment: {cfg.exp} ({where}) -> run folder {run_folder(cfg, results_dir)}"
 
 

@@ -45,9 +45,9 @@ def test_reference_loss_is_the_study_objective_under_attention_features(exp):
     attn = lambda n, h: tuple(torch.softmax(torch.randn(B, h, T, T, dtype=torch.float64), -1) for _ in range(n))
     s_attn, t_attn = attn(n_s, 2), attn(n_t, 2)
     spec = parse(exp)
-    pairs = losses.layer_pairs(cfg.loss.layer_map_name, n_s, n_t) if spec.feature_map else []
+    pairs = losses.layer_pairs(cfg.loss_terms.layer_map_name, n_s, n_t) if spec.feature_map else []
     ref = bench.reference_loss(spec, s, t, labels, s_attn, t_attn, pairs, eps=0.0)
-    objective = DistillationLoss(cfg.loss, cfg.model, (n_t, SMOKE.teacher["n_embd"]))
+    objective = DistillationLoss(cfg.loss_terms, cfg.model, (n_t, SMOKE.teacher["n_embd"]))
     ours = objective(CausalLMOutput(s, attentions=s_attn), CausalLMOutput(t, attentions=t_attn), labels).total
     torch.testing.assert_close(ref, ours, rtol=1e-10, atol=1e-12)
     # and the notebook's eps changes it only in the noise
@@ -99,7 +99,7 @@ def test_cached_path_serves_the_teachers_top_k_and_refuses_other_experiments():
     got = step.teacher_out_fn(idx, None)
     teacher = bench._teacher(SMOKE, torch.device("cpu"), reference=False, need_attentions=False)
     logits = teacher_forward(teacher, torch.from_numpy(windows[idx, :-1])).logits
-    lp, ids, tail = losses.teacher_top_k(logits, 32, step.cfg.loss.effective().temperature)
+    lp, ids, tail = losses.teacher_top_k(logits, 32, step.cfg.loss_terms.temperature)
     torch.testing.assert_close(got.log_probs, lp.half().float())
     assert torch.equal(got.ids, ids)
     torch.testing.assert_close(got.log_tail, tail)

@@ -114,7 +114,7 @@ def test_manifest_and_file_sizes(built, smoke_data, cfg):
     n = (tokens.n_tokens - 1) // T
     m = json.loads((folder / f"{SPLIT}.cache.json").read_text())
     assert m["format"] == CACHE_FORMAT
-    assert m["k"] == k == 16 and m["temperature"] == 2.0 == cfg.loss.effective().temperature
+    assert m["k"] == k == 16 and m["temperature"] == 2.0 == cfg.loss_terms.temperature
     assert m["tokenizer_hash"] == tokens.manifest["inputs"]["tokenizer"]["hash"]
     assert m["data_sha256"] == tokens.manifest["sha256"]
     assert m["split"] == SPLIT and m["block_size"] == T and m["windows"] == n > 100

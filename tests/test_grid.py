@@ -111,17 +111,15 @@ def test_output_only(name, expected):
     assert parse(name).output_only is expected
 
 
-def test_apply_sets_loss_components():
-    from kdlib.config import LossConfig
+def test_grid_knows_names_only():
+    """grid imports nothing of kdlib but its errors: config and losses build on it, not it on them."""
+    code = "import sys, kdlib.grid; print(*sorted(m for m in sys.modules if m.startswith('kdlib.')))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["kdlib.errors", "kdlib.grid"]
+    import kdlib.losses
 
-    base = LossConfig(temperature=3.0, w_ce=0.7)
-    loss = parse("last2all-gjsd0.3-cos", feature="attention").apply(base)
-    assert (loss.divergence, loss.divergence_param, loss.feature_map, loss.feature, loss.cosine) == \
-        ("gjsd", 0.3, "last2all", "attention", True)
-    assert (loss.temperature, loss.w_ce) == (3.0, 0.7)
-    loss.validate()
-    ce = parse("ce").apply(loss)
-    assert (ce.divergence, ce.divergence_param, ce.feature_map, ce.cosine) == (None, None, None, False)
+    assert (kdlib.losses.DIVERGENCES, kdlib.losses.PARAMETRIC) == (grid.DIVERGENCES, grid.PARAMETRIC)
 
 
 # --------------------------------------------------------------------------

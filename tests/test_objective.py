@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +15,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import kdlib.config
+from kdlib import losses
 from kdlib.errors import KdlibError
 from kdlib.grid import EXPERIMENTS
 from kdlib.models import TinyGPT, load_teacher, teacher_forward
@@ -38,13 +41,13 @@ def _smoke(name: str, feature: str = "hidden"):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=TEACHER_VOCAB))
 
 
-def _expected_parts(loss_cfg) -> set:
+def _expected_parts(spec) -> set:
     parts = {"ce"}
-    if loss_cfg.divergence is not None:
-        parts.add(loss_cfg.divergence)
-    if loss_cfg.cosine:
+    if spec.divergence is not None:
+        parts.add(spec.divergence)
+    if spec.cosine:
         parts.add("cos")
-    if loss_cfg.feature_map is not None:
+    if spec.feature_map is not None:
         parts.add("feat")
     return parts
 
@@ -55,12 +58,11 @@ def _weighted(parts: dict, eff) -> torch.Tensor:
 
 
 def _run(loss: DistillationLoss, student, teacher, ids, labels):
-    s_out = student(ids, output_hidden_states=loss.needs_hidden_states,
-                    output_attentions=loss.needs_attentions)
+    spec = loss.spec
+    s_out = student(ids, output_hidden_states=spec.needs_hidden_states, output_attentions=spec.needs_attentions)
     t_out = None
-    if loss.needs_teacher:
-        t_out = teacher_forward(teacher, ids, hidden_states=loss.needs_hidden_states,
-                                attentions=loss.needs_attentions)
+    if spec.needs_teacher:
+        t_out = teacher_forward(teacher, ids, hidden_states=spec.needs_hidden_states, attentions=spec.needs_attentions)
     return loss(s_out, t_out, labels), s_out, t_out
 
 
@@ -76,13 +78,14 @@ def test_experiment_trains_student_and_projectors(name, feature):
     student = TinyGPT(cfg.model)
     teacher = load_teacher(build_teacher(n_layer=4, n_embd=24), need_attentions=(feature == "attention"))
     assert cfg.model.n_embd != 24  # projectors are needed for hidden-state MSE
-    loss = DistillationLoss(cfg.loss, cfg.model, teacher)
-    has_map = cfg.loss.feature_map is not None
-    assert loss.needs_teacher == (name != "ce")
-    assert loss.needs_hidden_states == (has_map and feature == "hidden")
-    assert loss.needs_attentions == (has_map and feature == "attention")
-    if loss.needs_hidden_states:
-        n_pairs = {"layerwise": 2, "last2last": 1, "last2all": 2}[cfg.loss.feature_map]
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
+    has_map = cfg.spec.feature_map is not None
+    assert loss.spec == cfg.spec
+    assert loss.spec.needs_teacher == (name != "ce")
+    assert loss.spec.needs_hidden_states == (has_map and feature == "hidden")
+    assert loss.spec.needs_attentions == (has_map and feature == "attention")
+    if loss.spec.needs_hidden_states:
+        n_pairs = {"layerwise": 2, "last2last": 1, "last2all": 2}[cfg.spec.feature_map]
         assert len(loss.projectors) == len(loss.pairs) == n_pairs
         assert all(p.in_features == 32 and p.out_features == 24 for p in loss.projectors)
     else:
@@ -94,10 +97,10 @@ def test_experiment_trains_student_and_projectors(name, feature):
     out, s_out, t_out = _run(loss, student, teacher, ids, labels)
 
     assert out.total.dim() == 0 and torch.isfinite(out.total) and out.total.requires_grad
-    assert set(out.parts) == _expected_parts(cfg.loss)
+    assert set(out.parts) == _expected_parts(cfg.spec)
     for k, v in out.parts.items():
         assert v.dim() == 0 and torch.isfinite(v) and not v.requires_grad, k
-    assert_close(out.total.detach(), _weighted(out.parts, cfg.loss.effective()))
+    assert_close(out.total.detach(), _weighted(out.parts, cfg.loss_terms))
 
     out.total.backward()
     params = [*student.parameters(), *loss.parameters()]
@@ -144,7 +147,7 @@ def test_feature_loss_alone_trains_what_it_should(fmap, feature):
     torch.manual_seed(11)
     student = TinyGPT(cfg.model)
     teacher = load_teacher(build_teacher(), need_attentions=(feature == "attention"))
-    loss = DistillationLoss(cfg.loss, cfg.model, teacher)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
     out, _, _ = _run(loss, student, teacher, *_batch(11))
     assert out.parts["feat"] > 0
     assert_close(out.total.detach(), out.parts["feat"])
@@ -165,7 +168,7 @@ def test_output_loss_alone_trains_every_student_parameter(name, component):
     torch.manual_seed(12)
     student = TinyGPT(cfg.model)
     teacher = load_teacher(build_teacher())
-    loss = DistillationLoss(cfg.loss, cfg.model, teacher)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
     out, _, _ = _run(loss, student, teacher, *_batch(12))
     out.total.backward()
     got = _grad_map(loss, student)
@@ -178,12 +181,12 @@ def test_weighted_total_layerwise_kl_cos():
     torch.manual_seed(1)
     student = TinyGPT(cfg.model)
     teacher = load_teacher(build_teacher())
-    loss = DistillationLoss(cfg.loss, cfg.model, teacher)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
     out, _, _ = _run(loss, student, teacher, *_batch(1))
     p = out.parts
     assert set(p) == {"ce", "kl", "cos", "feat"}
     assert all(v > 0 for v in p.values())
-    eff = cfg.loss.effective()
+    eff = cfg.loss_terms
     assert_close(out.total.detach(), eff.w_ce * p["ce"] + eff.w_div * p["kl"] + eff.w_cos * p["cos"]
                  + eff.w_feat * p["feat"])
     assert_close(out.total.detach(), 0.3 * p["ce"] + 0.7 * p["kl"] + 0.2 * p["cos"] + 0.4 * p["feat"])
@@ -194,7 +197,7 @@ def test_parts_match_reference_formulas_hidden():
     torch.manual_seed(2)
     student = TinyGPT(cfg.model)
     teacher = load_teacher(build_teacher())
-    loss = DistillationLoss(cfg.loss, cfg.model, teacher)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
     assert loss.pairs == [(1, 3)]
     ids, labels = _batch(2)
     out, s_out, t_out = _run(loss, student, teacher, ids, labels)
@@ -219,7 +222,7 @@ def test_layerwise_spread_pairs_and_attention_feature_reference():
     torch.manual_seed(3)
     student = TinyGPT(cfg.model)
     teacher = load_teacher(build_teacher(), need_attentions=True)
-    loss = DistillationLoss(cfg.loss, cfg.model, teacher)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
     assert loss.pairs == [(0, 1), (1, 3)]
     ids, labels = _batch(3)
     out, s_out, t_out = _run(loss, student, teacher, ids, labels)
@@ -240,13 +243,13 @@ def test_study_preset_loss_values():
     assert (loss.w_div, loss.w_ce, loss.w_cos, loss.w_feat) == (0.5, 0.5, 0.05, 0.05)
     assert loss.feature == "attention"
     assert loss.layer_map == "study"
-    assert kdlib.config.preset("study", "kl").loss.effective().label_smoothing == 0.1
-    assert kdlib.config.preset("study", "kl").loss.effective().w_ce == 0.5
-    assert kdlib.config.preset("study", "js").loss.effective().label_smoothing == 0.0
-    assert kdlib.config.preset("study", "ce").loss.effective().w_ce == 1.0
-    assert kdlib.config.preset("study", "ce").loss.effective().label_smoothing == 0.0
-    assert kdlib.config.preset("study", "layerwise-kl").loss.layer_map_name == "study"
-    assert kdlib.config.preset("study", "last2all-kl").loss.layer_map_name == "last2all"
+    assert kdlib.config.preset("study", "kl").loss_terms.label_smoothing == 0.1
+    assert kdlib.config.preset("study", "kl").loss_terms.w_ce == 0.5
+    assert kdlib.config.preset("study", "js").loss_terms.label_smoothing == 0.0
+    assert kdlib.config.preset("study", "ce").loss_terms.w_ce == 1.0
+    assert kdlib.config.preset("study", "ce").loss_terms.label_smoothing == 0.0
+    assert kdlib.config.preset("study", "layerwise-kl").loss_terms.layer_map_name == "study"
+    assert kdlib.config.preset("study", "last2all-kl").loss_terms.layer_map_name == "last2all"
 
 
 def test_study_overrides_reach_the_loss():
@@ -257,18 +260,18 @@ def test_study_overrides_reach_the_loss():
     ids, labels = _batch(4)
     flat_s = lambda o: o.logits.detach().reshape(-1, TEACHER_VOCAB)  # noqa: E731
 
-    kl = DistillationLoss(kdlib.config.preset("study", "kl").loss, model_cfg, teacher)
+    kl = DistillationLoss(kdlib.config.preset("study", "kl").loss_terms, model_cfg, teacher)
     out, s_out, _ = _run(kl, student, teacher, ids, labels)
     smoothed = F.cross_entropy(flat_s(s_out), labels.reshape(-1), label_smoothing=0.1)
     assert_close(out.parts["ce"], smoothed)
     assert not torch.allclose(smoothed, F.cross_entropy(flat_s(s_out), labels.reshape(-1)))
     assert_close(out.total.detach(), 0.5 * out.parts["ce"] + 0.5 * out.parts["kl"])
 
-    js = DistillationLoss(kdlib.config.preset("study", "js").loss, model_cfg, teacher)
+    js = DistillationLoss(kdlib.config.preset("study", "js").loss_terms, model_cfg, teacher)
     out, s_out, _ = _run(js, student, teacher, ids, labels)
     assert_close(out.parts["ce"], F.cross_entropy(flat_s(s_out), labels.reshape(-1)))
 
-    ce = DistillationLoss(kdlib.config.preset("study", "ce").loss, model_cfg, None)
+    ce = DistillationLoss(kdlib.config.preset("study", "ce").loss_terms, model_cfg, None)
     out, s_out, _ = _run(ce, student, teacher, ids, labels)
     assert set(out.parts) == {"ce"}
     assert_close(out.total.detach(), out.parts["ce"])
@@ -281,10 +284,10 @@ def test_study_layer_map_8_to_12():
     torch.manual_seed(5)
     student = TinyGPT(model_cfg)
     teacher = load_teacher(build_teacher(n_layer=12, n_embd=20), need_attentions=True)
-    loss = DistillationLoss(cfg.loss, model_cfg, teacher)
+    loss = DistillationLoss(cfg.loss_terms, model_cfg, teacher)
     pairs = [(0, 1), (1, 3), (2, 5), (3, 7), (4, 8), (5, 9), (6, 10), (7, 11)]
     assert loss.pairs == pairs
-    assert loss.needs_attentions and not loss.needs_hidden_states
+    assert loss.spec.needs_attentions and not loss.spec.needs_hidden_states
     ids, labels = _batch(5)
     out, s_out, t_out = _run(loss, student, teacher, ids, labels)
     assert set(out.parts) == {"ce", "kl", "feat"}
@@ -300,9 +303,57 @@ def test_study_layer_map_with_a_smaller_teacher_raises():
     model_cfg = build_tiny_config(n_layer=8)
     teacher = load_teacher(build_teacher(n_layer=4), need_attentions=True)
     with pytest.raises(KdlibError, match="study"):
-        DistillationLoss(cfg.loss, model_cfg, teacher)
+        DistillationLoss(cfg.loss_terms, model_cfg, teacher)
     with pytest.raises(KdlibError, match="study"):
-        DistillationLoss(cfg.loss, build_tiny_config(n_layer=2), (12, 768))
+        DistillationLoss(cfg.loss_terms, build_tiny_config(n_layer=2), (12, 768))
+
+
+# --------------------------------------------------------------------------
+# every preset x experiment: the loss the code before issue 14 computed
+
+# preset/experiment/feature -> the resolved loss of c6be9a8 (preset(p).with_experiment(e, feature=f).loss.effective())
+BEFORE = json.loads((Path(__file__).parent / "fixtures" / "resolved_losses.json").read_text())
+
+
+@pytest.mark.parametrize("preset_name", sorted(kdlib.config.PRESETS))
+def test_every_experiment_computes_the_loss_it_did_before(preset_name, monkeypatch):
+    """What reaches the loss functions (weights, temperature, smoothing, components, pairs) is unchanged."""
+    calls = {}
+
+    def output_losses(s, labels, target, **kw):
+        calls["output"] = kw
+        return torch.tensor(0.0, dtype=torch.float64), {"ce": torch.tensor(0.0)}
+
+    def feature_loss(kind):
+        def run(*args):
+            calls[kind] = args
+            return torch.tensor(1.0, dtype=torch.float64)  # the total is then w_feat exactly
+        return run
+
+    monkeypatch.setattr(losses, "output_losses", output_losses)
+    monkeypatch.setattr(losses, "hidden_mse", feature_loss("hidden"))
+    monkeypatch.setattr(losses, "attention_mse", feature_loss("attention"))
+    rows = {k: v for k, v in BEFORE.items() if k.startswith(preset_name + "/")}
+    assert len(rows) == 40
+    for key, row in rows.items():
+        _, exp, feature = key.split("/")
+        cfg = kdlib.config.preset(preset_name).with_experiment(exp, feature=feature)
+        loss = DistillationLoss(cfg.loss_terms, cfg.model, (12, 768))
+        calls.clear()
+        states = SimpleNamespace(logits=torch.zeros(1, 2, 4), hidden_states=(None,), attentions=(None,))
+        total = loss(states, states, torch.zeros(1, 2, dtype=torch.long)).total
+        kw = calls["output"]
+        assert (cfg.exp, kw["divergence"], kw["param"], kw["cosine"]) == \
+            (row["exp"], row["divergence"], row["divergence_param"], row["cosine"]), key
+        assert {k: kw[k] for k in ("w_ce", "w_div", "w_cos", "temperature", "label_smoothing")} == \
+            {k: row[k] for k in ("w_ce", "w_div", "w_cos", "temperature", "label_smoothing")}, key
+        assert ("hidden" in calls, "attention" in calls) == (row["needs_hidden_states"], row["needs_attentions"]), key
+        if row["feature_map"] is not None:
+            assert loss.pairs == losses.layer_pairs(row["layer_map_name"], cfg.model.n_layer, 12), key
+            assert total.item() == row["w_feat"], key
+        if "hidden" in calls:
+            assert calls["hidden"][-1] == row["feature_norm"], key
+        assert (loss.spec.needs_teacher, loss.spec.output_only) == (row["needs_teacher"], row["output_only"]), key
 
 
 # --------------------------------------------------------------------------
@@ -326,13 +377,13 @@ def test_teacher_without_feature_outputs_raises(feature, what):
     cfg = _smoke("layerwise-kl", feature)
     teacher = load_teacher(_LogitsOnly(build_teacher()))
     with pytest.raises(KdlibError, match=what):
-        DistillationLoss(cfg.loss, cfg.model, teacher)
+        DistillationLoss(cfg.loss_terms, cfg.model, teacher)
 
 
 def test_logits_only_teacher_serves_output_only_experiments():
     cfg = _smoke("kl")
     teacher = load_teacher(_LogitsOnly(build_teacher()))
-    loss = DistillationLoss(cfg.loss, cfg.model, teacher)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
     torch.manual_seed(6)
     out, _, _ = _run(loss, TinyGPT(cfg.model), teacher, *_batch(6))
     assert set(out.parts) == {"ce", "kl"} and torch.isfinite(out.total)
@@ -341,14 +392,14 @@ def test_logits_only_teacher_serves_output_only_experiments():
 def test_feature_map_without_teacher_raises():
     cfg = _smoke("last2all-kl")
     with pytest.raises(KdlibError, match="teacher"):
-        DistillationLoss(cfg.loss, cfg.model, None)
-    DistillationLoss(_smoke("kl").loss, cfg.model, None)  # output-only: the shape is not needed
+        DistillationLoss(cfg.loss_terms, cfg.model, None)
+    DistillationLoss(_smoke("kl").loss_terms, cfg.model, None)  # output-only: the shape is not needed
 
 
 @pytest.mark.parametrize("feature", ["hidden", "attention"])
 def test_teacher_states_with_fewer_layers_than_the_map_raises(feature):
     cfg = _smoke("layerwise-kl", feature)
-    loss = DistillationLoss(cfg.loss, cfg.model, (4, 24))  # pairs (0, 1), (1, 3)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, (4, 24))  # pairs (0, 1), (1, 3)
     assert loss.pairs == [(0, 1), (1, 3)]
     torch.manual_seed(7)
     student = TinyGPT(cfg.model)
@@ -362,13 +413,13 @@ def test_teacher_states_with_fewer_layers_than_the_map_raises(feature):
 
 def test_missing_teacher_outputs_raise():
     cfg = _smoke("kl")
-    loss = DistillationLoss(cfg.loss, cfg.model, None)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, None)
     torch.manual_seed(8)
     student = TinyGPT(cfg.model)
     ids, labels = _batch(8)
     with pytest.raises(KdlibError, match="teacher"):
         loss(student(ids), None, labels)
-    ce = DistillationLoss(_smoke("ce").loss, cfg.model, None)
+    ce = DistillationLoss(_smoke("ce").loss_terms, cfg.model, None)
     assert torch.isfinite(ce(student(ids), None, labels).total)  # the baseline needs none
 
 
@@ -376,7 +427,7 @@ def test_missing_teacher_outputs_raise():
 def test_missing_student_features_raise(feature, what):
     cfg = _smoke("last2last-js", feature)
     teacher = load_teacher(build_teacher(), need_attentions=True)
-    loss = DistillationLoss(cfg.loss, cfg.model, teacher)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
     torch.manual_seed(9)
     student = TinyGPT(cfg.model)
     ids, labels = _batch(9)
@@ -388,7 +439,7 @@ def test_missing_student_features_raise(feature, what):
 @pytest.mark.parametrize("name", ["kl", "js-cos", "cos", "gjsd0.3"])
 def test_vocab_mismatch_in_loss_raises(name):
     cfg = _smoke(name)
-    loss = DistillationLoss(cfg.loss, cfg.model, None)
+    loss = DistillationLoss(cfg.loss_terms, cfg.model, None)
     torch.manual_seed(10)
     student = TinyGPT(cfg.model)
     ids, labels = _batch(10)
@@ -402,7 +453,10 @@ def test_vocab_mismatch_in_loss_raises(name):
 def test_invalid_loss_config_raises():
     cfg = _smoke("kl")
     with pytest.raises(KdlibError, match="temperature"):
-        DistillationLoss(dataclasses.replace(cfg.loss, temperature=0.0), cfg.model, None)
-    with pytest.raises(KdlibError, match="divergence"):
-        DistillationLoss(dataclasses.replace(cfg.loss, divergence="kld"), cfg.model, None)
-    assert math.isclose(DistillationLoss(cfg.loss, cfg.model, None).config.temperature, 2.0)
+        DistillationLoss(dataclasses.replace(cfg.loss_terms, temperature=0.0), cfg.model, None)
+    with pytest.raises(KdlibError, match="temperature"):
+        DistillationLoss(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, temperature=0.0)).loss_terms,
+                         cfg.model, None)
+    with pytest.raises(KdlibError, match="'kld'"):
+        DistillationLoss(dataclasses.replace(cfg, exp="kld").loss_terms, cfg.model, None)
+    assert math.isclose(DistillationLoss(cfg.loss_terms, cfg.model, None).terms.temperature, 2.0)

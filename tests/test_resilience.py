@@ -413,7 +413,7 @@ def test_bf16_autocast_layerwise_kl_cos_finite():
     cfg = preset("smoke", "layerwise-kl-cos")
     torch.manual_seed(0)
     teacher = load_teacher(cfg.teacher, device="cpu", student_vocab_size=cfg.model.vocab_size)
-    objective = DistillationLoss(cfg.loss, cfg.model, teacher)
+    objective = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
     trainee = Trainee(TinyGPT(cfg.model), objective)
     opt = torch.optim.AdamW([p for p in trainee.parameters() if p.requires_grad], lr=1e-3)
     g = torch.Generator().manual_seed(0)
@@ -421,7 +421,7 @@ def test_bf16_autocast_layerwise_kl_cos_finite():
         win = torch.randint(0, cfg.model.vocab_size, (4, cfg.data.block_size + 1), generator=g)
         ids, labels = win[:, :-1], win[:, 1:]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            t_out = teacher_forward(teacher, ids, objective.needs_hidden_states, objective.needs_attentions)
+            t_out = teacher_forward(teacher, ids, objective.spec.needs_hidden_states, objective.spec.needs_attentions)
             out = trainee(ids, labels, t_out)
         assert torch.isfinite(out.total), out.parts
         assert all(torch.isfinite(v) for v in out.parts.values()), out.parts

@@ -466,7 +466,7 @@ def test_budget_estimate_covers_the_resume_state_of_a_feature_experiment(tmp_pat
                                            d_ff=512, dropout=0.0, positions="learned")
     cfg.data.block_size = 64
     cfg.validate()
-    trainee = kdlib.train.Trainee(TinyGPT(cfg.model), DistillationLoss(cfg.loss, cfg.model, (12, 768)))
+    trainee = kdlib.train.Trainee(TinyGPT(cfg.model), DistillationLoss(cfg.loss_terms, cfg.model, (12, 768)))
     optimizer = torch.optim.AdamW(kdlib.train.param_groups(trainee, 0.01, True), lr=1e-3)
     for p in trainee.parameters():
         p.grad = torch.zeros_like(p)

@@ -31,12 +31,9 @@ REFERENCE_EPS = 1e-8
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: benchmarks/ and kdlib/ side by side
 
 
-def reference_loss(spec, s_logits, t_logits, labels, s_attn=None, t_attn=None, pairs=(),
-                   temperature: float = 2.0, eps: float = REFERENCE_EPS):
-    """The original notebook's loss: dense softmax tensors, ``log(p + eps)``, weights 0.5/0.5/0.05/0.05.
-
-    ``s_logits``, ``t_logits``: [B, L, V]; ``labels``: [B, L]; ``s_attn``, ``t_attn``: per block
-    [B, heads, L, L]; ``pairs``: (student block, teacher block) of the attention-map MSE."""
+def reference_loss(spec, s_logits, t_logits, labels, temperature: float = 2.0, eps: float = REFERENCE_EPS):
+    """The original notebook's output loss: dense softmax tensors, ``log(p + eps)``, weights 0.5 CE,
+    0.5 KD, 0.05 cosine. ``s_logits``, ``t_logits``: [B, L, V]; ``labels``: [B, L]."""
     vocab = s_logits.shape[-1]
     ce = F.cross_entropy(s_logits.reshape(-1, vocab), labels.reshape(-1),
                          label_smoothing=0.1 if spec.divergence == "kl" else 0.0)
@@ -55,11 +52,15 @@ def reference_loss(spec, s_logits, t_logits, labels, s_attn=None, t_attn=None, p
     loss = 0.5 * kd * temperature * temperature + 0.5 * ce
     if spec.cosine:
         loss = loss + 0.05 * (1.0 - F.cosine_similarity(s_logits, t_logits, dim=-1)).mean()
-    if pairs:
-        # head-averaged maps [B, L, L] of each paired block
-        mse = sum(F.mse_loss(s_attn[i].mean(1), t_attn[j].mean(1)) for i, j in pairs) / len(pairs)
-        loss = loss + 0.05 * mse
     return loss
+
+
+def reference_feature_loss(s_attn, t_attn, pairs):
+    """The notebook's "hidden MSE", weight 0.05: the MSE of head-averaged attention maps of each
+    (student block, teacher block) pair, averaged over pairs. ``s_attn``, ``t_attn``: per block
+    [B, heads, L, L]."""
+    mse = sum(F.mse_loss(s_attn[i].mean(1), t_attn[j].mean(1)) for i, j in pairs) / len(pairs)  # maps [B, L, L]
+    return 0.05 * mse
 
 
 def reference_teacher(shapes: Shapes, dev: torch.device, need_attentions: bool):
@@ -107,8 +108,9 @@ class ReferenceStep:
         t_out = None
         if self.teacher is not None:
             t_out = self.teacher(ids, output_attentions=bool(self.pairs))  # not under no_grad
-        loss = reference_loss(self.spec, s_out.logits, None if t_out is None else t_out.logits, labels,
-                              s_out.attentions, None if t_out is None else t_out.attentions, self.pairs)
+        loss = reference_loss(self.spec, s_out.logits, None if t_out is None else t_out.logits, labels)
+        if self.pairs:
+            loss = loss + reference_feature_loss(s_out.attentions, t_out.attentions, self.pairs)
         self.optimizer.zero_grad()
         if self.teacher is not None:
             self.teacher.zero_grad()

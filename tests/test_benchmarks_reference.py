@@ -49,12 +49,13 @@ def test_reference_loss_is_the_study_objective_under_attention_features(exp):
     s_attn, t_attn = attn(n_s, 2), attn(n_t, 2)
     spec = parse(exp)
     pairs = losses.layer_pairs(cfg.loss.layer_map_name, n_s, n_t) if spec.feature_map else []
-    ref = reference.reference_loss(spec, s, t, labels, s_attn, t_attn, pairs, eps=0.0)
+    features = reference.reference_feature_loss(s_attn, t_attn, pairs) if pairs else 0.0
+    ref = reference.reference_loss(spec, s, t, labels, eps=0.0) + features
     objective = DistillationLoss(cfg.loss, cfg.model, (n_t, SMOKE.teacher["n_embd"]))
     ours = objective(CausalLMOutput(s, attentions=s_attn), CausalLMOutput(t, attentions=t_attn), labels).total
     torch.testing.assert_close(ref, ours, rtol=1e-10, atol=1e-12)
     # and the notebook's eps changes it only in the noise
-    with_eps = reference.reference_loss(spec, s, t, labels, s_attn, t_attn, pairs)
+    with_eps = reference.reference_loss(spec, s, t, labels) + features
     torch.testing.assert_close(with_eps, ours, rtol=1e-5, atol=1e-6)
 
 

@@ -37,6 +37,9 @@ from benchmarks.reference import measure_reference, measure_reference_isolated  
 from benchmarks.report import PATHS, grid_estimate, merge_reports, to_markdown  # noqa: E402
 
 SECTIONS = ("train", "divergence", "prep")
+# Per benchmark shapes: the divergences' N x V and timed repeats, the megabytes of text tokenized.
+DIVERGENCE_SIZES = {"study": (8192, 50257, 3), "cpu": (8192, 50257, 1), "smoke": (256, 512, 1)}
+PREP_MB = {"study": 32, "cpu": 32, "smoke": 0.5}
 
 
 def measure_path(report: dict, exp: str, path: str) -> bench.Result:
@@ -71,13 +74,13 @@ def run_comparison(report: dict, exps: Sequence[str] = EXPERIMENTS, paths: Seque
         if shapes.name == "study":  # at other shapes the hours would not be the study's
             report["grid_hours"] = grid_estimate(results)
     if "divergence" in sections:
-        report["divergence"] = divergence_bench(shapes.divergence_rows, shapes.divergence_vocab,
-                                                bench.cuda_or_cpu(), repeats=shapes.divergence_repeats)
+        n, v, repeats = DIVERGENCE_SIZES[shapes.name]
+        report["divergence"] = divergence_bench(n, v, bench.cuda_or_cpu(), repeats=repeats)
         save()
         for r in report["divergence"]:
             log(f"{r['divergence']:>3} {r['impl']:>8}: {r['ms']:9.1f} ms  {r['peak_mib']:9,.0f} MiB")
     if "prep" in sections:
-        report["prep"] = prep_bench(shapes.prep_mb)
+        report["prep"] = prep_bench(PREP_MB[shapes.name])
         log(f"prep: {report['prep']['tokens_per_s']:,.0f} tokens/s")
     return report
 

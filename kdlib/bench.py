@@ -55,12 +55,8 @@ class Shapes:
     teacher: dict  # transformers.GPT2Config fields
     batch_size: int
     block_size: int
-    divergence_rows: int  # N x V of the divergence-only benchmark (benchmarks/divergence.py)
-    divergence_vocab: int
-    prep_mb: float  # megabytes of text for the data-preparation benchmark (benchmarks/prep.py)
     warmup: int = 3
     steps: int = 10
-    divergence_repeats: int = 3
 
     @property
     def vocab_size(self) -> int:
@@ -71,19 +67,17 @@ SHAPES = {
     # The study: TinyGPT 8x512 (50.95M parameters) from GPT-2 small's shape (124M), 64 x 128 tokens.
     "study": Shapes("study", asdict(TinyGPTConfig()),
                     dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-                    batch_size=64, block_size=128, divergence_rows=8192, divergence_vocab=50257, prep_mb=32),
+                    batch_size=64, block_size=128),
     # The study's proportions (teacher 1.5x deeper and wider) at a size 2 CPU cores run in minutes.
     "cpu": Shapes("cpu", dict(vocab_size=8192, block_size=64, n_layer=4, n_head=4, n_embd=128, d_ff=512,
                               dropout=0.0),
                   dict(n_layer=6, n_embd=192, n_head=6, vocab_size=8192, n_positions=64),
-                  batch_size=16, block_size=64, divergence_rows=8192, divergence_vocab=50257, prep_mb=32,
-                  warmup=2, steps=8, divergence_repeats=1),
+                  batch_size=16, block_size=64, warmup=2, steps=8),
     # Seconds: for CI and tests (no thresholds).
     "smoke": Shapes("smoke", dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, d_ff=64,
                                   dropout=0.0),
                     dict(n_layer=3, n_embd=48, n_head=2, vocab_size=512, n_positions=32),
-                    batch_size=4, block_size=32, divergence_rows=256, divergence_vocab=512, prep_mb=0.5,
-                    warmup=1, steps=2, divergence_repeats=1),
+                    batch_size=4, block_size=32, warmup=1, steps=2),
 }
 
 

@@ -13,13 +13,22 @@ profiler there.
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from kdlib import bench, losses
-from kdlib.grid import parse
-from kdlib.models import TinyGPT, teacher_forward
+# The kdlib beside this script, not whichever one is installed, and this folder as ``benchmarks``.
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from kdlib import bench, losses  # noqa: E402
+from kdlib.grid import parse  # noqa: E402
+from kdlib.models import TinyGPT, teacher_forward  # noqa: E402
+
+from benchmarks.reference import reference_loss, reference_teacher  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -40,13 +49,13 @@ def main() -> None:
     args = ap.parse_args()
     shapes = bench.get_shapes(args.shapes)
     spec = parse(args.exp)
-    cfg = bench.experiment_config(shapes, args.exp)
+    cfg = bench.config_at_shapes(shapes, args.exp)
     torch.manual_seed(0)
     win = torch.from_numpy(bench.token_windows(shapes, n_batches=1))
     ids, labels = win[:, :-1], win[:, 1:]
     student = TinyGPT(cfg.model)
-    ref_teacher = bench._teacher(shapes, torch.device("cpu"), reference=True, need_attentions=False)
-    teacher = bench._teacher(shapes, torch.device("cpu"), reference=False, need_attentions=False)
+    ref_teacher = reference_teacher(shapes, torch.device("cpu"), need_attentions=False)
+    teacher = bench.frozen_teacher(shapes.teacher, torch.device("cpu"), need_attentions=False)
     V = shapes.vocab_size
     s = torch.randn(*ids.shape, V, requires_grad=True)
     t = teacher_forward(teacher, ids).logits
@@ -54,7 +63,7 @@ def main() -> None:
 
     def ref_loss():
         s.grad = None
-        bench.reference_loss(spec, s, t, labels).backward()
+        reference_loss(spec, s, t, labels).backward()
 
     def fused_loss():
         s.grad = None

@@ -25,7 +25,7 @@ def syncs() -> int:
     B = shapes.batch_size
     found = 0
     for exp, cached in (("kl", False), ("layerwise-kl-cos", False), ("js-cos", False), ("kl", True)):
-        step = bench.KdlibStep(shapes, exp, dev, cached=cached, windows=windows)
+        step = bench.KdlibStep(bench.config_at_shapes(shapes, exp), dev, cached=cached, windows=windows)
         step(np.arange(B), windows[:B])  # warm-up: first-call allocations and caches
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -95,7 +95,7 @@ def fp16() -> int:
     train.mixed_precision = lambda precision: "fp16"  # what a T4 gets from "auto"
     models._half_dtype = lambda device: torch.float16  # and its teacher's dtype
     try:
-        step = bench.KdlibStep(shapes, "kl", torch.device("cuda"), windows=windows)
+        step = bench.KdlibStep(bench.config_at_shapes(shapes, "kl"), torch.device("cuda"), windows=windows)
     finally:
         train.mixed_precision, models._half_dtype = real_mp, real_half
     # the first step's gradient, against the same step in float32 (same weights, same batch)

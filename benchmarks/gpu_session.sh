@@ -12,10 +12,12 @@
 #   checks      benchmarks/gpu_checks.py: no host sync in the step, chunked == dense on
 #               the GPU (float32 and bf16 autocast), the fp16 + loss-scaling path
 #   divergence  the divergences alone at 8,192 x 50,257: dense vs chunked (vs Liger)
+#               (benchmarks/bench.py)
 #   train       the 14 experiments, kdlib and cached paths, at the study's shapes
+#               (python -m kdlib bench: kdlib's own step)
 #   reference   the 14 experiments, the original method (each in its own process with
-#               CUDA_LAUNCH_BLOCKING=1); its rows give the "x reference" ratios
-#   compile     kl and layerwise-kl-cos with torch.compile
+#               CUDA_LAUNCH_BLOCKING=1; benchmarks/bench.py); its rows give the "x reference" ratios
+#   compile     kl and layerwise-kl-cos with torch.compile (python -m kdlib bench)
 #   plan        `kdlib plan` measured on this GPU for colab-a100 (3 seeds), colab-t4 (1 seed)
 #               and study: the sweeps' hours from kdlib's own step here, next to the estimates
 #   precision   benchmarks/teacher_precision.py on the GPU: fp16 / bf16 teacher vs fp32
@@ -42,16 +44,15 @@ for s in "${stages[@]}"; do
                 stage checks 120 "$py" benchmarks/gpu_checks.py "$check"
             done ;;
         divergence)
-            stage divergence 120 "$py" -m kdlib bench --shapes study --sections divergence --out "$out/divergence" ;;
+            stage divergence 120 "$py" benchmarks/bench.py --shapes study --sections divergence --out "$out/divergence" ;;
         train)
-            stage train 240 "$py" -m kdlib bench --shapes study --sections train --paths kdlib cached \
-                --warmup 3 --steps 10 --out "$out/train" ;;
+            stage train 240 "$py" -m kdlib bench --shapes study --warmup 3 --steps 10 --out "$out/train" ;;
         reference)
-            stage reference 420 "$py" -m kdlib bench --shapes study --sections train --paths reference \
+            stage reference 420 "$py" benchmarks/bench.py --shapes study --sections train --paths reference \
                 --warmup 1 --steps 3 --out "$out/reference" ;;
         compile)
-            stage compile 240 "$py" -m kdlib bench --shapes study --sections train --paths kdlib cached \
-                --exps kl layerwise-kl-cos --compile --warmup 3 --steps 10 --out "$out/compile" ;;
+            stage compile 240 "$py" -m kdlib bench --shapes study --exps kl layerwise-kl-cos --compile \
+                --warmup 3 --steps 10 --out "$out/compile" ;;
         plan)
             for p in "colab-a100 --seeds 0 1 2" "colab-t4 --seeds 0" "study"; do
                 # shellcheck disable=SC2086
@@ -71,5 +72,5 @@ for d in reference train divergence; do
     [ -s "$out/$d/bench.json" ] && parts+=("$out/$d/bench.json")
 done
 if [ ${#parts[@]} -gt 0 ]; then
-    "$py" -m kdlib bench --merge "${parts[@]}" --out "$out/merged" > /dev/null && cat "$out/merged/bench.md"
+    "$py" benchmarks/bench.py --merge "${parts[@]}" --out "$out/merged" > /dev/null && cat "$out/merged/bench.md"
 fi

@@ -72,6 +72,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -338,30 +339,30 @@ def fidelity(ref: torch.Tensor, other: torch.Tensor, targets: torch.Tensor, chun
         d = o.double() - r.double()
         put("logit_err", (d - d.mean(-1, keepdim=True)).pow(2).mean(-1).sqrt())
         put("logit_abs", d.abs().max(-1).values)
-        for T in TEMPERATURES:
-            t = f"T{T:g}"
-            lp = F.log_softmax(r / T, -1).double()  # float32 log_softmax, as a loss computes it; sums in float64
-            lq = F.log_softmax(o / T, -1).double()
+        for temperature in TEMPERATURES:
+            at = f"T{temperature:g}"  # the metrics' suffix: T1, T2
+            lp = F.log_softmax(r / temperature, -1).double()  # float32 log_softmax, as a loss computes it; sums in float64
+            lq = F.log_softmax(o / temperature, -1).double()
             p, q = lp.exp(), lq.exp()
-            put(f"kl_{t}", (p * (lp - lq)).sum(-1))
-            put(f"tvd_{t}", 0.5 * (p - q).abs().sum(-1))
+            put(f"kl_{at}", (p * (lp - lq)).sum(-1))
+            put(f"tvd_{at}", 0.5 * (p - q).abs().sum(-1))
             for name, idx in (("top1", top), ("target", tgt)):
                 pi, qi = p.gather(1, idx[:, None])[:, 0], q.gather(1, idx[:, None])[:, 0]
-                put(f"{name}_{t}", (qi - pi).abs() / pi)
+                put(f"{name}_{at}", (qi - pi).abs() / pi)
     a = {k: torch.cat(v) for k, v in acc.items()}
     res = {"top1_agreement": float(a["agree"].mean()),
            "top1_agreement_tie_aware": float(a["agree_ties"].mean()),
            "logit_err_rms_centred_mean": float(a["logit_err"].mean()),
            "logit_err_abs_max": float(a["logit_abs"].max())}
-    for T in TEMPERATURES:
-        t = f"T{T:g}"
-        kl = a[f"kl_{t}"]
-        res.update({f"kl_mean_{t}": float(kl.mean()), f"kl_max_{t}": float(kl.max()),
-                    f"kl_p99_{t}": float(kl.quantile(0.99)),
-                    f"tvd_mean_{t}": float(a[f"tvd_{t}"].mean()), f"tvd_max_{t}": float(a[f"tvd_{t}"].max()),
-                    f"top1_p_relerr_mean_{t}": float(a[f"top1_{t}"].mean()),
-                    f"target_p_relerr_mean_{t}": float(a[f"target_{t}"].mean()),
-                    f"target_p_relerr_max_{t}": float(a[f"target_{t}"].max())})
+    for temperature in TEMPERATURES:
+        at = f"T{temperature:g}"
+        kl = a[f"kl_{at}"]
+        res.update({f"kl_mean_{at}": float(kl.mean()), f"kl_max_{at}": float(kl.max()),
+                    f"kl_p99_{at}": float(kl.quantile(0.99)),
+                    f"tvd_mean_{at}": float(a[f"tvd_{at}"].mean()), f"tvd_max_{at}": float(a[f"tvd_{at}"].max()),
+                    f"top1_p_relerr_mean_{at}": float(a[f"top1_{at}"].mean()),
+                    f"target_p_relerr_mean_{at}": float(a[f"target_{at}"].mean()),
+                    f"target_p_relerr_max_{at}": float(a[f"target_{at}"].max())})
     return res
 
 
@@ -408,7 +409,18 @@ def tables(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
+@dataclass
+class Windows:
+    """The token windows every variant sees, and where perplexity is measured."""
+
+    inputs: torch.Tensor  # [n, block]: the first block tokens of each window
+    targets: torch.Tensor  # [n * block]: the next token at each position
+    ppl_ids: np.ndarray  # the perplexity split's tokens
+    ppl_split: str
+    block: int
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="teacher-precision", help="working folder: data, teacher, reports")
     ap.add_argument("--teacher", default=None, help="a GPT-2 save_pretrained folder or hub id to reuse "
@@ -428,89 +440,63 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto", help="auto: cuda when there is one, else cpu")
     ap.add_argument("--batch", type=int, default=16, help="windows per forward pass")
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    torch.set_float32_matmul_precision("highest")  # the fp32 reference is fp32, not TF32
-    command = "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv)))
-    info = machine(device)
-    log(f"command: {command}")
-    log("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    return ap.parse_args(argv)
 
+
+def load_windows(data_dir: Path, splits, block: int, max_windows: int) -> Windows:
+    """Non-overlapping windows of block + 1 tokens: inputs the first block, targets the last block."""
     from kdlib.data import load_split
-    from kdlib.evaluate import perplexity
 
-    teacher_name, data_dir = get_teacher(args, log)
-    B = args.block
-    # Non-overlapping windows of B + 1 tokens: inputs the first B, targets the last B.
     wins, ppl_ids = [], {}
-    for split in args.splits:
+    for split in splits:
         toks = np.asarray(load_split(data_dir, split).tokens(), dtype=np.int64)
         ppl_ids[split] = toks
-        n = (len(toks) - 1) // B
-        wins += [toks[i * B:i * B + B + 1] for i in range(n)]
-    wins = torch.from_numpy(np.stack(wins[:args.max_windows]))
-    inputs, targets = wins[:, :-1], wins[:, 1:].flatten()
-    log(f"windows: {len(wins)} x {B} tokens from {'+'.join(args.splits)} ({len(targets):,} positions)")
-    val_ids = ppl_ids.get("validation", next(iter(ppl_ids.values())))
-    ppl_split = "validation" if "validation" in ppl_ids else args.splits[0]
+        n = (len(toks) - 1) // block
+        wins += [toks[i * block:i * block + block + 1] for i in range(n)]
+    wins = torch.from_numpy(np.stack(wins[:max_windows]))  # [n, block + 1]
+    return Windows(wins[:, :-1], wins[:, 1:].flatten(), ppl_ids.get("validation", next(iter(ppl_ids.values()))),
+                   "validation" if "validation" in ppl_ids else splits[0], block)
 
-    original = load_model(teacher_name)
-    n_params = sum(p.numel() for p in original.parameters())
-    orig_logits, _ = all_logits(original.to(device), inputs, device, args.batch)
-    geo_before = geometry(orig_logits)
-    ppl_before = perplexity(original, val_ids, B, B)
-    log(f"teacher {teacher_name}: {n_params:,} parameters, {ppl_split} ppl {ppl_before:.4f}; logits: mean "
-        f"{geo_before['mean']:.2f}, per-position std {geo_before['per_position_std']:.2f}")
 
-    # The reference: the edited model, edited in float64, then float32.
+def edit_reference(original: nn.Module, args, win: Windows, device, geo_before: dict, log):
+    """(the float64 model the variants are cast from, the edit's record or None): ``original`` given
+    GPT-2's logit offset (``--offset``), edited in float64 and checked there."""
     master = copy.deepcopy(original).double()
-    edit = None
-    if args.offset != "none":
-        untie(master)
-        wte_before = original.transformer.wte.weight.detach().double().clone()
-        s = 1.0 if args.spread_std is None else args.spread_std / geo_before["per_position_std"]
-        c = float(args.offset) - s * geo_before["mean"]
-        edit = add_offset(master, c, s, args.shared_norm)
-        assert torch.equal(master.transformer.wte.weight, wte_before.to(device)), "input embeddings changed"
-        # Check the edit in float64: the logits are s * logit + c.
-        l64_orig, _ = all_logits(copy.deepcopy(original).double(), inputs[:8], device, args.batch,
-                                 dtype=torch.float64)
-        l64_new, _ = all_logits(master, inputs[:8], device, args.batch, dtype=torch.float64)
-        edit["float64_max_err_vs_s_logit_plus_c"] = float(
-            (l64_new.double() - (s * l64_orig.double() + c)).abs().max())
-        log(f"edit: c {c:+.3f}, spread x{s:.3f}, hidden-state component K {edit['hidden_component_K']:.1f} "
-            f"along a shared lm_head direction of norm {edit['shared_direction_norm']:.3f} (rows' median "
-            f"{edit['lm_head_row_median_norm_perp']:.3f}); float64 check max err "
-            f"{edit['float64_max_err_vs_s_logit_plus_c']:.1e}")
-    master.to(device)
-    ref_model = copy.deepcopy(master).float()
-    ref_logits, ref_act = all_logits(ref_model, inputs, device, args.batch, stats=True)
-    geo_after = geometry(ref_logits)
-    log(f"reference (fp32) logits: mean {geo_after['mean']:.2f}, per-position std "
-        f"{geo_after['per_position_std']:.2f}, per-position means {geo_after['per_position_mean_min']:.1f}.."
-        f"{geo_after['per_position_mean_max']:.1f}, top-1 mean {geo_after['top1_mean']:.1f}, "
-        f"{100 * geo_after['frac_abs_ge_64']:.1f}% of |logits| >= 64")
-    exactness = None
-    if edit is not None:
-        # fp32 after the edit against fp32 before it (with the offset removed, the same distribution).
-        shifted = (orig_logits * edit["spread_scale"])
-        exactness = fidelity(shifted, ref_logits, targets, device=device)
-        log(f"edit in fp32: KL(before || after) at T=1 mean {exactness['kl_mean_T1']:.1e}, max "
-            f"{exactness['kl_max_T1']:.1e}; top-1 agreement {100 * exactness['top1_agreement']:.3f}%")
+    if args.offset == "none":
+        return master, None
+    untie(master)
+    wte_before = original.transformer.wte.weight.detach().double().clone()
+    s = 1.0 if args.spread_std is None else args.spread_std / geo_before["per_position_std"]
+    c = float(args.offset) - s * geo_before["mean"]
+    edit = add_offset(master, c, s, args.shared_norm)
+    assert torch.equal(master.transformer.wte.weight, wte_before.to(device)), "input embeddings changed"
+    # Check the edit in float64: the logits are s * logit + c.
+    l64_orig, _ = all_logits(copy.deepcopy(original).double(), win.inputs[:8], device, args.batch,
+                             dtype=torch.float64)
+    l64_new, _ = all_logits(master, win.inputs[:8], device, args.batch, dtype=torch.float64)
+    edit["float64_max_err_vs_s_logit_plus_c"] = float(
+        (l64_new.double() - (s * l64_orig.double() + c)).abs().max())
+    log(f"edit: c {c:+.3f}, spread x{s:.3f}, hidden-state component K {edit['hidden_component_K']:.1f} "
+        f"along a shared lm_head direction of norm {edit['shared_direction_norm']:.3f} (rows' median "
+        f"{edit['lm_head_row_median_norm_perp']:.3f}); float64 check max err "
+        f"{edit['float64_max_err_vs_s_logit_plus_c']:.1e}")
+    return master, edit
 
+
+def variant_rows(master: nn.Module, ref_model: nn.Module, ref: tuple, win: Windows, device, batch: int,
+                 log) -> list[dict]:
+    """One row per teacher variant: perplexity, fidelity against ``ref`` (the fp32 reference's
+    logits [N, V] and activation statistics), activation statistics."""
+    from kdlib.evaluate import perplexity
+
+    ref_logits, ref_act = ref
     rows = []
 
     def add(label, key, model, logits, act):
         t0 = time.perf_counter()
-        ppl = perplexity(model, val_ids, B, B)
+        ppl = perplexity(model, win.ppl_ids, win.block, win.block)
         r = {"label": label, "key": key, "val_ppl": ppl,
-             "fidelity": fidelity(ref_logits, logits, targets, device=device), "activations": act}
+             "fidelity": fidelity(ref_logits, logits, win.targets, device=device), "activations": act}
         rows.append(r)
         f = r["fidelity"]
         log(f"{label}: ppl {ppl:.4f}, KL T=1 {f['kl_mean_T1']:.2e} (max {f['kl_max_T1']:.2e}), T=2 "
@@ -528,7 +514,7 @@ def main(argv=None) -> dict:
         if key == "fp32":
             logits, act = ref_logits, ref_act
         else:
-            logits, act = all_logits(model, inputs, device, args.batch, stats=True)
+            logits, act = all_logits(model, win.inputs, device, batch, stats=True)
         log(f"{key} forward: {time.perf_counter() - t0:.0f} s")
         label = {"fp64": "fp64 model (fp32's own error)", "fp32": "fp32 model (reference)"}.get(key,
                                                                                                f"{key} model")
@@ -538,44 +524,96 @@ def main(argv=None) -> dict:
     for key in ("fp16", "bf16"):
         add(f"fp32 model, logits to {key}", f"fp32-logits-{key}", RoundedLogits(ref_model, DTYPES[key]),
             ref_logits.to(DTYPES[key]).float(), {})
-    for key in ("fp16", "bf16"):
-        model = fp32_head(ref_model, DTYPES[key])
-        logits, act = all_logits(model, inputs, device, args.batch, stats=True)
-        add(f"{key} model, fp32 lm_head", f"{key}-fp32-head", model, logits, act)
-        del model
-    for key in ("fp16", "bf16"):
-        model = centred_head(ref_model, DTYPES[key])
-        logits, act = all_logits(model, inputs, device, args.batch, stats=True)
-        add(f"{key} model, centred lm_head", f"{key}-centred-head", model, logits, act)
-        del model
+    for make, what, suffix in ((fp32_head, "fp32 lm_head", "fp32-head"), (centred_head, "centred lm_head",
+                                                                           "centred-head")):
+        for key in ("fp16", "bf16"):
+            model = make(ref_model, DTYPES[key])
+            logits, act = all_logits(model, win.inputs, device, batch, stats=True)
+            add(f"{key} model, {what}", f"{key}-{suffix}", model, logits, act)
+            del model
+    return rows
 
-    md = [f"Command: `{command}`", "",
-          "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
-          f"Teacher: {teacher_name} ({n_params:,} parameters); windows: {len(wins)} x {B} tokens from "
-          f"{'+'.join(args.splits)} ({len(targets):,} positions); perplexity: kdlib.evaluate.perplexity on "
-          f"{ppl_split}, stride {B}.", "",
+
+def markdown(result: dict) -> str:
+    a, geo_before, geo_after = result["args"], result["geometry_before"], result["geometry_after"]
+    edit, exactness, block = result["edit"], result["edit_exactness_fp32"], a["block"]
+    md = [f"Command: `{result['command']}`", "",
+          "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()), "",
+          f"Teacher: {result['teacher']} ({result['parameters']:,} parameters); windows: {result['windows']} x "
+          f"{block} tokens from {'+'.join(a['splits'])} ({result['positions']:,} positions); perplexity: "
+          f"kdlib.evaluate.perplexity on {result['ppl_split']}, stride {block}.", "",
           f"Logits before the edit: mean {geo_before['mean']:.2f}, per-position std "
           f"{geo_before['per_position_std']:.2f}; after (the fp32 reference): mean {geo_after['mean']:.2f}, "
           f"per-position std {geo_after['per_position_std']:.2f}, per-position means "
           f"{geo_after['per_position_mean_min']:.1f}..{geo_after['per_position_mean_max']:.1f}, top-1 logit mean "
           f"{geo_after['top1_mean']:.1f}, range {geo_after['min']:.1f}..{geo_after['max']:.1f}, "
           f"{100 * geo_after['frac_abs_ge_64']:.1f}% of logits with |l| >= 64."
-          + (f" Validation ppl before the edit {ppl_before:.4f}." if edit else ""), "",
-          tables(rows)]
+          + (f" Validation ppl before the edit {result['val_ppl_before_edit']:.4f}." if edit else ""), "",
+          tables(result["rows"])]
     if exactness is not None:
         md += ["", f"The edit in fp32 (before vs after, offset removed): KL at T=1 mean "
                    f"{exactness['kl_mean_T1']:.1e}, max {exactness['kl_max_T1']:.1e}; top-1 agreement "
                    f"{100 * exactness['top1_agreement']:.3f}%; float64 check of s*logit+c: max error "
                    f"{edit['float64_max_err_vs_s_logit_plus_c']:.1e}."]
-    wall = time.perf_counter() - t_start
-    md += ["", f"Wall time: {wall:.0f} s."]
-    text = "\n".join(md)
-    (out / "teacher_precision.md").write_text(text + "\n", encoding="utf-8")
+    md += ["", f"Wall time: {result['wall_s']:.0f} s."]
+    return "\n".join(md)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.set_float32_matmul_precision("highest")  # the fp32 reference is fp32, not TF32
+    command = "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv)))
+    info = machine(device)
+    log(f"command: {command}")
+    log("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+    from kdlib.evaluate import perplexity
+
+    teacher_name, data_dir = get_teacher(args, log)
+    win = load_windows(data_dir, args.splits, args.block, args.max_windows)
+    log(f"windows: {len(win.inputs)} x {args.block} tokens from {'+'.join(args.splits)} "
+        f"({len(win.targets):,} positions)")
+
+    original = load_model(teacher_name)
+    n_params = sum(p.numel() for p in original.parameters())
+    orig_logits, _ = all_logits(original.to(device), win.inputs, device, args.batch)
+    geo_before = geometry(orig_logits)
+    ppl_before = perplexity(original, win.ppl_ids, args.block, args.block)
+    log(f"teacher {teacher_name}: {n_params:,} parameters, {win.ppl_split} ppl {ppl_before:.4f}; logits: mean "
+        f"{geo_before['mean']:.2f}, per-position std {geo_before['per_position_std']:.2f}")
+
+    # The reference: the edited model, edited in float64, then float32.
+    master, edit = edit_reference(original, args, win, device, geo_before, log)
+    master.to(device)
+    ref_model = copy.deepcopy(master).float()
+    ref_logits, ref_act = all_logits(ref_model, win.inputs, device, args.batch, stats=True)
+    geo_after = geometry(ref_logits)
+    log(f"reference (fp32) logits: mean {geo_after['mean']:.2f}, per-position std "
+        f"{geo_after['per_position_std']:.2f}, per-position means {geo_after['per_position_mean_min']:.1f}.."
+        f"{geo_after['per_position_mean_max']:.1f}, top-1 mean {geo_after['top1_mean']:.1f}, "
+        f"{100 * geo_after['frac_abs_ge_64']:.1f}% of |logits| >= 64")
+    exactness = None
+    if edit is not None:
+        # fp32 after the edit against fp32 before it (with the offset removed, the same distribution).
+        exactness = fidelity(orig_logits * edit["spread_scale"], ref_logits, win.targets, device=device)
+        log(f"edit in fp32: KL(before || after) at T=1 mean {exactness['kl_mean_T1']:.1e}, max "
+            f"{exactness['kl_max_T1']:.1e}; top-1 agreement {100 * exactness['top1_agreement']:.3f}%")
+
+    rows = variant_rows(master, ref_model, (ref_logits, ref_act), win, device, args.batch, log)
     result = {"command": command, "machine": info, "args": vars(args), "teacher": teacher_name,
-              "parameters": n_params, "windows": len(wins), "positions": len(targets),
-              "ppl_split": ppl_split, "val_ppl_before_edit": ppl_before,
+              "parameters": n_params, "windows": len(win.inputs), "positions": len(win.targets),
+              "ppl_split": win.ppl_split, "val_ppl_before_edit": ppl_before,
               "geometry_before": geo_before, "geometry_after": geo_after, "edit": edit,
-              "edit_exactness_fp32": exactness, "rows": rows, "wall_s": wall}
+              "edit_exactness_fp32": exactness, "rows": rows, "wall_s": time.perf_counter() - t_start}
+    text = markdown(result)
+    (out / "teacher_precision.md").write_text(text + "\n", encoding="utf-8")
     (out / "teacher_precision.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print()
     print(text)

@@ -67,17 +67,12 @@ def _peak(text: str):
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
-    from .fileio import read_json
 
-    command = "python -m kdlib bench " + " ".join(args.argv)
-    if args.merge:
-        report = bench.merge_reports([read_json(Path(p), "benchmark report") for p in args.merge], command=command)
-    else:
-        shapes = bench.get_shapes(args.shapes, steps=args.steps, warmup=args.warmup)
-        report = bench.run_bench(shapes, exps=args.exps or bench.EXPERIMENTS, paths=args.paths,
-                                 sections=args.sections, feature=args.feature, compile=args.compile,
-                                 peak=args.peak_tflops, command=command, out_dir=args.out)
-        print()
+    shapes = bench.get_shapes(args.shapes, steps=args.steps, warmup=args.warmup)
+    report = bench.start_report(shapes, feature=args.feature, compile=args.compile, peak=args.peak_tflops,
+                                command="python -m kdlib bench " + " ".join(args.argv))
+    bench.run_bench(report, exps=args.exps or bench.EXPERIMENTS, paths=args.paths, out_dir=args.out)
+    print()
     print(bench.to_markdown(report))
     if args.out:
         for path in bench.write_report(report, args.out):
@@ -507,36 +502,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the original study's table and curves (shipped with kdlib), and ours beside them")
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("bench", help="benchmarks: the original method vs kdlib vs the top-k cache, losses, data prep",
-                       description="Training throughput (tokens/s, ms/step, peak memory, MFU) of each experiment "
-                                   "along three paths at the same shapes and data: 'reference' (the original "
-                                   "study's method re-implemented), 'kdlib' (kdlib's training step) and "
-                                   "'cached' (the top-k cache, output-only experiments); the divergences "
-                                   "alone, dense vs chunked; and tokenization speed. Prints Markdown; --out "
-                                   "writes bench.json and bench.md. Results: docs/benchmarks.md.")
+    p = sub.add_parser("bench", help="kdlib's training step: tokens/s, ms/step, peak memory and MFU per experiment",
+                       description="Training throughput (tokens/s, ms/step, peak memory, MFU) of kdlib's own "
+                                   "training step for each experiment at the benchmark's shapes and data: "
+                                   "'kdlib' (the teacher online) and 'cached' (the top-k cache, output-only "
+                                   "experiments). Prints Markdown; --out writes bench.json and bench.md. The "
+                                   "comparison with the original study's method, the losses alone and data "
+                                   "prep: python benchmarks/bench.py. Results: docs/benchmarks.md.")
     p.add_argument("--shapes", default="cpu", choices=("study", "cpu", "smoke"),
                    help="study: the study's models and batch (GPU); cpu: the same proportions, minutes "
                         "on 2 cores (default); smoke: seconds")
     p.add_argument("--exps", "--exp", nargs="+", metavar="NAME", help="experiments (default: the 14)")
-    p.add_argument("--paths", nargs="+", default=list(("reference", "kdlib", "cached")),
-                   choices=("reference", "kdlib", "cached"), help="paths to measure (default: all three)")
-    p.add_argument("--sections", nargs="+", default=["train", "divergence", "prep"],
-                   choices=("train", "divergence", "prep"),
-                   help="what to measure (default: everything; the dense divergences at 8,192 x 50,257 "
-                        "need ~16 GB of memory)")
+    p.add_argument("--paths", nargs="+", default=["kdlib", "cached"], choices=("kdlib", "cached"),
+                   help="paths to measure (default: both)")
     p.add_argument("--feature", default="hidden", choices=("hidden", "attention"),
                    help="kdlib's feature loss: hidden states (default, SDPA) or attention maps (the study's)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the student and the loss formulas on the kdlib paths")
+                   help="torch.compile the student and the loss formulas")
     p.add_argument("--peak-tflops", type=_peak,
                    help="the device's peak TFLOP/s for MFU, or 'measure' (the best large matmul here); "
                         "default: the datasheet value of known GPUs, or $KDLIB_PEAK_TFLOPS")
     p.add_argument("--steps", type=_positive_int, help="timed steps per measurement (default: per shapes)")
     p.add_argument("--warmup", type=_positive_int, help="warm-up steps per measurement (default: per shapes)")
     p.add_argument("--out", help="folder for bench.json and bench.md (rewritten after every measurement)")
-    p.add_argument("--merge", nargs="+", metavar="JSON",
-                   help="measure nothing: merge these bench.json files (the same shapes and machine, paths "
-                        "measured in separate runs) into one report, ratios included")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("badges", help="point every Open-in-Colab badge and install cell at a GitHub repo and ref",

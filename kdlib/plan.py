@@ -366,8 +366,7 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
         n = cfg.train.batch_size * cfg.train.grad_accum
         windows = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(n, cfg.data.block_size + 1),
                                                     dtype=np.int64)
-        step = KdlibStep(None, cfg.exp, dev, cached=source == "cache", windows=windows, top_k=cfg.cache.top_k,
-                         cfg=cfg, teacher=teachers.get(attn))
+        step = KdlibStep(cfg, dev, teachers.get(attn), cached=source == "cache", windows=windows)
         idx, times = np.arange(n), []
         for i in range(warmup + steps):
             if dev.type == "cuda":

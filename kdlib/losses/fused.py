@@ -9,7 +9,7 @@ loop and one ``[N, V]`` gradient buffer instead of one per term. With
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -62,9 +62,9 @@ def output_losses(s: Tensor, labels: Tensor, teacher: Union[Tensor, TopKTargets,
     if cosine:
         names.append("cos")
         weights.append(w_cos)
-    key = (smoothing, divergence, temperature, param, sparse, len(teacher_tensors), cosine)
+    terms = _Terms(smoothing, divergence, temperature, param, sparse, len(teacher_tensors), cosine)
     # Compiled on the chunked path only: the dense one is the plain-autograd reference.
-    rows_fn = _compiled_output_rows(*key) if compile and chunk_size is not None else _output_rows(*key)
+    rows_fn = _compiled_output_rows(terms) if compile and chunk_size is not None else _output_rows(terms)
     total, means = _row_means(rows_fn, weights, [s2, y, *teacher_tensors], m, chunk_size)
     return total, dict(zip(names, means.unbind()))
 
@@ -78,14 +78,28 @@ def _teacher_rows(s: Tensor, teacher: Union[Tensor, TopKTargets, None]) -> list[
     return []
 
 
-def _output_rows(smoothing, divergence, temperature, param, sparse, n_teacher, cosine):
+class _Terms(NamedTuple):
+    """One configuration of ``output_losses``' terms (checked), the key of its compiled formula."""
+
+    smoothing: float
+    divergence: Optional[str]
+    temperature: Optional[float]  # None without a divergence
+    param: Optional[float]
+    sparse: bool  # the teacher is a top-k cache
+    n_teacher: int  # teacher tensors per row: 1 (logits), 2 or 3 (cache), 0 (none)
+    cosine: bool
+
+
+def _output_rows(terms: _Terms):
     """The per-row [n, terms] formula of ``output_losses``; its tensors: s, labels, then the teacher's."""
-    where = list(range(2, 2 + n_teacher))
-    fns = [(_ce_rows(smoothing), [0, 1])]
-    if divergence is not None:
-        rows = (_sparse_rows if sparse else _divergence_rows)(divergence, temperature, param)
-        fns.append((lambda *xs, rows=rows, scale=temperature * temperature: scale * rows(*xs), [0, *where]))
-    if cosine:
+    where = list(range(2, 2 + terms.n_teacher))
+    fns = [(_ce_rows(terms.smoothing), [0, 1])]
+    if terms.divergence is not None:
+        formula = _sparse_rows if terms.sparse else _divergence_rows
+        rows = formula(terms.divergence, terms.temperature, terms.param)
+        scale = terms.temperature * terms.temperature
+        fns.append((lambda *xs, rows=rows, scale=scale: scale * rows(*xs), [0, *where]))
+    if terms.cosine:
         fns.append((_cosine_rows, [0, 2]))
 
     def rows_fn(*xs: Tensor) -> Tensor:
@@ -101,7 +115,7 @@ _RECOMPILE_LIMIT = 64
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_output_rows(*key):
+def _compiled_output_rows(terms: _Terms):
     # One compiled wrapper per configuration, kept for the process. Dynamic shapes: the last
     # chunk of a batch is shorter.
     import torch._dynamo
@@ -109,7 +123,7 @@ def _compiled_output_rows(*key):
     for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and torch < 2.7's
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), _RECOMPILE_LIMIT))
-    compiled = torch.compile(_output_rows(*key), dynamic=True)
+    compiled = torch.compile(_output_rows(terms), dynamic=True)
 
     def rows_fn(*xs: Tensor) -> Tensor:
         # A compiled graph saves its inputs for backward, which inference-mode tensors (an

@@ -53,12 +53,12 @@ def output_losses(s: Tensor, labels: Tensor, teacher: Union[Tensor, TopKTargets,
         raise KdlibError("the cosine loss needs the teacher's logits; a top-k cache has only its top-k")
     teacher_tensors = _teacher_rows(s, teacher)
     names, weights = ["ce"], [w_ce]
-    if divergence is not None:
+    if divergence is None:
+        temperature = None  # no divergence term: the temperature is unused (and not checked)
+    else:
         temperature, param = _check_divergence(divergence, temperature, param)
         names.append(divergence)
         weights.append(w_div)
-    else:
-        temperature = None
     if cosine:
         names.append("cos")
         weights.append(w_cos)

@@ -197,7 +197,7 @@ def test_nan_between_log_lines_is_reported_with_its_own_step_and_nothing_after_i
     # The step checks finiteness on the device (no host sync); the check is read at the next
     # log line, evaluation or save. The step named is still the bad one, and nothing from it or
     # after it reaches metrics.jsonl, the student or the resume state.
-    real = kdlib.losses._divergence_rows
+    real = kdlib.losses.fused._divergence_rows
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -205,7 +205,7 @@ def test_nan_between_log_lines_is_reported_with_its_own_step_and_nothing_after_i
         rows = real(*args, **kwargs)
         return (lambda *xs: rows(*xs) * float("inf")) if calls["n"] == 7 else rows
 
-    monkeypatch.setattr(kdlib.losses, "_divergence_rows", poisoned)
+    monkeypatch.setattr(kdlib.losses.fused, "_divergence_rows", poisoned)
     cfg = small_cfg("kl", max_steps=12, eval_every=5, log_every=4)
     run_dir = tmp_path / "run"
     with pytest.raises(KdlibError, match=r"^step 7: the loss is not finite \(component: kl\)"):
@@ -641,14 +641,14 @@ DDP_NAN_MAIN = DDP_MAIN.replace("from kdlib.cli import main\n", """from kdlib.cl
 import kdlib.losses
 
 if os.environ.get("RANK") == "1":  # the divergence of rank 1 only turns NaN at its 3rd step
-    _real, _calls = kdlib.losses._divergence_rows, {"n": 0}
+    _real, _calls = kdlib.losses.fused._divergence_rows, {"n": 0}
 
     def _poisoned(*a, **k):
         _calls["n"] += 1
         rows = _real(*a, **k)
         return (lambda *xs: rows(*xs) * float("nan")) if _calls["n"] == 3 else rows
 
-    kdlib.losses._divergence_rows = _poisoned
+    kdlib.losses.fused._divergence_rows = _poisoned
 """).replace("rc = main(sys.argv[1:])\n", """rc = main(sys.argv[1:])
 with open(os.path.join(os.environ["KDLIB_TEST_RECORD"], f"rc{os.environ['RANK']}"), "w") as f:
     f.write(str(rc))

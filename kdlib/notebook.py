@@ -8,8 +8,9 @@ The configs and the training are ``kdlib.launch``'s (the CLI's too); the folders
 
     exp = kdlib.notebook.experiment_name("layerwise", "kl", cosine=True)   # layerwise-kl-cos
     cfg = kdlib.notebook.run_config("colab-t4", exp)
-    kdlib.notebook.show_plan(cfg, results_dir)
-    summary = kdlib.notebook.train_run(cfg, results_dir, data_dir, plan=False)
+    where = kdlib.colab.folders("colab-t4", data_dir="", results_dir="").run_folders("colab-t4")
+    kdlib.notebook.show_plan(cfg, where)                  # stops here when the run does not fit
+    summary = kdlib.notebook.train_run(cfg, where, plan=False)
 """
 
 from __future__ import annotations

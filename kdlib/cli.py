@@ -32,7 +32,6 @@ def _peak(text: str):
     return value
 
 
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -75,8 +74,8 @@ def _shared() -> dict:
     return groups
 
 
-def _command(sub, name: str, help: str, description: str, parents=()) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=description, parents=list(parents))
+def _command(sub, name: str, summary: str, description: str, parents=()) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=description, parents=list(parents))
     p.set_defaults(func=COMMANDS[name])
     return p
 

@@ -2,7 +2,8 @@
 
 The CLI (``train``, ``sweep``, ``plan``) and the notebooks (``kdlib.notebook``, the panel in
 ``kdlib.ui``) both build their configs with ``run_configs`` and train them with ``train_run``, so a
-notebook run and ``python -m kdlib train`` with the same choices are the same run.
+notebook run and ``python -m kdlib train`` with the same choices are the same run. The modules that
+import torch are imported where they are needed: ``python -m kdlib --help`` starts without torch.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from .checkpoint import MiB, StorageBudget
 from .config import ExperimentConfig, preset as make_preset, preset_seeds
 from .errors import KdlibError
-from .plan import sweep_configs
 
 PathLike = Union[str, Path]
 BUDGET_MIB = 100.0  # the results folder's storage budget when none is given (the CLI's --budget-mib)
@@ -56,6 +55,8 @@ def run_configs(preset: str, exps: Optional[Sequence[str]] = None, seeds: Option
                 choices: Optional[RunChoices] = None, log: Callable[[str], None] = print) -> list[ExperimentConfig]:
     """The validated configs of ``exps`` x ``seeds`` under ``preset`` with ``choices`` (defaults: the 14
     of the grid, the preset's seeds); a bad experiment name is refused before any config is built."""
+    from .plan import sweep_configs
+
     choices = choices or RunChoices()
     base = choices.apply(make_preset(preset))
     for exp in exps or ():
@@ -79,8 +80,10 @@ class RunFolders:
     cache_dir: Optional[PathLike] = None  # None = DATA_DIR/cache
     budget_mib: float = BUDGET_MIB
 
-    def budget(self) -> StorageBudget:
-        """The results folder's storage budget; ``KdlibError`` for a budget that is not a positive size."""
+    def budget(self):
+        """The results folder's ``StorageBudget``; ``KdlibError`` for a budget that is not a positive size."""
+        from .checkpoint import MiB, StorageBudget
+
         if not (0 < self.budget_mib < 1e9):
             raise KdlibError(f"the storage budget (--budget-mib, a notebook's budget_mib) must be a positive "
                              f"number of MiB, got {self.budget_mib:g}")

@@ -82,6 +82,9 @@ def test_folders_resolve_each_notebook_parameter_off_colab(tmp_path):
     f = kdlib.colab.folders("smoke", data_dir="", results_dir="", figures_dir="", cache_dir="")
     assert (f.data_dir, f.results_dir, f.figures_dir) == (Path("data/smoke"), Path("runs"), Path("figures"))
     assert f.cache_dir == Path("data/smoke/cache")  # the CLI's default
+    where = kdlib.colab.folders("smoke", data_dir="", results_dir="").run_folders("smoke", budget_mib=5.0)
+    assert (where.results_dir, where.data_dir, where.cache_dir, where.budget_mib) == (
+        Path("runs"), Path("data/smoke"), Path("data/smoke/cache"), 5.0)  # a run's folders, as the CLI's
     f = kdlib.colab.folders("smoke", data_dir=str(tmp_path / "d"), cache_dir=" ")
     assert f.data_dir == tmp_path / "d" and f.cache_dir == tmp_path / "d" / "cache" and f.results_dir is None
     assert "data_dir" in str(f) and "(local disk)" in str(f) and "results_dir" not in str(f)

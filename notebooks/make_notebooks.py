@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from kdlib.badges import REF, REPO, badge_markdown  # noqa: E402
 from kdlib.grid import MAPS  # noqa: E402
-from kdlib.ui import DIVERGENCES, DRIVE_LAYOUT, NOTEBOOK_PRESETS  # noqa: E402
+from kdlib.colab import DRIVE_LAYOUT, NOTEBOOK_PRESETS  # noqa: E402
+from kdlib.notebook import STUDY_DIVERGENCES  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PRESET = "colab-t4"  # what a Colab user gets from the badge; CI passes preset="smoke"
@@ -136,10 +137,10 @@ def params_cell(*fields: str):
 
 def runtime_cell(preset: str | None, needs_gpu: bool, **folders: str):
     """Where the notebook runs and where its files go: the first cell after the parameters."""
-    check = f"kdlib.ui.check_runtime({preset}, needs_gpu={needs_gpu})" if preset else "kdlib.ui.check_runtime()"
+    check = f"kdlib.colab.check_runtime({preset}, needs_gpu={needs_gpu})" if preset else "kdlib.colab.check_runtime()"
     args = ", ".join([*([preset] if preset else []), *(f"{k}={v}" for k, v in folders.items())])
     note = "  # a GPU preset on a CPU runtime stops here, saying how to pick a GPU" if needs_gpu else ""
-    return new_code_cell(f"{check}{note}\nf = kdlib.ui.folders({args})\nprint(f)")
+    return new_code_cell(f"{check}{note}\nf = kdlib.colab.folders({args})\nprint(f)")
 
 
 def header(number: str, title: str, text: str) -> str:
@@ -162,7 +163,7 @@ machine, so the folder is on Google Drive. Run again with the same inputs, it re
 ### Where everything goes (Colab)
 
 """ + DRIVE_LAYOUT)),
-        install_cell("kdlib.config, kdlib.data, kdlib.ui"),
+        install_cell("kdlib.colab, kdlib.config, kdlib.data, kdlib.notebook"),
         params_cell(PRESET_PARAM, DATA_PARAM),
         new_markdown_cell(WHERE),
         runtime_cell("preset", False, data_dir="data_dir"),
@@ -172,7 +173,7 @@ machine, so the folder is on Google Drive. Run again with the same inputs, it re
                       "splits = kdlib.data.prepare(cfg, f.data_dir)  # prints the per-split table"),
         new_markdown_cell("## What the model reads\n\nA stretch of the training split decoded back to text: "
                           "the tokenizer's round trip, and a look at the data."),
-        new_code_cell("kdlib.ui.show_sample(cfg, f.data_dir)"),
+        new_code_cell("kdlib.notebook.show_sample(cfg, f.data_dir)"),
     ]
 
 
@@ -190,9 +191,9 @@ notebook runs on its own machine, `03_train` builds it on its runtime when it is
 is not there. This notebook shows its size and where it goes, checks the disk has room, builds it, and \
 measures how much of the teacher's distribution the top k keep. An interrupted build continues where \
 it stopped.""")),
-        install_cell("kdlib.config, kdlib.data, kdlib.ui"),
+        install_cell("kdlib.colab, kdlib.data, kdlib.notebook"),
         params_cell(PRESET_PARAM,
-                    param(f'divergence = "kl"  #@param {options(DIVERGENCES)}',
+                    param(f'divergence = "kl"  #@param {options(STUDY_DIVERGENCES)}',
                           "**divergence**: the cache is built at this divergence's temperature (the same for kl",
                           "and js in every preset)"),
                     DATA_PARAM,
@@ -203,12 +204,12 @@ it stopped.""")),
         runtime_cell("preset", True, data_dir="data_dir", cache_dir="cache_dir"),
         new_markdown_cell("## Size and place\n\nThe cache's size, where it goes and that disk's free space; "
                           "it stops here if the cache does not fit."),
-        new_code_cell("cfg = kdlib.ui.experiment_config(preset, divergence=divergence)\n"
+        new_code_cell("cfg = kdlib.notebook.run_config(preset, divergence)\n"
                       "kdlib.data.prepare(cfg, f.data_dir)  # reuses 01's files\n"
-                      "kdlib.ui.cache_plan(cfg, f.data_dir, f.cache_dir)"),
+                      "kdlib.notebook.cache_plan(cfg, f.data_dir, f.cache_dir)"),
         new_markdown_cell("## Build, and its fidelity\n\nThe teacher's pass, then the share of its "
                           "probability mass the top k keep (the rest is one tail bucket)."),
-        new_code_cell("coverage = kdlib.ui.build_cache(cfg, f.data_dir, f.cache_dir, plan=False)  # checked above"),
+        new_code_cell("coverage = kdlib.notebook.build_cache(cfg, f.data_dir, f.cache_dir, plan=False)  # checked above"),
     ]
 
 
@@ -224,14 +225,14 @@ keeps the best run's only (42 students of 97 MiB do not fit 100 MB; the layout w
 its plan; run it again after an interruption and it resumes (after a runtime reset it starts over: \
 the resume state is on the runtime's disk), and a finished run is not trained again. The panel trains \
 interactively instead; Run all does not press its button.""")),
-        install_cell("kdlib.ui"),
+        install_cell("kdlib.colab, kdlib.launch, kdlib.notebook, kdlib.ui"),
         params_cell(PRESET_PARAM,
                     param(f'feature_map = "none"  #@param {options(("none",) + MAPS)}',
                           "**feature_map**: which student layer matches which teacher layer in the feature loss",
                           "(none = no feature loss)"),
                     param('feature = "hidden"  #@param ["hidden", "attention"]',
                           "**feature**: what the feature map compares (the original study: attention maps)"),
-                    param(f'divergence = "kl"  #@param {options(("none",) + DIVERGENCES)}',
+                    param(f'divergence = "kl"  #@param {options(("none",) + STUDY_DIVERGENCES)}',
                           "**divergence**: the output divergence to the teacher (none = no output term)"),
                     param('cosine = False  #@param {type:"boolean"}',
                           "**cosine**: add the cosine term between student and teacher logits (the original study's)"),
@@ -246,16 +247,18 @@ interactively instead; Run all does not press its button.""")),
         new_markdown_cell(WHERE),
         runtime_cell("preset", True, results_dir="results_dir", data_dir="data_dir"),
         new_code_cell("""\
-cfg = kdlib.ui.experiment_config(preset, feature_map, feature, divergence, cosine, seed, max_steps,
-                                 teacher_source=teacher_source)
-run_dir = kdlib.ui.run_folder(cfg, f.results_dir)
-print(kdlib.ui.describe(cfg, f.results_dir))"""),
+exp = kdlib.notebook.experiment_name(feature_map, divergence, cosine, feature)
+choices = kdlib.launch.RunChoices(feature=feature, teacher_source=teacher_source, max_steps=max_steps)
+cfg = kdlib.notebook.run_config(preset, exp, seed, choices)
+where = f.run_folders(preset)
+run_dir = kdlib.notebook.run_folder(cfg, where.results_dir)
+print(kdlib.notebook.describe(cfg, where.results_dir))"""),
         new_markdown_cell("## The plan\n\n"
                           "What the run will cost before it starts: its token budget (the same for every "
                           "experiment of the preset), steps, evaluations, the time (measured on this "
                           "runtime's GPU in a few seconds; an estimate without one) and the bytes it leaves "
                           "on Drive against the 100 MiB budget. Run all stops here if it does not fit."),
-        new_code_cell("plan = kdlib.ui.show_plan(cfg, f.results_dir, f.data_dir)"),
+        new_code_cell("plan = kdlib.notebook.show_plan(cfg, where)"),
         new_markdown_cell("## Interactive panel\n\n"
                           "Pick a combination and press **Train**: the progress bar and the validation "
                           "perplexity update as it trains. Its choices start at the parameters above; "
@@ -268,9 +271,9 @@ kdlib.ui.panel(preset, f.results_dir, f.data_dir, feature_map=feature_map, featu
         new_markdown_cell("## Train the chosen experiment\n\n"
                           "Trains the parameters' experiment (resumes it if interrupted) with a progress bar, "
                           "then shows its summary and its validation perplexity."),
-        new_code_cell("summary = kdlib.ui.train_run(cfg, f.results_dir, f.data_dir, plan=False)\n"
-                      "print(kdlib.ui.summary_text(summary))"),
-        new_code_cell("kdlib.ui.show_val_ppl(run_dir)"),
+        new_code_cell("summary = kdlib.notebook.train_run(cfg, where, plan=False)\n"
+                      "print(kdlib.notebook.summary_text(summary))"),
+        new_code_cell("kdlib.notebook.show_val_ppl(run_dir)"),
     ]
 
 
@@ -284,7 +287,7 @@ baseline (`results.csv`, `results.md`), one row per run (`runs.csv`), the cosine
 by seed, JS's early best and later rise, and the figures as PNG and PDF; then shows the table and the \
 figures here and lists what was written where. `reference` adds the original study's table and curves \
 (shipped with kdlib) beside these runs.""")),
-        install_cell("kdlib.analysis, kdlib.ui"),
+        install_cell("kdlib.analysis, kdlib.colab, kdlib.notebook"),
         params_cell(RESULTS_PARAM,
                     param('figures_dir = ""  #@param {type:"string"}',
                           "**figures_dir**: the report; empty = `MyDrive/kdlib-figures` on Colab, `figures/`",
@@ -297,7 +300,7 @@ figures here and lists what was written where. `reference` adds the original stu
                           "protocol), the figures, and the files written."),
         new_code_cell("""\
 result = kdlib.analysis.report(f.results_dir, f.figures_dir, reference=reference)  # prints skipped runs
-kdlib.ui.show_report(result)"""),
+kdlib.notebook.show_report(result)"""),
     ]
 
 

@@ -1,4 +1,5 @@
-"""Run all, as a Colab user meets it: 01 -> 04 from their install cells on, the smoke preset, Drive defaults.
+"""kdlib.colab: where a notebook's files go and what the runtime is, off Colab and on a simulated one
+(``google.colab`` faked in this process); then Run all, as a Colab user meets it: 01 -> 04 from their install cells on, the smoke preset, Drive defaults.
 
 Each notebook gets a fresh "runtime": its own Python environment (this machine's packages, without
 kdlib), its own runtime disk (``/content``: here a temporary folder, ``KDLIB_COLAB_CONTENT``) and a
@@ -16,15 +17,171 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import nbformat
 import pytest
 from helpers import fake_github
 
+import kdlib.colab
 from kdlib.badges import rewrite_text
+from kdlib.colab import results_folder
+from kdlib.errors import KdlibError
+from kdlib.notebook import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------
+# the folders, Drive and the runtime check, in this process
+
+
+def fake_colab(monkeypatch, mount):
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=mount)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+
+
+def test_results_and_data_folders_off_colab(tmp_path):
+    assert not kdlib.colab.on_colab()
+    assert results_folder() == Path("runs")
+    assert results_folder(local=tmp_path / "r") == tmp_path / "r"
+    assert kdlib.colab.data_folder("smoke") == Path("data/smoke")
+    assert kdlib.colab.data_folder("smoke", tmp_path) == tmp_path
+    with pytest.raises(KdlibError, match="unknown preset"):
+        kdlib.colab.data_folder("nope")
+
+
+def test_results_folder_on_colab_mounts_drive(tmp_path, monkeypatch):
+    mounted = []
+    fake_colab(monkeypatch, mounted.append)
+    monkeypatch.setattr(kdlib.colab, "DRIVE", tmp_path / "drive")
+    assert kdlib.colab.on_colab()
+    folder = results_folder("kd-results")
+    assert mounted == [str(tmp_path / "drive")]
+    assert folder == tmp_path / "drive" / "MyDrive" / "kd-results" and folder.is_dir()
+    assert kdlib.colab.data_folder("smoke") == tmp_path / "drive" / "MyDrive" / "kdlib-data" / "smoke"
+    assert run_config("smoke").train.resume_dir == kdlib.colab.COLAB_RESUME_DIR  # the runtime's disk
+
+
+def test_failed_drive_mount_says_how_to_fix_it(monkeypatch):
+    def refuse(path):
+        raise ValueError("mount failed")
+
+    fake_colab(monkeypatch, refuse)
+    with pytest.raises(KdlibError) as e:
+        results_folder()
+    message = str(e.value)
+    assert "mount failed" in message
+    assert "Re-run this cell and accept the authorisation" in message
+    assert "local folder" in message
+
+
+def test_folders_resolve_each_notebook_parameter_off_colab(tmp_path):
+    f = kdlib.colab.folders("smoke", data_dir="", results_dir="", figures_dir="", cache_dir="")
+    assert (f.data_dir, f.results_dir, f.figures_dir) == (Path("data/smoke"), Path("runs"), Path("figures"))
+    assert f.cache_dir == Path("data/smoke/cache")  # the CLI's default
+    where = kdlib.colab.folders("smoke", data_dir="", results_dir="").run_folders("smoke", budget_mib=5.0)
+    assert (where.results_dir, where.data_dir, where.cache_dir, where.budget_mib) == (
+        Path("runs"), Path("data/smoke"), Path("data/smoke/cache"), 5.0)  # a run's folders, as the CLI's
+    f = kdlib.colab.folders("smoke", data_dir=str(tmp_path / "d"), cache_dir=" ")
+    assert f.data_dir == tmp_path / "d" and f.cache_dir == tmp_path / "d" / "cache" and f.results_dir is None
+    assert "data_dir" in str(f) and "(local disk)" in str(f) and "results_dir" not in str(f)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(KdlibError, match="is a file, not a folder"):
+        kdlib.colab.folders("smoke", results_dir=str(tmp_path / "file"))
+    for name in ("data_dir", "cache_dir"):  # below a file, and the cache folder too
+        with pytest.raises(KdlibError, match=f"{name} = .* is inside .*file, a file, not a folder"):
+            kdlib.colab.folders("smoke", **{"data_dir": "", name: str(tmp_path / "file" / "sub")})
+    assert kdlib.colab.folders("smoke", cache_dir=" ~/c ").cache_dir == Path.home() / "c"  # stripped, ~ expanded
+    with pytest.raises(KdlibError, match="unknown preset"):
+        kdlib.colab.folders("nope", data_dir="")
+
+
+def test_folders_on_colab_mount_drive_once_and_keep_the_cache_on_the_runtime_disk(tmp_path, monkeypatch):
+    mounted = []
+    fake_colab(monkeypatch, mounted.append)
+    monkeypatch.setattr(kdlib.colab, "DRIVE", tmp_path / "drive")
+    monkeypatch.setattr(kdlib.colab, "COLAB_CACHE_DIR", tmp_path / "content" / "kdlib-cache")
+    f = kdlib.colab.folders("smoke", data_dir="", results_dir="", cache_dir="")
+    assert mounted == [str(tmp_path / "drive")]
+    mydrive = tmp_path / "drive" / "MyDrive"
+    assert f.data_dir == mydrive / "kdlib-data" / "smoke" and f.results_dir == mydrive / "kdlib"
+    assert f.cache_dir == tmp_path / "content" / "kdlib-cache" / "smoke"
+    text = str(f)
+    assert f"{mydrive / 'kdlib'}  (Google Drive)" in text and "this runtime's disk: lost when it is recycled" in text
+    # Every folder given: Drive is not mounted at all.
+    kdlib.colab.folders("smoke", data_dir=str(tmp_path / "d"), results_dir=str(tmp_path / "r"))
+    assert len(mounted) == 1
+
+
+@pytest.mark.parametrize("given, fix", [
+    ({"data_dir": ""}, "set data_dir = '/content/kdlib-data/smoke' in the parameters cell"),
+    ({"data_dir": "/x", "results_dir": ""}, "set results_dir = '/content/runs' in the parameters cell"),
+    ({"results_dir": "", "figures_dir": ""},
+     "set results_dir = '/content/runs' and figures_dir = '/content/figures' in the parameters cell"),
+])
+def test_a_failed_mount_names_the_parameters_left_empty(monkeypatch, given, fix):
+    def refuse(path):
+        raise ValueError("mount failed")
+
+    fake_colab(monkeypatch, refuse)
+    with pytest.raises(KdlibError) as e:
+        kdlib.colab.folders("smoke", **given)
+    assert fix in str(e.value) and "mount failed" in str(e.value)
+
+
+class FakeGPU:
+    """torch.cuda as a runtime with one GPU of this name, memory and compute capability shows it."""
+
+    def __init__(self, monkeypatch, name, gib, capability):
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda i=0: types.SimpleNamespace(name=name, total_memory=int(gib * 2**30)))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capability)
+
+
+def test_runtime_report_names_the_gpu_and_the_presets_precision(monkeypatch):
+    FakeGPU(monkeypatch, "Tesla T4", 15.0, (7, 5))
+    text, problems = kdlib.colab.runtime_report("colab-t4")
+    assert "GPU: Tesla T4, 15.0 GiB, bf16 in hardware: no (emulated, slow)" in text
+    assert "preset colab-t4: student in fp16 autocast, teacher in fp16, made for one T4" in text
+    assert problems == []
+    text, problems = kdlib.colab.runtime_report("colab-a100")  # bf16 on a T4: said, with the fix
+    assert len(problems) == 1 and "only emulates" in problems[0] and "colab-t4" in problems[0]
+    FakeGPU(monkeypatch, "NVIDIA A100-SXM4-40GB", 39.6, (8, 0))
+    text, problems = kdlib.colab.runtime_report("colab-a100")
+    assert "bf16 in hardware: yes" in text and "student in bf16 autocast" in text and problems == []
+
+
+def test_a_gpu_preset_on_a_cpu_runtime_stops_the_notebooks_that_train(monkeypatch, capsys):
+    assert kdlib.colab.check_runtime("smoke", needs_gpu=True).startswith("runtime: not Colab")
+    with pytest.raises(KdlibError, match="run it on a machine with a CUDA GPU; or set preset = 'smoke'"):
+        kdlib.colab.check_runtime("colab-t4", needs_gpu=True)
+    fake_colab(monkeypatch, lambda path: None)
+    with pytest.raises(KdlibError, match=r"Runtime -> Change runtime type -> Hardware accelerator -> T4 GPU"):
+        kdlib.colab.check_runtime("colab-t4", needs_gpu=True)
+    capsys.readouterr()
+    kdlib.colab.check_runtime("study", needs_gpu=False)  # 01 and 04 need no GPU: a warning only
+    out = capsys.readouterr().out
+    assert "GPU: none" in out and "note: this notebook needs no GPU, but 02 and 03 with this preset do: preset " \
+        "study trains on a GPU" in out and "A100 GPU" in out
+
+
+def test_a_drive_path_typed_into_a_parameter_mounts_drive_first(tmp_path, monkeypatch):
+    mounted = []
+    fake_colab(monkeypatch, mounted.append)
+    monkeypatch.setattr(kdlib.colab, "DRIVE", tmp_path / "drive")
+    f = kdlib.colab.folders("smoke", data_dir=str(tmp_path / "drive" / "MyDrive" / "mine"))
+    assert mounted == [str(tmp_path / "drive")] and "(Google Drive)" in str(f)
+
+
+# --------------------------------------------------------------------------
+# Run all on a simulated Colab runtime, one per notebook
+
 
 # A Colab runtime: google.colab is a real (fake) package, loaded at start; Drive mounts by linking to the
 # shared "Drive"; kdlib is not installed (this checkout's editable install is hidden).

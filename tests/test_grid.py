@@ -212,7 +212,7 @@ def test_cli_grid_prints_the_14_names(capsys):
 
 
 def test_cli_grid_json(capsys):
-    assert main(["grid", "--json"]) == 0
+    assert main(["grid", "--json", "--preset", "study"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["preset"] == "study"
     rows = data["experiments"]

@@ -72,7 +72,8 @@ def with_fields(source: str, repo: str, ref: str) -> str:
     lines = [f'repo = "{repo}"  #@param {{type:"string"}}' if line.startswith("repo = ") else
              f'ref = "{ref}"  #@param {{type:"string"}}' if line.startswith("ref = ") else line
              for line in source.splitlines()]
-    return "\n".join(lines).replace("import kdlib.ui\n", "import kdlib\n")  # kdlib.ui needs torch: not here
+    # The notebook's own modules (kdlib.colab, kdlib.notebook, ...) need torch, which is not here.
+    return "\n".join("import kdlib" if line.startswith("import kdlib.") else line for line in lines)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -147,7 +147,7 @@ def test_notebooks_run_in_order_on_the_smoke_preset(tmp_path, monkeypatch):
 
 
 def test_colab_doc_and_01_show_the_same_drive_layout():
-    from kdlib.ui import DRIVE_LAYOUT
+    from kdlib.colab import DRIVE_LAYOUT
 
     assert DRIVE_LAYOUT in (ROOT / "docs" / "colab.md").read_text(encoding="utf-8")
     assert DRIVE_LAYOUT in read("01_data_prep").cells[0].source

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+import kdlib.notebook
 import kdlib.plan
 import kdlib.train
-import kdlib.ui
 from kdlib.checkpoint import MiB
 from kdlib.cli import main as cli_main
 from kdlib.config import PRESETS, SEEDS, preset, preset_seeds
@@ -231,9 +231,9 @@ def test_plan_without_seeds_uses_the_presets(capsys, no_gpu):
 
 
 def test_ui_config_takes_the_presets_first_seed():
-    assert kdlib.ui.experiment_config("study").seed == 42
-    assert kdlib.ui.experiment_config("colab-t4").seed == 0
-    assert kdlib.ui.experiment_config("study", seed=7).seed == 7
+    assert kdlib.notebook.run_config("study").seed == 42
+    assert kdlib.notebook.run_config("colab-t4").seed == 0
+    assert kdlib.notebook.run_config("study", seed=7).seed == 7
 
 
 def test_train_without_seed_goes_to_runs_preset_run(capsys, data_dir, own_folder):

@@ -18,7 +18,7 @@ import torch
 
 import kdlib.faults
 import kdlib.train
-import kdlib.ui
+import kdlib.colab
 from kdlib.checkpoint import MiB, load_resume
 from kdlib.cli import main as cli_main
 from kdlib.config import COLAB_TOKENS, preset
@@ -494,14 +494,14 @@ def test_teacher_in_another_dtype_has_its_own_teacher_ppl(smoke_run, tmp_path):
 
 
 def test_notebooks_and_panel_do_not_offer_demo():
-    assert "demo" not in kdlib.ui.NOTEBOOK_PRESETS
+    assert "demo" not in kdlib.colab.NOTEBOOK_PRESETS
     nb = json.loads((NOTEBOOKS / "03_train.ipynb").read_text())
     sources = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     params = [m.group(1) for s in sources for m in re.finditer(r'^preset = "[^"]*"\s*#@param (\[.*\])', s, re.M)]
     assert len(params) == 1, params
     options = json.loads(params[0])
     assert "demo" not in options
-    assert options == list(kdlib.ui.NOTEBOOK_PRESETS)
+    assert options == list(kdlib.colab.NOTEBOOK_PRESETS)
 
 
 # --------------------------------------------------------------------------

@@ -450,7 +450,7 @@ def test_storage_of_a_missing_folder_is_an_error(tmp_path, capsys):
 
 def test_small_sizes_next_to_a_budget_keep_two_significant_digits(trained, tmp_path, capsys):
     from kdlib.checkpoint import MiB
-    from kdlib.cli import mib_text
+    from kdlib.commands import mib_text
 
     assert mib_text(0.05 * MiB) == "0.05 MiB" and mib_text(0.0123 * MiB) == "0.012 MiB"
     assert mib_text(97.3 * MiB) == "97.30 MiB" and mib_text(0) == "0 MiB"

@@ -1,0 +1,304 @@
+"""What each ``python -m kdlib`` command does with its parsed arguments: call into kdlib, print.
+
+``kdlib.cli`` parses the arguments and maps the errors to exit codes; ``COMMANDS`` names the body
+of each command. The configs of train, sweep and plan come from ``kdlib.launch`` (the notebooks' too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .errors import KdlibError
+from .launch import RunChoices, RunFolders, run_configs, train_run
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from .config import preset
+    from .grid import EXPERIMENTS
+
+    if not args.json:
+        print("\n".join(EXPERIMENTS))
+        return 0
+    base = preset(args.preset)
+    rows = []
+    for name in EXPERIMENTS:
+        cfg = base.with_experiment(name, feature=args.feature)
+        rows.append({**cfg.spec.to_dict(), "output_only": cfg.spec.output_only, "loss": cfg.loss_terms.to_dict()})
+    print(json.dumps({"preset": args.preset, "experiments": rows}, indent=2))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .config import preset
+    from .grid import EXPERIMENTS
+    from .preflight import run_checks
+
+    base = preset(args.preset)
+    for exp in args.exps or ():
+        base.with_experiment(exp, feature=args.feature)  # refuses a bad name before any work
+    failed = 0
+    data_dir = args.data_dir
+    if data_dir is None and Path(f"data/{args.preset}/train.json").is_file():
+        data_dir = f"data/{args.preset}"
+    if data_dir is None:
+        print("no prepared data (python -m kdlib prep): checking on random token windows", file=sys.stderr)
+    for result in run_checks(base, args.exps or EXPERIMENTS, feature=args.feature, steps=args.steps,
+                             data_dir=data_dir):
+        print(result.line(), flush=True)
+        failed += not result.ok
+    total = len(args.exps or EXPERIMENTS)
+    print(f"{total - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    shapes = bench.get_shapes(args.shapes, steps=args.steps, warmup=args.warmup)
+    report = bench.start_report(shapes, feature=args.feature, compile=args.compile, peak=args.peak_tflops,
+                                command="python -m kdlib bench " + " ".join(args.argv))
+    bench.run_bench(report, exps=args.exps or bench.EXPERIMENTS, paths=args.paths, out_dir=args.out)
+    print()
+    print(bench.to_markdown(report))
+    if args.out:
+        for path in bench.write_report(report, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def _data_dir(args: argparse.Namespace) -> str:
+    return args.data_dir or f"data/{args.preset}"
+
+
+def _prep(args: argparse.Namespace) -> int:
+    from .config import preset
+    from .data import prepare
+
+    folder = _data_dir(args)
+    prepare(preset(args.preset), folder)
+    print(f"token files in {folder}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .cache import build_cache
+    from .config import preset
+    from .models import device_of
+
+    cfg = preset(args.preset, args.exp)
+    spec = cfg.spec
+    if not spec.needs_teacher:
+        raise KdlibError(f"{cfg.exp} has no teacher term: nothing to cache. Build the cache for the experiment "
+                         "that will read it (e.g. --exp kl)")
+    if not spec.output_only:
+        print(f"note: {cfg.exp} needs the teacher online (features or cosine); the cache serves output-only "
+              "experiments with the same temperature", file=sys.stderr)
+    device_of(args.device)  # before any work: a GPU that is not here
+    folder = args.cache_dir or f"{_data_dir(args)}/cache"
+    for split in args.splits:
+        cache = build_cache(cfg, _data_dir(args), folder, split=split, device=args.device)
+        print(f"{split}: top-{cache.k} cache complete in {folder}")
+    return 0
+
+
+
+def _choices(args: argparse.Namespace) -> RunChoices:
+    """The run options of train, sweep and plan (plan has no --cache-dir or --compile)."""
+    return RunChoices(feature=args.feature, teacher_source=args.teacher_source, max_steps=args.max_steps,
+                      compile=getattr(args, "compile", False), weights=args.weights, weights_dir=args.weights_dir,
+                      resume_dir=args.resume_dir)
+
+
+def _folders(args: argparse.Namespace) -> RunFolders:
+    return RunFolders(args.runs, _data_dir(args), getattr(args, "cache_dir", None), args.budget_mib)
+
+
+def _run_configs(args: argparse.Namespace, exps, seeds) -> list:
+    return run_configs(args.preset, exps, seeds, _choices(args), log=lambda m: print(m, file=sys.stderr))
+
+
+def _plan_for(args: argparse.Namespace, cfgs, device: str = "auto"):
+    from .plan import plan
+
+    return plan(cfgs[0].preset, cfgs=cfgs, device=device, results_dir=args.runs, data_dir=_data_dir(args),
+                budget_bytes=_folders(args).budget().limit_bytes)
+
+
+def _main_process() -> bool:
+    """Not under `accelerate launch` with several processes: the plan's measurement is a
+    one-process job (its steps would wait on the other processes' collectives)."""
+    import os
+
+    return os.environ.get("WORLD_SIZE", "1") == "1"
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfgs = _run_configs(args, [args.exp], [args.seed] if args.seed is not None else None)[:1]
+    if _main_process():
+        print(_plan_for(args, cfgs).to_text(), flush=True)
+    train_run(cfgs[0], _folders(args))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .plan import check_fits
+    from .train import run_name
+
+    cfgs = _run_configs(args, args.exps, args.seeds)
+    if _main_process():
+        p = _plan_for(args, cfgs)
+        check_fits(p)  # before the first run, not halfway through
+        print(p.to_text(), flush=True)
+    for i, cfg in enumerate(cfgs, 1):
+        print(f"[{i}/{len(cfgs)}] {run_name(cfg)}", flush=True)
+        train_run(cfg, _folders(args))
+    print(f"sweep done: {len(cfgs)} runs in {Path(args.runs) / cfgs[0].preset}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    cfgs = _run_configs(args, args.exps, args.seeds)
+    p = _plan_for(args, cfgs, device=args.device)
+    print(p.to_json() if args.json else p.to_text())
+    return 0
+
+
+# A preset's name as it may appear in a path (data/PRESET): no "/", no "..", no leading dot.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _checked_preset(cfg, config_path: Path) -> str:
+    """A run config's preset, refused unless it is a plain name: eval reads data/PRESET."""
+    if not _SAFE_NAME.fullmatch(cfg.preset) or ".." in cfg.preset:
+        from .config import PRESETS
+        from .errors import choices
+
+        raise KdlibError(f"{config_path} names preset {cfg.preset!r}, which is not a preset's name (kdlib's are "
+                         f"{choices(PRESETS)}); the config was edited or is not kdlib's: nothing was read")
+    return cfg.preset
+
+
+def _check_eval_data(run: Path, cfg, split) -> None:
+    """Refuse data the run's student was not trained on: another corpus or BPE size (the config says),
+    another tokenizer (the tokenizer hash, where the run's summary records it)."""
+    from .data import check_prepared_for, check_vocab
+    from .fileio import read_json
+
+    check_vocab(split, cfg.model.vocab_size)
+    check_prepared_for(cfg, split)
+    found = split.manifest["inputs"]["tokenizer"]["hash"]
+    try:
+        trained = read_json(run / "summary.json", "summary").get("tokenizer_hash")
+    except KdlibError:  # unfinished, or an unreadable summary: nothing recorded to compare with
+        trained = None
+    if isinstance(trained, str) and trained != found:
+        raise KdlibError(f"{split.path} was tokenized with another tokenizer (hash {found[:12]}) than run "
+                         f"{run.name} was trained on ({trained[:12]}): the same ids stand for other text, and "
+                         "its perplexity would mean nothing. Give --data-dir the data folder the run trained on")
+    if not isinstance(trained, str):
+        print(f"note: {run.name} records no tokenizer hash (unfinished, or trained by an older kdlib), so whether "
+              f"{split.path.parent} was tokenized like its training data is not checked", file=sys.stderr)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from .checkpoint import load_student
+    from .config import ExperimentConfig
+    from .data import checked_split
+    from .evaluate import perplexity
+    from .train import RunPaths
+
+    run = Path(args.run_dir)
+    cfg = ExperimentConfig.load(run / "config.json")
+    preset_name = _checked_preset(cfg, run / "config.json")  # before it names any path
+    data_dir = args.data_dir or f"data/{preset_name}"
+    paths = RunPaths.of(cfg, run)
+    student = paths.kept_student if paths.kept_student.is_file() else paths.student
+    from .checkpoint import student_metadata
+
+    meta = student_metadata(student)["meta"]
+    if (meta.get("exp"), meta.get("seed")) not in ((cfg.exp, cfg.seed), (None, None)):
+        raise KdlibError(f"{student} is the student of {meta.get('exp')}-seed{meta.get('seed')} (its metadata), "
+                         f"not of this run ({cfg.exp}, seed {cfg.seed}); put the run's own student back, or "
+                         "eval the run it came from")
+    model = load_student(student, expect=cfg.model)
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise KdlibError(f"student {student} has non-finite weights (inf or NaN in {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the file is corrupt or the run diverged; its "
+                         "perplexity would mean nothing. Train the run again (delete its folder first)")
+    split = checked_split(data_dir, args.split, cfg.model.vocab_size)  # checksum and ids, once per process
+    _check_eval_data(run, cfg, split)
+    block = cfg.data.block_size if args.block_size is None else args.block_size
+    stride = block // 2 if args.stride is None else args.stride
+    ppl = perplexity(model, split.tokens(), block, stride)
+    if not math.isfinite(ppl):
+        raise KdlibError(f"the {args.split} perplexity of {student} is not finite ({ppl}): the student "
+                         "assigns (almost) zero probability to the text; is it the data the run trained on?")
+    print(f"{run.name}: {args.split} perplexity {ppl:.3f} (block {block}, stride {stride})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.dir, quick=args.quick)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .analysis import report
+
+    out = report(args.runs, args.figures, reference=args.reference)
+    cols = ["seeds", "best_val_ppl", "test_ppl", "test_ci95", "vs_no_kd_pct", "vs_no_kd_val_pct"]
+    for group in out["groups"]:  # one per protocol: runs of two are never in one table
+        print(f"\n{group['statement']}(in {group['folder']})")
+        print(group["table"][cols].to_string(float_format=lambda v: f"{v:.2f}"))
+    print(f"{len(out['files'])} tables and {len(out['figures'])} figure files in {args.figures}")
+    return 0
+
+
+def _badges(args: argparse.Namespace) -> int:
+    from .badges import rewrite_badges
+
+    changed = rewrite_badges(Path(args.root), args.repo, args.ref)
+    print("\n".join(str(p) for p in changed) or f"badges already point at {args.repo}"
+          + (f"@{args.ref}" if args.ref else ""))
+    return 0
+
+
+def _storage(args: argparse.Namespace) -> int:
+    from .checkpoint import MiB, StorageBudget, delete_weights
+
+    if not (0 < args.limit_mib < 1e9):
+        raise KdlibError(f"--limit-mib must be a positive number of MiB, got {args.limit_mib:g}")
+    if not Path(args.dir).is_dir():
+        raise KdlibError(f"no such results folder: {args.dir}; give the folder that holds the runs "
+                         "(train's --runs, default runs)")
+    budget = StorageBudget(args.dir, int(args.limit_mib * MiB))
+    if args.delete_weights:
+        freed = delete_weights(budget, args.delete_weights)
+        print(f"deleted the weights of {', '.join(args.delete_weights)}: {mib_text(freed)} freed")
+    print(budget.report())
+    return 0
+
+
+def mib_text(n_bytes: int) -> str:
+    """Bytes in MiB as printed next to a budget: two significant digits below 10 MiB (0.05 MiB is not
+    "0.0 MiB"), hundredths above."""
+    from .checkpoint import MiB
+
+    value = n_bytes / MiB
+    return f"{value:.2g} MiB" if abs(value) < 10 else f"{value:,.2f} MiB"
+
+
+COMMANDS = {"grid": _grid, "check": _check, "prep": _prep, "cache": _cache, "train": _train, "sweep": _sweep,
+            "plan": _plan, "eval": _eval, "demo": _demo, "report": _report, "bench": _bench, "badges": _badges,
+            "storage": _storage}

@@ -26,11 +26,12 @@ from typing import Callable
 import torch
 
 from .config import ExperimentConfig, preset
-from .data import WindowSampler, load_split, prepare
+from .data import WindowSampler, load_split
 from .errors import KdlibError
 from .evaluate import perplexity
 from .fileio import atomic_write_json, read_json
 from .grid import EXPERIMENTS
+from .prep import prepare
 
 # The demo teacher: GPT-2's architecture at a size that trains in a few minutes on 2 cores.
 TEACHER_SHAPE = dict(n_layer=4, n_embd=160, n_head=4)

@@ -266,7 +266,7 @@ def load_teacher(name_or_path: Union[str, nn.Module, TeacherConfig] = "gpt2", *,
     model.requires_grad_(False)
     model.eval()
     if student_vocab_size is not None:
-        check_vocab(student_vocab_size, model)
+        check_teacher_vocab(student_vocab_size, model)
     return model
 
 
@@ -295,7 +295,8 @@ def teacher_vocab_size(teacher: nn.Module) -> int:
     return teacher.config.vocab_size
 
 
-def check_vocab(student_vocab_size: int, teacher: nn.Module) -> None:
+def check_teacher_vocab(student_vocab_size: int, teacher: nn.Module) -> None:
+    """Refuse a teacher whose output distribution is not over the student's vocabulary."""
     v_t = teacher_vocab_size(teacher)
     if v_t != student_vocab_size:
         raise KdlibError(f"the student's vocabulary has {student_vocab_size} tokens but the teacher's "

@@ -24,8 +24,10 @@ from helpers import snapshot
 
 from kdlib import cli
 from kdlib.config import DataConfig, ExperimentConfig, preset
-from kdlib.data import (SPLITS, TOKENS_FORMAT, WindowSampler, check_vocab, load_split, load_texts,
-                        load_tokenizer, prepare, token_dtype, tokenizer_hash, train_bpe)
+from kdlib.corpus import load_texts
+from kdlib.data import SPLITS, TOKENS_FORMAT, WindowSampler, check_tokenizer_fits, load_split, token_dtype
+from kdlib.prep import prepare
+from kdlib.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 from kdlib.errors import KdlibError
 
 
@@ -102,7 +104,7 @@ def test_prepare_smoke_writes_every_split_with_its_manifest(smoke_data, smoke_to
         ts = load_split(folder, split, verify=True)
         assert ts.n_tokens == m["tokens"]
         np.testing.assert_array_equal(ts.tokens(), np.frombuffer(raw, dtype=np.uint16))
-        check_vocab(ts, 512)
+        check_tokenizer_fits(ts, 512)
     # validation and test together are roughly a tenth of the text, each at least one document
     total = sum(splits[s].manifest["chars"] for s in SPLITS)
     for split in ("validation", "test"):
@@ -130,10 +132,10 @@ def test_prepare_logs_the_token_count_of_every_split(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
 
 
-def test_check_vocab_refuses_a_larger_tokenizer(smoke_data):
+def test_check_tokenizer_fits_refuses_a_larger_tokenizer(smoke_data):
     _, splits = smoke_data
     with pytest.raises(KdlibError, match="512-token tokenizer"):
-        check_vocab(splits["train"], 300)
+        check_tokenizer_fits(splits["train"], 300)
 
 
 # --------------------------------------------------------------------------
@@ -639,7 +641,7 @@ def test_cli_prep(tmp_path, capsys):
 
 
 def test_check_tokenizer_refuses_data_made_with_another_tokenizer(smoke_data, tmp_path):
-    from kdlib.data import check_tokenizer, train_bpe
+    from kdlib.data import check_tokenizer
 
     folder, splits = smoke_data
     check_tokenizer(splits["validation"], folder / "tokenizer")  # its own tokenizer: fine

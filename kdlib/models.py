@@ -21,6 +21,10 @@ from torch import Tensor, nn
 from .config import TinyGPTConfig, TeacherConfig
 from .errors import KdlibError
 
+# The demo's teacher: GPT-2's architecture at a size that trains in a few minutes on 2 cores
+# (kdlib.demo trains it; kdlib.speed counts its FLOPs for the plan before it exists).
+DEMO_TEACHER_SHAPE = dict(n_layer=4, n_embd=160, n_head=4)
+
 
 @dataclass
 class CausalLMOutput:

@@ -110,11 +110,10 @@ def _prepare_staged(cfg, folder: Path, staging: Path, texts, source, tokenizer, 
         existing = _reusable(folder, split, inputs)
         if existing is not None:
             m = existing.manifest
-            _check_ratio(split, m["tokens"], m["chars"], data.min_tokens_per_char)
             reused.add(split)
         else:
-            m = _tokenize_split(staging / f"{split}.bin", split, tok, texts[split], inputs,
-                                data.min_tokens_per_char, tok_name)
+            m = _tokenize_split(staging / f"{split}.bin", split, tok, texts[split], inputs, tok_name)
+        _check_ratio(split, m["tokens"], m["chars"], data.min_tokens_per_char)  # a reused split too
         manifests[split] = m
     # Every split succeeded: move the new files into place.
     if new_tokenizer is not None:
@@ -187,9 +186,9 @@ def _check_ratio(split: str, n_tokens: int, n_chars: int, min_tokens_per_char: f
             "(truncation?) or the tokenizer is wrong. Nothing was written.")
 
 
-def _tokenize_split(path: Path, split: str, tok, pieces: Sequence[str], inputs: dict,
-                    min_tokens_per_char: float, tokenizer_name: str) -> dict:
-    """Write ``split``'s tokens to ``path`` (a staging file, fsynced); return its manifest."""
+def _tokenize_split(path: Path, split: str, tok, pieces: Sequence[str], inputs: dict, tokenizer_name: str) -> dict:
+    """Write ``split``'s tokens to ``path`` (a staging file, fsynced); return its manifest (the caller
+    checks its tokens per character before it is kept)."""
     dtype = token_dtype(len(tok))
     n_chars = sum(len(p) for p in pieces)
     if n_chars == 0:
@@ -206,7 +205,6 @@ def _tokenize_split(path: Path, split: str, tok, pieces: Sequence[str], inputs: 
             n_tokens += ids.size
         f.flush()
         os.fsync(f.fileno())
-    _check_ratio(split, n_tokens, n_chars, min_tokens_per_char)
     return {"format": TOKENS_FORMAT, "split": split, "tokenizer": tokenizer_name, "dtype": dtype,
             "tokens": n_tokens, "texts": len(pieces), "chars": n_chars, "sha256": h.hexdigest(),
             "inputs": inputs, "kdlib_version": __version__}

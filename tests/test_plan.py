@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import kdlib.plan
+import kdlib.speed
 import kdlib.train
 import kdlib.ui
 from kdlib.checkpoint import MiB
@@ -127,7 +127,7 @@ def test_plan_time_scales_with_the_named_gpu(capsys, no_gpu):
     assert (a100["device"], t4["device"]) == ("A100", "T4")
     assert [r["name"] for r in a100["runs"]] == [r["name"] for r in t4["runs"]]
     # colab-a100 trains in bf16: both at their half-precision peak and stated MFU.
-    rate = {g: device_peak(g)[0] * kdlib.plan.STATED_MFU[g] for g in ("A100", "T4")}
+    rate = {g: device_peak(g)[0] * kdlib.speed.STATED_MFU[g] for g in ("A100", "T4")}
     expected = rate["A100"] / rate["T4"]
     assert 3 < expected < 15  # an A100 is several times a T4
     for a, t in zip(a100["runs"], t4["runs"]):
@@ -140,8 +140,8 @@ def test_plan_time_scales_with_the_named_gpu(capsys, no_gpu):
     # An fp32 preset at the fp32 peaks.
     s_a100 = plan_json(capsys, "--preset", "study", "--exps", "kl", "--device", "A100")
     s_t4 = plan_json(capsys, "--preset", "study", "--exps", "kl", "--device", "T4")
-    fp32 = (kdlib.plan.FP32_PEAK["A100"] * kdlib.plan.STATED_MFU["A100"]) / \
-        (kdlib.plan.FP32_PEAK["T4"] * kdlib.plan.STATED_MFU["T4"])
+    fp32 = (kdlib.speed.FP32_PEAK["A100"] * kdlib.speed.STATED_MFU["A100"]) / \
+        (kdlib.speed.FP32_PEAK["T4"] * kdlib.speed.STATED_MFU["T4"])
     assert s_t4["total_hours"] / s_a100["total_hours"] == pytest.approx(fp32, rel=1e-9)
 
 

@@ -11,7 +11,7 @@ Files in the cache folder, per split: ``{split}.topk_logp.bin``
 ``[windows, block, k]``, ``{split}.topk_ids.bin`` ``[windows, block, k]``,
 ``{split}.log_tail.bin`` ``[windows, block]`` and ``{split}.cache.json``, the
 manifest: what the cache was built from (teacher, tokenizer hash, data
-checksum, block size, k, T, dtypes) and how many windows are complete. The
+checksum, block size, k, temperature, dtypes) and how many windows are complete. The
 build writes a chunk of windows, flushes, then records it in the manifest, so
 an interrupted build continues from its last complete chunk. A cache that
 does not match the run is refused with a message naming the mismatch.
@@ -112,10 +112,10 @@ def coverage(cache: "TopKCache", max_windows: int = 512) -> dict:
 
 def cache_identity(cfg: ExperimentConfig, tokens: TokenSplit) -> dict:
     """What a cache must have been built from to serve run ``cfg`` on ``tokens``."""
-    t = cfg.teacher
+    teacher = cfg.teacher
     V = cfg.model.vocab_size
     return {
-        "teacher": {"name": t.name, "revision": t.revision, "random_init": t.random_init},
+        "teacher": {"name": teacher.name, "revision": teacher.revision, "random_init": teacher.random_init},
         "tokenizer_hash": tokens.manifest["inputs"]["tokenizer"]["hash"],
         "data_sha256": tokens.manifest["sha256"],
         "split": tokens.manifest["split"],
@@ -202,8 +202,8 @@ class TopKCache:
 
 
 def topk_arrays(teacher: nn.Module, ids: torch.Tensor, k: int, temperature: float, vocab_size: int) -> dict:
-    """What the cache stores for the windows ``ids`` [B, T]: the teacher's top-k log-probs at T
-    (``logp`` [B, T, k]), their ids (``ids``) and the log tail mass (``tail`` [B, T]; -inf when
+    """What the cache stores for the windows ``ids`` [B, T]: the teacher's top-k log-probs at
+    ``temperature`` (``logp`` [B, T, k]), their ids (``ids``) and the log tail mass (``tail`` [B, T]; -inf when
     k = V), as numpy arrays in the cache's dtypes."""
     logits = teacher_forward(teacher, ids).logits  # [B, T, V]
     logp, top, tail = teacher_top_k(logits, k, temperature)
@@ -223,8 +223,8 @@ def targets_from_arrays(arrays: dict, windows: Sequence[int], device=None) -> To
 
     def move(a: np.ndarray) -> torch.Tensor:
         # Pinned and asynchronous on a GPU: a copy from pageable memory would wait for the GPU.
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+        host = torch.from_numpy(np.ascontiguousarray(a))
+        return host.pin_memory().to(device, non_blocking=True) if cuda else host.to(device)
 
     return TopKTargets(move(arrays["logp"][idx]).float(), move(ids).long(), move(arrays["tail"][idx]).float())
 

@@ -225,7 +225,7 @@ def _data_sizes(cfg: ExperimentConfig, data_dir) -> _Data:
         note = "not prepared yet: WikiText-103's approximate sizes"
     else:
         if d.dataset == PYTHON_DOCS:
-            chars = sum(len(t) for t in python_docs())
+            chars = sum(len(doc) for doc in python_docs())
             chars = min(chars, d.max_chars) if d.max_chars else chars
         else:
             chars = sum(Path(p).expanduser().stat().st_size for p in d.text_files.values()

@@ -76,13 +76,13 @@ def _budget(config: dict, summary: dict) -> tuple[Optional[int], str]:
     """(tokens per run, how the config sets them). The summary's budget where the run has one; else
     ``train.max_tokens`` in whole steps, cut by ``max_steps``; an epochs budget depends on the
     training split's size, which the run folder does not record (None)."""
-    t, block = config.get("train") or {}, config["data"]["block_size"]
-    per_step = t["batch_size"] * t.get("grad_accum", 1) * block
+    train, block = config.get("train") or {}, config["data"]["block_size"]
+    per_step = train["batch_size"] * train.get("grad_accum", 1) * block
     if not isinstance(per_step, int) or not 0 < per_step < 2**63:
         raise _Malformed(f"its config's batch_size x grad_accum x block_size is {per_step!r}, not a number of "
                          "tokens per step")
-    max_tokens, max_steps = t.get("max_tokens"), t.get("max_steps")
-    how = (f"max_tokens {max_tokens:,}" if max_tokens is not None else f"{t.get('epochs')} epochs") \
+    max_tokens, max_steps = train.get("max_tokens"), train.get("max_steps")
+    how = (f"max_tokens {max_tokens:,}" if max_tokens is not None else f"{train.get('epochs')} epochs") \
         + (f", at most {max_steps:,} steps" if max_steps is not None else "")
     if summary.get("budget_tokens") is not None:
         return int(summary["budget_tokens"]), how

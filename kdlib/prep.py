@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -76,7 +77,7 @@ def prepare(cfg: ExperimentConfig, folder: PathLike, tokenizer=None,
                                                      "note": "a kdlib data folder: `python -m kdlib prep` "
                                                              "manages tokenizer/ and the {split}.bin/.json here"})
             marked = True
-        out = _prepare_staged(cfg, folder, staging, texts, source, tokenizer, log)
+        out = _commit(folder, staging, _stage(cfg, folder, staging, texts, source, tokenizer), log)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if marked:  # a refused prep leaves the folder as it was
@@ -88,7 +89,19 @@ def prepare(cfg: ExperimentConfig, folder: PathLike, tokenizer=None,
     return out
 
 
-def _prepare_staged(cfg, folder: Path, staging: Path, texts, source, tokenizer, log) -> dict[str, TokenSplit]:
+@dataclass
+class _Staged:
+    """What a prep made in its staging folder, moved into the data folder once every split succeeded."""
+
+    manifests: dict  # split -> its manifest, new or reused
+    reused: set  # the splits whose files in the data folder stay as they are
+    new_tokenizer: Optional[Path]  # the staged folder of a tokenizer trained by this prep
+    subset: Optional[dict]  # the train subset's description (data.train_tokens), for the log
+
+
+def _stage(cfg: ExperimentConfig, folder: Path, staging: Path, texts: dict, source: dict, tokenizer) -> _Staged:
+    """Tokenize into ``staging`` every split whose files in ``folder`` cannot be reused; refuse a
+    split with too few tokens per character, before anything in ``folder`` changes."""
     data = cfg.data
     tok, new_tokenizer = _tokenizer_for(cfg, folder, staging, texts["train"], source, tokenizer)
     if len(tok) > cfg.model.vocab_size:
@@ -115,9 +128,14 @@ def _prepare_staged(cfg, folder: Path, staging: Path, texts, source, tokenizer, 
             m = _tokenize_split(staging / f"{split}.bin", split, tok, texts[split], inputs, tok_name)
         _check_ratio(split, m["tokens"], m["chars"], data.min_tokens_per_char)  # a reused split too
         manifests[split] = m
-    # Every split succeeded: move the new files into place.
-    if new_tokenizer is not None:
-        _replace_folder(new_tokenizer, folder / "tokenizer")
+    return _Staged(manifests, reused, new_tokenizer, subset)
+
+
+def _commit(folder: Path, staging: Path, staged: _Staged, log: Callable[[str], None]) -> dict[str, TokenSplit]:
+    """Every split succeeded: move the staged files into ``folder``, one summary line per split."""
+    manifests, reused, subset = staged.manifests, staged.reused, staged.subset
+    if staged.new_tokenizer is not None:
+        _replace_folder(staged.new_tokenizer, folder / "tokenizer")
         atomic_write_json(folder / "tokenizer.inputs.json", json.loads((staging / "stamp.json").read_text()))
     log(f"{'split':<11}{'texts':>10}{'characters':>15}{'tokens':>14}{'tokens/char':>13}")
     out = {}

@@ -5,7 +5,7 @@ import math
 
 import pandas as pd
 import pytest
-from run_folders import budget_of, make_run
+from results_helpers import budget_of, make_run
 
 from kdlib import analysis, stats
 from kdlib.cli import main

@@ -2,7 +2,7 @@
 
 import matplotlib
 import pandas as pd
-from run_folders import make_run
+from results_helpers import make_run
 
 from kdlib import plots, results, stats
 

@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 import pytest
-from run_folders import make_run
+from results_helpers import make_run
 
 from kdlib import analysis, results, stats
 

@@ -4,7 +4,7 @@ import math
 
 import matplotlib
 import pytest
-from run_folders import make_run
+from results_helpers import make_run
 
 from kdlib import analysis, plots, results, stats
 from kdlib.config import preset

@@ -14,10 +14,10 @@ WIKITEXT103_CHARS = 540e6  # characters of WikiText-103's raw train split, about
 def prep_text(megabytes: float) -> str:
     """About ``megabytes`` of local English-and-code text: Python's documentation topics and its
     standard library's sources, cycled if short. Offline; WikiText-103 itself needs the hub."""
-    from kdlib.data import _python_docs
+    from kdlib.corpus import python_docs
 
     pieces, size, want = [], 0, int(megabytes * 1e6)
-    for doc in _python_docs():
+    for doc in python_docs():
         pieces.append(doc)
         size += len(doc)
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
@@ -36,12 +36,12 @@ def prep_text(megabytes: float) -> str:
 
 
 def prep_bench(megabytes: float, tokenizer=None) -> dict:
-    """Tokens/s of kdlib's tokenization step (``data._encode``, the Rust batch encoder) on local text.
+    """Tokens/s of kdlib's tokenization step (``tokenizer.encode_pieces``, the Rust batch encoder) on local text.
 
     ``tokenizer``: an object or id; default GPT-2's if it loads (needs the hub or its cache),
     else a byte-level BPE with GPT-2's vocabulary size trained here on the first 2 MB.
     """
-    from kdlib.data import _encode, load_tokenizer, train_bpe
+    from kdlib.tokenizer import encode_pieces, load_tokenizer, train_bpe
 
     text = prep_text(megabytes)
     lines = text.split("\n")  # WikiText comes as lines: the encoder's batches are of lines too
@@ -59,7 +59,7 @@ def prep_bench(megabytes: float, tokenizer=None) -> dict:
         name = getattr(tokenizer, "name_or_path", str(tokenizer))
         tokenizer = load_tokenizer(tokenizer)
     t0 = time.perf_counter()
-    n_tokens = sum(ids.size for ids in _encode(tokenizer, lines))
+    n_tokens = sum(ids.size for ids in encode_pieces(tokenizer, lines))
     seconds = time.perf_counter() - t0
     chars_per_s = len(text) / seconds
     return {"tokenizer": name, "chars": len(text), "tokens": n_tokens, "seconds": seconds,

@@ -138,7 +138,7 @@ def machine(device: torch.device) -> dict:
 def get_teacher(args, log) -> tuple[str, Path]:
     """(teacher name or folder, prepared data folder)."""
     from kdlib.config import preset
-    from kdlib.data import prepare
+    from kdlib.prep import prepare
 
     out = Path(args.out)
     if args.data is not None:

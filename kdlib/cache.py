@@ -11,7 +11,7 @@ Files in the cache folder, per split: ``{split}.topk_logp.bin``
 ``[windows, block, k]``, ``{split}.topk_ids.bin`` ``[windows, block, k]``,
 ``{split}.log_tail.bin`` ``[windows, block]`` and ``{split}.cache.json``, the
 manifest: what the cache was built from (teacher, tokenizer hash, data
-checksum, block size, k, T, dtypes) and how many windows are complete. The
+checksum, block size, k, temperature, dtypes) and how many windows are complete. The
 build writes a chunk of windows, flushes, then records it in the manifest, so
 an interrupted build continues from its last complete chunk. A cache that
 does not match the run is refused with a message naming the mismatch.
@@ -19,6 +19,7 @@ does not match the run is refused with a message naming the mismatch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -111,10 +112,10 @@ def coverage(cache: "TopKCache", max_windows: int = 512) -> dict:
 
 def cache_identity(cfg: ExperimentConfig, tokens: TokenSplit) -> dict:
     """What a cache must have been built from to serve run ``cfg`` on ``tokens``."""
-    t = cfg.teacher
+    teacher = cfg.teacher
     V = cfg.model.vocab_size
     return {
-        "teacher": {"name": t.name, "revision": t.revision, "random_init": t.random_init},
+        "teacher": {"name": teacher.name, "revision": teacher.revision, "random_init": teacher.random_init},
         "tokenizer_hash": tokens.manifest["inputs"]["tokenizer"]["hash"],
         "data_sha256": tokens.manifest["sha256"],
         "split": tokens.manifest["split"],
@@ -201,8 +202,8 @@ class TopKCache:
 
 
 def topk_arrays(teacher: nn.Module, ids: torch.Tensor, k: int, temperature: float, vocab_size: int) -> dict:
-    """What the cache stores for the windows ``ids`` [B, T]: the teacher's top-k log-probs at T
-    (``logp`` [B, T, k]), their ids (``ids``) and the log tail mass (``tail`` [B, T]; -inf when
+    """What the cache stores for the windows ``ids`` [B, T]: the teacher's top-k log-probs at
+    ``temperature`` (``logp`` [B, T, k]), their ids (``ids``) and the log tail mass (``tail`` [B, T]; -inf when
     k = V), as numpy arrays in the cache's dtypes."""
     logits = teacher_forward(teacher, ids).logits  # [B, T, V]
     logp, top, tail = teacher_top_k(logits, k, temperature)
@@ -222,16 +223,19 @@ def targets_from_arrays(arrays: dict, windows: Sequence[int], device=None) -> To
 
     def move(a: np.ndarray) -> torch.Tensor:
         # Pinned and asynchronous on a GPU: a copy from pageable memory would wait for the GPU.
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+        host = torch.from_numpy(np.ascontiguousarray(a))
+        return host.pin_memory().to(device, non_blocking=True) if cuda else host.to(device)
 
     return TopKTargets(move(arrays["logp"][idx]).float(), move(ids).long(), move(arrays["tail"][idx]).float())
 
 
-def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: PathLike, split: str = "train",
+def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: PathLike, split: str = "train", *,
                 teacher: Optional[nn.Module] = None, device=None, log: Callable[[str], None] = print,
                 progress: bool = True) -> TopKCache:
-    """Build (or finish) the top-k cache of ``split``; return it opened for reading."""
+    """Build (or finish) the top-k cache of ``split``; return it opened for reading.
+
+    ``teacher``: the loaded teacher (default: ``cfg.teacher``, loaded on ``device``).
+    """
     from tqdm.auto import tqdm
 
     # The teacher reads these ids: the file must be what its manifest says, each id in the vocabulary.
@@ -242,66 +246,98 @@ def build_cache(cfg: ExperimentConfig, data_folder: PathLike, cache_folder: Path
     n, T, k = ident["windows"], ident["block_size"], ident["k"]
     if n < 1:
         raise KdlibError(f"split {split!r} has {tokens.n_tokens} tokens: not one window of {T}")
-    start = 0
     existing = paths["manifest"].is_file()
-    if existing:
-        found = read_json(paths["manifest"], "cache manifest")
-        problems = _mismatch(found, ident)
-        if problems:
-            raise KdlibError(f"{folder} already holds a {split} cache built for another run ("
-                             + "; ".join(problems) + "). Nothing was changed: build into another folder, "
-                             "or delete that cache first")
-        if found.get("complete"):
-            cache = TopKCache(folder, split, ident)  # checks its files first: "reused" only when it can be
-            log(f"cache for {split} is complete in {folder}: reused")
-            return cache
-        start = found.get("complete_windows", 0)
-        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < n:
-            raise KdlibError(f"cache manifest {paths['manifest']} says {start!r} windows are complete, of {n}: "
-                             f"it is corrupt. {_rebuild(paths)}")
-    # A manifest write that a killed build never finished (one builder per cache folder).
-    # Written through memory maps: a link among them would overwrite its target, anywhere.
-    refuse_links(paths.values(), "cache folder")
-    for stale in folder.glob(f".{paths['manifest'].name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    if folder.exists() and not folder.is_dir():
-        raise KdlibError(f"{folder} is a file, not a folder; give the cache a folder")
+    start = _resume_point(paths, ident) if existing else 0
+    if start is None:
+        cache = TopKCache(folder, split, ident)  # checks its files first: "reused" only when it can be
+        log(f"cache for {split} is complete in {folder}: reused")
+        return cache
+    _clear_for_writing(folder, paths)
     per_token = bytes_per_token(k, cfg.model.vocab_size)
     total = n * T * per_token
     check_space(folder, total if not existing else total * (n - start) // n)  # sparse files fill as built
     # The teacher first: a teacher that fails to load must leave no files behind.
     if teacher is None:
         teacher = load_teacher(cfg.teacher, device=device, student_vocab_size=cfg.model.vocab_size)
+    build = _Build(paths, ident, _open_for_writing(paths, ident, existing))
     if existing:
-        arrays = _open_memmaps(paths, ident, "r+")
         log(f"resuming the {split} cache at window {start:,} of {n:,}")
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        arrays = _open_memmaps(paths, ident, "w+")
-        manifest = {"format": CACHE_FORMAT, **ident, "complete_windows": 0, "complete": False,
-                    "kdlib_version": __version__}
-        atomic_write_json(paths["manifest"], manifest)
     log(f"top-k cache ({split}): {n:,} windows x {T} tokens x {per_token} bytes/token "
         f"= {total / 2**20:,.1f} MiB in {folder}")
-    dev = next(teacher.parameters()).device
-    temperature = ident["temperature"]
     bar = tqdm(total=n, initial=start, unit="window", desc=f"cache {split}", disable=not progress)
-    step = cfg.cache.chunk_windows
+    _fill(cfg, teacher, tokens, build, start, bar)
+    bar.close()
+    return TopKCache(folder, split, ident)
+
+
+def _resume_point(paths: dict, ident: dict) -> Optional[int]:
+    """The first window an interrupted build left to do, or None for a complete cache; an existing
+    cache of another run, or a corrupt manifest, is refused."""
+    folder, split = paths["manifest"].parent, ident["split"]
+    found = read_json(paths["manifest"], "cache manifest")
+    problems = _mismatch(found, ident)
+    if problems:
+        raise KdlibError(f"{folder} already holds a {split} cache built for another run ("
+                         + "; ".join(problems) + "). Nothing was changed: build into another folder, "
+                         "or delete that cache first")
+    if found.get("complete"):
+        return None
+    start = found.get("complete_windows", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < ident["windows"]:
+        raise KdlibError(f"cache manifest {paths['manifest']} says {start!r} windows are complete, of "
+                         f"{ident['windows']}: it is corrupt. {_rebuild(paths)}")
+    return start
+
+
+def _clear_for_writing(folder: Path, paths: dict) -> None:
+    """Refuse links among the cache's files and a file in place of its folder; remove a manifest
+    write that a killed build never finished (one builder per cache folder)."""
+    # Written through memory maps: a link among them would overwrite its target, anywhere.
+    refuse_links(paths.values(), "cache folder")
+    for stale in folder.glob(f".{paths['manifest'].name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise KdlibError(f"{folder} is a file, not a folder; give the cache a folder")
+
+
+def _open_for_writing(paths: dict, ident: dict, existing: bool) -> dict[str, np.memmap]:
+    """The cache's memory maps, to finish (``existing``) or new, at full size, with a first manifest."""
+    if existing:
+        return _open_memmaps(paths, ident, "r+")
+    paths["manifest"].parent.mkdir(parents=True, exist_ok=True)
+    arrays = _open_memmaps(paths, ident, "w+")
+    atomic_write_json(paths["manifest"], {"format": CACHE_FORMAT, **ident, "complete_windows": 0,
+                                          "complete": False, "kdlib_version": __version__})
+    return arrays
+
+
+@dataclass
+class _Build:
+    """One split's cache build: its files, the identity they are built for, their memory maps."""
+
+    paths: dict
+    ident: dict
+    arrays: dict
+
+
+def _fill(cfg: ExperimentConfig, teacher: nn.Module, tokens: TokenSplit, build: _Build, start: int, bar) -> None:
+    """Run the teacher over windows ``start ..`` into the memory maps, a chunk at a time: each chunk
+    flushed, then recorded in the manifest, so that a killed build continues from its last chunk."""
+    n, T, k = build.ident["windows"], build.ident["block_size"], build.ident["k"]
+    dev = next(teacher.parameters()).device
     flat = tokens.tokens()
-    for chunk_start in range(start, n, step):
-        chunk_end = min(chunk_start + step, n)
+    for chunk_start in range(start, n, cfg.cache.chunk_windows):
+        chunk_end = min(chunk_start + cfg.cache.chunk_windows, n)
         for b in range(chunk_start, chunk_end, cfg.cache.batch_size):
             e = min(b + cfg.cache.batch_size, chunk_end)
             toks = window_inputs(flat, b, e, T)  # [e - b, T]: the windows' inputs, as the sampler cuts them
-            for name, values in topk_arrays(teacher, torch.from_numpy(toks).to(dev), k, temperature,
+            for name, values in topk_arrays(teacher, torch.from_numpy(toks).to(dev), k, build.ident["temperature"],
                                             cfg.model.vocab_size).items():
-                arrays[name][b:e] = values
+                build.arrays[name][b:e] = values
             bar.update(e - b)
-        for a in arrays.values():
+        for a in build.arrays.values():
             a.flush()
         faults.point("cache")
-        manifest = read_json(paths["manifest"], "cache manifest")
+        manifest = read_json(build.paths["manifest"], "cache manifest")
         manifest.update(complete_windows=chunk_end, complete=chunk_end == n)
-        atomic_write_json(paths["manifest"], manifest)
-    bar.close()
-    return TopKCache(folder, split, ident)
+        atomic_write_json(build.paths["manifest"], manifest)

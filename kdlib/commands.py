@@ -76,7 +76,7 @@ def _data_dir(args: argparse.Namespace) -> str:
 
 def _prep(args: argparse.Namespace) -> int:
     from .config import preset
-    from .data import prepare
+    from .prep import prepare
 
     folder = _data_dir(args)
     prepare(preset(args.preset), folder)
@@ -185,10 +185,10 @@ def _checked_preset(cfg, config_path: Path) -> str:
 def _check_eval_data(run: Path, cfg, split) -> None:
     """Refuse data the run's student was not trained on: another corpus or BPE size (the config says),
     another tokenizer (the tokenizer hash, where the run's summary records it)."""
-    from .data import check_prepared_for, check_vocab
+    from .data import check_prepared_for, check_tokenizer_fits
     from .fileio import read_json
 
-    check_vocab(split, cfg.model.vocab_size)
+    check_tokenizer_fits(split, cfg.model.vocab_size)
     check_prepared_for(cfg, split)
     found = split.manifest["inputs"]["tokenizer"]["hash"]
     try:

@@ -26,14 +26,14 @@ from typing import Callable
 import torch
 
 from .config import ExperimentConfig, preset
-from .data import WindowSampler, load_split, prepare
+from .data import WindowSampler, load_split
 from .errors import KdlibError
 from .evaluate import perplexity
 from .fileio import atomic_write_json, read_json
 from .grid import EXPERIMENTS
+from .models import DEMO_TEACHER_SHAPE
+from .prep import prepare
 
-# The demo teacher: GPT-2's architecture at a size that trains in a few minutes on 2 cores.
-TEACHER_SHAPE = dict(n_layer=4, n_embd=160, n_head=4)
 TEACHER_STEPS, TEACHER_LR, TEACHER_BATCH = 500, 2e-3, 16
 
 
@@ -47,7 +47,7 @@ def train_teacher(cfg: ExperimentConfig, data_dir, out_dir, steps: int = TEACHER
 
     out_dir = Path(out_dir)
     train_split = load_split(data_dir, "train")
-    shape = {**TEACHER_SHAPE, "vocab_size": cfg.model.vocab_size, "n_positions": cfg.model.block_size}
+    shape = {**DEMO_TEACHER_SHAPE, "vocab_size": cfg.model.vocab_size, "n_positions": cfg.model.block_size}
     stamp = {"shape": shape, "steps": steps, "lr": TEACHER_LR, "batch": TEACHER_BATCH,
              "block_size": cfg.data.block_size, "data_sha256": train_split.manifest["sha256"], "seed": 0}
     stamp_path = out_dir / "kdlib_teacher.json"

@@ -21,6 +21,10 @@ from torch import Tensor, nn
 from .config import TinyGPTConfig, TeacherConfig
 from .errors import KdlibError
 
+# The demo's teacher: GPT-2's architecture at a size that trains in a few minutes on 2 cores
+# (kdlib.demo trains it; kdlib.speed counts its FLOPs for the plan before it exists).
+DEMO_TEACHER_SHAPE = dict(n_layer=4, n_embd=160, n_head=4)
+
 
 @dataclass
 class CausalLMOutput:
@@ -266,7 +270,7 @@ def load_teacher(name_or_path: Union[str, nn.Module, TeacherConfig] = "gpt2", *,
     model.requires_grad_(False)
     model.eval()
     if student_vocab_size is not None:
-        check_vocab(student_vocab_size, model)
+        check_teacher_vocab(student_vocab_size, model)
     return model
 
 
@@ -295,7 +299,8 @@ def teacher_vocab_size(teacher: nn.Module) -> int:
     return teacher.config.vocab_size
 
 
-def check_vocab(student_vocab_size: int, teacher: nn.Module) -> None:
+def check_teacher_vocab(student_vocab_size: int, teacher: nn.Module) -> None:
+    """Refuse a teacher whose output distribution is not over the student's vocabulary."""
     v_t = teacher_vocab_size(teacher)
     if v_t != student_vocab_size:
         raise KdlibError(f"the student's vocabulary has {student_vocab_size} tokens but the teacher's "

@@ -7,18 +7,9 @@ epochs, evaluations, the estimated time, and the bytes it leaves in the results
 folder and elsewhere; then the grid's totals and whether the results folder's
 storage budget holds them.
 
-Time comes from one of two sources, always named:
-
-- **measured**: a few of kdlib's own training steps per kind of experiment on
-  this machine's GPU (seconds; ``device="measure"`` also on a CPU), at the
-  preset's shapes, with a random GPT-2-architecture teacher of the configured
-  shape; evaluations at the same achieved FLOP/s.
-- **estimate**: kdlib's FLOPs model (``kdlib.perf``) at a stated MFU on a
-  named GPU (the one the preset is sized for, when there is no GPU here).
-  The stated MFUs are assumptions until ``benchmarks/gpu_session.sh`` measures
-  them (docs/benchmarks.md).
-
-The time is an upper bound in one respect: early stopping can end a run sooner.
+The time is measured on this machine or estimated for a named GPU, and always
+says which (``kdlib.speed``). It is an upper bound in one respect: early
+stopping can end a run sooner.
 """
 
 from __future__ import annotations
@@ -30,19 +21,13 @@ from typing import Callable, Optional, Sequence
 
 from .checkpoint import MiB
 from .config import ExperimentConfig, preset as make_preset, preset_seeds
+from .corpus import python_docs
+from .data import PYTHON_DOCS, SPLITS, load_split, token_dtype
 from .errors import KdlibError, choices
+from .fileio import PathLike
 from .grid import EXPERIMENTS, parse
+from .speed import flops, timing
 
-# The GPU each preset is sized for: the plan's device when there is no GPU here.
-TARGET_GPU = {"colab-a100": "A100", "colab-t4": "T4", "study": "A100"}
-# Stated model-FLOPs utilisation per GPU for kdlib's step (assumed, not measured:
-# gpu_session.sh measures it). The T4's is lower: fp16 with loss scaling, and
-# memory bandwidth (320 GB/s) limits the vocabulary-sized loss.
-STATED_MFU = {"A100": 0.35, "H100": 0.35, "H200": 0.35, "L40S": 0.30, "L40": 0.30, "L4": 0.30, "V100": 0.30,
-              "T4": 0.25}
-# Dense float32 peaks (TFLOP/s, no TF32: PyTorch's default for matmuls), for fp32 runs.
-FP32_PEAK = {"A100": 19.5, "H100": 67.0, "H200": 67.0, "L40S": 91.6, "L40": 90.5, "L4": 30.3, "V100": 15.7,
-             "T4": 8.1}
 # WikiText-103 with GPT-2's tokenizer, for a plan made before `prep` (approximate;
 # validation and test are WikiText-2's).
 WIKITEXT103_TOKENS = {"train": 119_000_000, "validation": 247_000, "test": 288_000}
@@ -222,8 +207,6 @@ class _Data:
 
 
 def _data_sizes(cfg: ExperimentConfig, data_dir) -> _Data:
-    from .data import SPLITS, load_split, token_dtype
-
     item = 2 if token_dtype(cfg.model.vocab_size) == "uint16" else 4
     stale = ""
     if data_dir is not None and all((Path(data_dir) / f"{s}.json").is_file() for s in SPLITS):
@@ -237,16 +220,12 @@ def _data_sizes(cfg: ExperimentConfig, data_dir) -> _Data:
         except KdlibError as e:
             stale = f"; {data_dir} does not serve this preset ({str(e).split(';')[0]})"
     d = cfg.data
-    from .data import PYTHON_DOCS
-
     if d.dataset not in (None, PYTHON_DOCS) and "wikitext-103" in (d.dataset_config or ""):
         splits = dict(WIKITEXT103_TOKENS)
         note = "not prepared yet: WikiText-103's approximate sizes"
     else:
-        from .data import _python_docs
-
         if d.dataset == PYTHON_DOCS:
-            chars = sum(len(t) for t in _python_docs())
+            chars = sum(len(doc) for doc in python_docs())
             chars = min(chars, d.max_chars) if d.max_chars else chars
         else:
             chars = sum(Path(p).expanduser().stat().st_size for p in d.text_files.values()
@@ -260,148 +239,15 @@ def _data_sizes(cfg: ExperimentConfig, data_dir) -> _Data:
     return _Data(splits, sum(splits.values()) * item, note + stale)
 
 
-def _teacher_dims(cfg: ExperimentConfig) -> dict:
-    """GPT-2-architecture dimensions of the configured teacher (GPT-2 small's for a hub name; the
-    demo's own teacher, which it trains first, for the demo preset). Its vocabulary is the student's."""
-    r = cfg.teacher.random_init
-    if r is None and cfg.preset == "demo" and cfg.teacher.name == "gpt2":
-        from .demo import TEACHER_SHAPE
+@dataclass
+class PlanSetting:
+    """Where a sweep runs, what its results folder may hold, and what its time comes from."""
 
-        r = {**TEACHER_SHAPE, "vocab_size": cfg.model.vocab_size, "n_positions": cfg.model.block_size}
-    if r is not None:
-        return {"n_layer": r["n_layer"], "n_embd": r["n_embd"], "n_head": r["n_head"],
-                "vocab_size": r["vocab_size"], "n_positions": r["n_positions"], "n_inner": r.get("n_inner")}
-    config = Path(cfg.teacher.name) / "config.json"
-    if config.is_file():
-        from .fileio import read_json
-
-        c = read_json(config, "teacher config")
-        return {"n_layer": c.get("n_layer", 12), "n_embd": c.get("n_embd", 768), "n_head": c.get("n_head", 12),
-                "vocab_size": c.get("vocab_size", 50257), "n_positions": c.get("n_positions", 1024),
-                "n_inner": c.get("n_inner")}
-    return {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": cfg.model.vocab_size, "n_positions": 1024,
-            "n_inner": None}
-
-
-def flops(cfg: ExperimentConfig, source: str) -> tuple[float, float, float]:
-    """(training FLOPs per token, student forward FLOPs per token, teacher forward FLOPs per token)."""
-    from .perf import flops_per_token
-    from .train import projector_parameters, student_parameters
-
-    m, T = cfg.model, cfg.data.block_size
-    n_student = student_parameters(cfg) - (m.block_size * m.n_embd if m.positions == "learned" else 0)
-    t = _teacher_dims(cfg)
-    d_ff = t["n_inner"] or 4 * t["n_embd"]
-    n_teacher = t["vocab_size"] * t["n_embd"] + t["n_layer"] * (4 * t["n_embd"] ** 2 + 2 * t["n_embd"] * d_ff
-                                                                + 9 * t["n_embd"] + d_ff) + 2 * t["n_embd"]
-    student_fwd = 2 * n_student + 4 * m.n_layer * m.n_embd * T
-    teacher_fwd = 2 * n_teacher + 4 * t["n_layer"] * t["n_embd"] * T
-    train = flops_per_token(n_student, m.n_layer, m.n_embd, T,
-                            *((n_teacher, t["n_layer"], t["n_embd"]) if source == "online" else ()))
-    train += 6 * projector_parameters(cfg, (t["n_layer"], t["n_embd"]))
-    return float(train), float(student_fwd), float(teacher_fwd)
-
-
-def _gpu_key(name: str) -> Optional[str]:
-    import re
-
-    for key in sorted(STATED_MFU, key=len, reverse=True):
-        if re.search(rf"\b{key}\b", name.upper()):
-            return key
-    return None
-
-
-def _estimated_rate(cfg: ExperimentConfig, gpu: str) -> tuple[float, str]:
-    """(achieved FLOP/s, description) for ``cfg`` on a named GPU at its stated MFU."""
-    from .perf import device_peak
-
-    key = _gpu_key(gpu)
-    if key is None:
-        raise KdlibError(f"no stated MFU for GPU {gpu!r}; name one of: {choices(STATED_MFU)}, or plan on "
-                         "this machine's own device (--device measure)")
-    if cfg.train.precision in ("bf16", "fp16", "auto"):
-        peak, precision = device_peak(key)[0], "bf16/fp16"
-    else:
-        peak, precision = FP32_PEAK[key], "fp32"
-    mfu = STATED_MFU[key]
-    return peak * 1e12 * mfu, (f"estimate for one {key}: kdlib's FLOPs model at a stated {mfu:.0%} MFU of its "
-                               f"{peak:g} TFLOP/s {precision} peak (assumed, not measured)")
-
-
-def measure_rates(cfgs: Sequence[ExperimentConfig], steps: int = 3, warmup: int = 2) -> dict:
-    """Achieved training FLOP/s of kdlib's step on this machine, per kind of experiment in ``cfgs``
-    (feature map, cosine, divergence, teacher source): {kind: FLOP/s}. A few steps each, on random
-    token windows, with a random teacher of the configured shape."""
-    import torch
-
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # The measurement draws random weights: on forked generators, so a run that plans first
-    # trains exactly as one that does not.
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        return _measure(cfgs, dev, steps, warmup)
-
-
-def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
-    import gc
-    import time
-
-    import numpy as np
-    import torch
-
-    from .bench import KdlibStep
-    from .models import load_teacher, random_teacher, resolve_teacher_dtype
-    from .train import teacher_source_of
-
-    rates, teachers = {}, {}
-    for cfg in cfgs:
-        key = _kind(cfg)
-        if key in rates:
-            continue
-        source = teacher_source_of(cfg)
-        attn = cfg.spec.needs_attentions
-        if source != "none" and attn not in teachers:  # one random teacher of the configured shape
-            dims = {k: v for k, v in _teacher_dims(cfg).items() if v is not None}
-            teachers[attn] = load_teacher(random_teacher(dims), device=dev,
-                                          dtype=resolve_teacher_dtype(cfg.teacher.dtype, dev), need_attentions=attn)
-        n = cfg.train.batch_size * cfg.train.grad_accum
-        windows = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(n, cfg.data.block_size + 1),
-                                                    dtype=np.int64)
-        step = KdlibStep(cfg, dev, teachers.get(attn), cached=source == "cache", windows=windows)
-        idx, times = np.arange(n), []
-        for i in range(warmup + steps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step(idx, windows)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        step.finish()
-        rates[key] = n * cfg.data.block_size * flops(cfg, source)[0] / sorted(times)[len(times) // 2]
-        del step
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()  # the run that follows gets the memory back
-    return rates
-
-
-def _kind(cfg: ExperimentConfig) -> tuple:
-    from .train import teacher_source_of
-
-    spec = cfg.spec
-    return (spec.feature_map, spec.feature if spec.feature_map else None, spec.cosine,
-            spec.divergence is not None, teacher_source_of(cfg))
-
-
-def _device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    from .bench import cpu_name
-
-    return f"this CPU ({cpu_name()})"
+    device: str = "auto"  # "auto", "measure" or a GPU name with a stated MFU (see ``plan``)
+    results_dir: Optional[PathLike] = None  # its current contents count against the budget
+    data_dir: Optional[PathLike] = None  # the prepared data (default data/PRESET; exact token counts when prepared)
+    budget_bytes: int = 100 * MiB  # the results folder's storage budget
+    measured: Optional[dict] = None  # {experiment name: tokens/s} measured elsewhere (kdlib bench), used for time
 
 
 # --------------------------------------------------------------------------
@@ -409,23 +255,21 @@ def _device_name() -> str:
 
 
 def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None, *,
-         teacher_source: Optional[str] = None, device: str = "auto", results_dir=None, data_dir=None,
-         budget_bytes: int = 100 * MiB, cfgs: Optional[Sequence[ExperimentConfig]] = None,
-         measured: Optional[dict] = None, log: Callable[[str], None] = lambda *_: None) -> Plan:
+         teacher_source: Optional[str] = None, cfgs: Optional[Sequence[ExperimentConfig]] = None,
+         log: Callable[[str], None] = lambda *_: None, **setting) -> Plan:
     """The plan of a sweep of ``base`` (a preset name or config) over ``exps`` x ``seeds``.
 
     Arguments:
-        device: "auto" (measure on this machine's GPU; without one, estimate for the GPU the preset
-            is sized for, or measure on the CPU for the CPU presets), "measure" (this machine,
-            whatever it is), or a GPU name with a stated MFU (A100, T4, H100, ...).
-        results_dir: the results folder (its current contents count against the budget).
-        data_dir: the prepared data (default data/PRESET; exact token counts when prepared).
         cfgs: the run configs themselves (instead of ``exps``/``seeds``/``teacher_source``).
-        measured: {experiment name: tokens/s} measured elsewhere (``kdlib bench``), used for time.
+        setting: the fields of ``PlanSetting``. ``device``: "auto" (measure on this machine's GPU;
+            without one, estimate for the GPU the preset is sized for, or measure on the CPU for the
+            CPU presets), "measure" (this machine, whatever it is), or a GPU name with a stated MFU
+            (A100, T4, H100, ...). ``measured``: tokens/s per experiment, used for time instead.
     """
     from .cache import bytes_per_token
-    from .train import RunPaths, estimate_run_bytes, run_name, schedule, student_parameters, teacher_source_of
+    from .train import student_parameters
 
+    where = PlanSetting(**setting)
     base = make_preset(base) if isinstance(base, str) else base
     cfgs = list(cfgs) if cfgs is not None else sweep_configs(base, exps, seeds, teacher_source, log=log)
     if not cfgs:
@@ -434,74 +278,59 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
     if len(presets) > 1:
         raise KdlibError(f"a plan covers one preset; these configs are of {choices(sorted(presets))}")
     # The runs' own data config (a caller's cfgs may differ from the preset's).
-    data = _data_sizes(cfgs[0], data_dir if data_dir is not None else Path("data") / base.preset)
-    import torch
-
-    notes = []
-    if measured:
-        time_source, dev_name = "from measured tokens/s (kdlib bench)", _device_name()
-        rate_of = None
-    elif device == "measure" or (device == "auto" and (torch.cuda.is_available() or base.preset not in TARGET_GPU)):
-        rates = measure_rates(cfgs)
-        dev_name = _device_name()
-        time_source = (f"measured on {dev_name}: a few of kdlib's steps per kind of experiment"
-                       + ("" if torch.cuda.is_available() else " (a CPU busy with other work reads slower)"))
-        rate_of = lambda cfg: rates[_kind(cfg)]  # noqa: E731
-    else:
-        gpu = TARGET_GPU[base.preset] if device == "auto" else device
-        dev_name = _gpu_key(gpu) or gpu
-        rate_of = lambda cfg: _estimated_rate(cfg, gpu)[0]  # noqa: E731
-        time_source = _estimated_rate(cfgs[0], gpu)[1]
-        if device == "auto":
-            notes.append(f"no GPU here: the time is for one {dev_name}, the GPU preset {base.preset} is sized for")
-    runs = []
-    student_bytes = 0
-    for cfg in cfgs:
-        source = teacher_source_of(cfg)
-        sched = schedule(cfg, data.tokens["train"])
-        train_flops, student_fwd, teacher_fwd = flops(cfg, source)
-        # In-training evaluations: the validation split at stride = block; at the end the best
-        # student on validation and test at stride = block / 2 (twice the windows).
-        eval_flops = student_fwd * (sched.evals * data.tokens["validation"]
-                                    + 2 * (data.tokens["validation"] + data.tokens["test"]))
-        if measured:
-            speed = measured.get(cfg.exp)
-            if speed is None:
-                raise KdlibError(f"no measured speed for {cfg.exp!r}; measured: {choices(measured)}")
-            rate = speed * train_flops
-        else:
-            rate = rate_of(cfg)
-        seconds = (sched.tokens * train_flops + eval_flops) / rate
-        paths = RunPaths.of(cfg, Path(results_dir or "runs") / cfg.preset / run_name(cfg))
-        small = small_files_bytes(cfg, sched)
-        student = 2 * student_parameters(cfg) + STUDENT_HEADER_BYTES
-        student_bytes = max(student_bytes, student)
-        # weights and AdamW moments of student and projectors, and the file's header
-        resume = estimate_run_bytes(cfg, True, with_student=False, small_bytes=0)
-        kept_here = paths.weights_dir is None
-        runs.append(RunPlan(
-            name=run_name(cfg), exp=cfg.exp, seed=cfg.seed, teacher_source=source, tokens=sched.tokens,
-            steps=sched.steps, epochs=sched.epochs, evals=sched.evals, flops_per_token=train_flops,
-            hours=seconds / 3600, results_bytes=small + (student if kept_here else 0),
-            other_bytes=0 if kept_here else student, resume_bytes=resume,
-            resume_in_results=cfg.train.resume_dir is None))
+    data = _data_sizes(cfgs[0], where.data_dir if where.data_dir is not None else Path("data") / base.preset)
+    time = timing(cfgs, base.preset, where.device, where.measured)
+    students = [2 * student_parameters(cfg) + STUDENT_HEADER_BYTES for cfg in cfgs]  # fp16 weights, header
+    runs = [_run_plan(cfg, data, time.rate, where.results_dir, student) for cfg, student in zip(cfgs, students)]
+    notes = list(time.notes)
     if len({r.tokens for r in runs}) > 1:
         notes.append("the runs' token budgets differ (their configs differ): they do not compare like with like")
-    weights = cfgs[0].train.weights
-    kept = student_bytes if weights == "best" else 0
-    existing = 0
-    if results_dir is not None and Path(results_dir).is_dir():
-        mine = {(Path(results_dir) / c.preset / run_name(c)).resolve() for c in cfgs}
-        existing = sum(f.stat().st_size for f in Path(results_dir).rglob("*")
-                       if f.is_file() and not any(p in mine for p in f.resolve().parents))
-    uses_cache = any(r.teacher_source == "cache" for r in runs)
     first = cfgs[0]
+    uses_cache = any(r.teacher_source == "cache" for r in runs)
     cache_bytes = bytes_per_token(first.cache.top_k, first.model.vocab_size) * data.tokens["train"] if uses_cache else 0
-    return Plan(preset=base.preset, runs=runs, time_source=time_source, device=dev_name, budget_bytes=budget_bytes,
-                results_dir=str(results_dir) if results_dir is not None else None, existing_bytes=existing,
-                kept_student_bytes=kept, data_bytes=data.bytes, cache_bytes=cache_bytes, data_note=data.note,
-                weights=weights, weights_dir=cfgs[0].train.weights_dir, resume_dir=cfgs[0].train.resume_dir,
-                notes=notes)
+    return Plan(preset=base.preset, runs=runs, time_source=time.source, device=time.device,
+                budget_bytes=where.budget_bytes,
+                results_dir=str(where.results_dir) if where.results_dir is not None else None,
+                existing_bytes=_existing_bytes(where.results_dir, cfgs),
+                kept_student_bytes=max(students) if first.train.weights == "best" else 0,
+                data_bytes=data.bytes, cache_bytes=cache_bytes, data_note=data.note, weights=first.train.weights,
+                weights_dir=first.train.weights_dir, resume_dir=first.train.resume_dir, notes=notes)
+
+
+def _run_plan(cfg: ExperimentConfig, data: _Data, rate: Callable[[ExperimentConfig], float], results_dir,
+              student_bytes: int) -> RunPlan:
+    """One run's tokens, steps, evaluations, time (at ``rate`` FLOP/s) and bytes."""
+    from .train import RunPaths, estimate_run_bytes, run_name, schedule, teacher_source_of
+
+    source = teacher_source_of(cfg)
+    sched = schedule(cfg, data.tokens["train"])
+    train_flops, student_fwd, _ = flops(cfg, source)
+    # In-training evaluations: the validation split at stride = block; at the end the best
+    # student on validation and test at stride = block / 2 (twice the windows).
+    eval_flops = student_fwd * (sched.evals * data.tokens["validation"]
+                                + 2 * (data.tokens["validation"] + data.tokens["test"]))
+    seconds = (sched.tokens * train_flops + eval_flops) / rate(cfg)
+    paths = RunPaths.of(cfg, Path(results_dir or "runs") / cfg.preset / run_name(cfg))
+    kept_here = paths.weights_dir is None
+    return RunPlan(
+        name=run_name(cfg), exp=cfg.exp, seed=cfg.seed, teacher_source=source, tokens=sched.tokens,
+        steps=sched.steps, epochs=sched.epochs, evals=sched.evals, flops_per_token=train_flops,
+        hours=seconds / 3600, results_bytes=small_files_bytes(cfg, sched) + (student_bytes if kept_here else 0),
+        other_bytes=0 if kept_here else student_bytes,
+        # weights and AdamW moments of student and projectors, and the file's header
+        resume_bytes=estimate_run_bytes(cfg, True, with_student=False, small_bytes=0),
+        resume_in_results=cfg.train.resume_dir is None)
+
+
+def _existing_bytes(results_dir, cfgs: Sequence[ExperimentConfig]) -> int:
+    """What the results folder already holds outside the folders of ``cfgs``' runs."""
+    from .train import run_name
+
+    if results_dir is None or not Path(results_dir).is_dir():
+        return 0
+    mine = {(Path(results_dir) / c.preset / run_name(c)).resolve() for c in cfgs}
+    return sum(f.stat().st_size for f in Path(results_dir).rglob("*")
+               if f.is_file() and not any(p in mine for p in f.resolve().parents))
 
 
 def small_files_bytes(cfg: ExperimentConfig, sched) -> int:

@@ -1,6 +1,6 @@
 """Figures for the report: matplotlib, sized for a report column, saved as PNG (200 dpi) and PDF.
 
-Every function takes tables from ``kdlib.analysis`` and returns a Figure;
+Every function takes tables from ``kdlib.results`` and ``kdlib.stats`` and returns a Figure;
 ``save`` writes it under a stable name.
 """
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_student, save_student
-from .data import SPLITS, WindowSampler, check_vocab, load_split, n_windows
+from .data import SPLITS, WindowSampler, check_tokenizer_fits, load_split, n_windows
 from .config import ExperimentConfig
 from .errors import KdlibError
 from .models import TinyGPT, load_teacher, teacher_forward
@@ -138,7 +138,7 @@ def check_data(data_dir, cfg: ExperimentConfig, batch_size: int = 2) -> np.ndarr
         if n_windows(split.n_tokens, cfg.data.block_size) < 1:
             raise KdlibError(f"split {name!r} in {data_dir} has {split.n_tokens} tokens: not one window of "
                              f"{cfg.data.block_size}; prepare more text")
-        check_vocab(split, cfg.model.vocab_size)
+        check_tokenizer_fits(split, cfg.model.vocab_size)
     return splits["train"].tokens()
 
 

@@ -35,13 +35,14 @@ from . import __version__, faults
 from .cache import TopKCache, cache_identity
 from .checkpoint import (MiB, StorageBudget, load_resume, model_parameters, save_resume, save_student)
 from .config import TEACHER_SOURCES, ExperimentConfig
-from .data import SPLITS, WindowSampler, check_prepared_for, check_vocab, load_split, n_windows, prepare
+from .data import SPLITS, WindowSampler, check_prepared_for, check_tokenizer_fits, load_split, n_windows
 from .errors import KdlibError
 from .evaluate import perplexity
 from .fileio import atomic_write_json, atomic_write_text, check_run_folder, read_json, read_jsonl, refuse_links
 from .models import TinyGPT, load_teacher, resolve_teacher_dtype, teacher_forward, teacher_shape
 from .objective import DistillationLoss
 from .perf import flop_params, flops_per_token, mfu, peak_tflops
+from .prep import prepare
 
 
 class Trainee(nn.Module):
@@ -421,7 +422,7 @@ def _load_data(cfg: ExperimentConfig, data_dir: Path, log) -> dict:
         prepare(cfg, data_dir, log=log)
     splits = {s: load_split(data_dir, s) for s in SPLITS}
     for split in splits.values():
-        check_vocab(split, cfg.model.vocab_size)
+        check_tokenizer_fits(split, cfg.model.vocab_size)
         check_prepared_for(cfg, split)
     check_subset(cfg, splits["train"])
     for split in splits.values():

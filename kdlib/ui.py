@@ -170,12 +170,12 @@ class Panel:
         found = runtime_report(self.preset.value)[1]
         data = self.data_dir
         if (data / "train.json").is_file():
-            from .data import check_prepared_for, check_vocab, load_split
+            from .data import check_prepared_for, check_tokenizer_fits, load_split
             from .train import check_subset
 
             try:  # the checks training makes first
                 cfg, split = self.config(), load_split(data, "train")
-                check_vocab(split, cfg.model.vocab_size)
+                check_tokenizer_fits(split, cfg.model.vocab_size)
                 check_prepared_for(cfg, split)
                 check_subset(cfg, split)
             except KdlibError as e:

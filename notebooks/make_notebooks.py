@@ -163,14 +163,14 @@ machine, so the folder is on Google Drive. Run again with the same inputs, it re
 ### Where everything goes (Colab)
 
 """ + DRIVE_LAYOUT)),
-        install_cell("kdlib.colab, kdlib.config, kdlib.data, kdlib.notebook"),
+        install_cell("kdlib.colab, kdlib.config, kdlib.notebook, kdlib.prep"),
         params_cell(PRESET_PARAM, DATA_PARAM),
         new_markdown_cell(WHERE),
         runtime_cell("preset", False, data_dir="data_dir"),
         new_markdown_cell("## Tokenize\n\nTexts, characters, tokens and tokens per character per split; a split "
                           "with implausibly few tokens per character (a truncated corpus) is refused."),
         new_code_cell("cfg = kdlib.config.preset(preset)\n"
-                      "splits = kdlib.data.prepare(cfg, f.data_dir)  # prints the per-split table"),
+                      "splits = kdlib.prep.prepare(cfg, f.data_dir)  # prints the per-split table"),
         new_markdown_cell("## What the model reads\n\nA stretch of the training split decoded back to text: "
                           "the tokenizer's round trip, and a look at the data."),
         new_code_cell("kdlib.notebook.show_sample(cfg, f.data_dir)"),
@@ -191,7 +191,7 @@ notebook runs on its own machine, `03_train` builds it on its runtime when it is
 is not there. This notebook shows its size and where it goes, checks the disk has room, builds it, and \
 measures how much of the teacher's distribution the top k keep. An interrupted build continues where \
 it stopped.""")),
-        install_cell("kdlib.colab, kdlib.data, kdlib.notebook"),
+        install_cell("kdlib.colab, kdlib.notebook, kdlib.prep"),
         params_cell(PRESET_PARAM,
                     param(f'divergence = "kl"  #@param {options(STUDY_DIVERGENCES)}',
                           "**divergence**: the cache is built at this divergence's temperature (the same for kl",
@@ -205,7 +205,7 @@ it stopped.""")),
         new_markdown_cell("## Size and place\n\nThe cache's size, where it goes and that disk's free space; "
                           "it stops here if the cache does not fit."),
         new_code_cell("cfg = kdlib.notebook.run_config(preset, divergence)\n"
-                      "kdlib.data.prepare(cfg, f.data_dir)  # reuses 01's files\n"
+                      "kdlib.prep.prepare(cfg, f.data_dir)  # reuses 01's files\n"
                       "kdlib.notebook.cache_plan(cfg, f.data_dir, f.cache_dir)"),
         new_markdown_cell("## Build, and its fidelity\n\nThe teacher's pass, then the share of its "
                           "probability mass the top k keep (the rest is one tail bucket)."),

@@ -72,7 +72,7 @@ def smoke_data(tmp_path_factory):
     Shared read-only: a test that changes files copies the folder first.
     """
     from kdlib.config import preset
-    from kdlib.data import prepare
+    from kdlib.prep import prepare
 
     folder = tmp_path_factory.mktemp("smoke_data")
     splits = prepare(preset("smoke"), folder, log=lambda line: None)

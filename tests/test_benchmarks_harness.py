@@ -60,7 +60,7 @@ def test_divergence_bench_chunked_holds_a_fraction_of_the_dense_memory():
 
 
 def test_prep_bench_extrapolates_from_measured_speed():
-    from kdlib.data import train_bpe
+    from kdlib.tokenizer import train_bpe
 
     text = prep_text(0.2)
     assert len(text) == 200_000

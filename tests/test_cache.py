@@ -25,9 +25,10 @@ from kdlib import cli
 from kdlib import losses as L
 from kdlib.cache import CACHE_FORMAT, TopKCache, build_cache, bytes_per_token, cache_identity
 from kdlib.config import preset
-from kdlib.data import load_split, prepare
+from kdlib.data import load_split
 from kdlib.errors import KdlibError
 from kdlib.models import load_teacher
+from kdlib.prep import prepare
 
 SPLIT = "validation"
 

@@ -66,7 +66,8 @@ def test_a_cache_run_builds_its_missing_cache_first_and_reports_its_coverage(tmp
 
 
 def test_summary_text_and_decoded_sample(tmp_path, smoke_data, capsys):
-    from kdlib.data import load_split, tokenizer_of
+    from kdlib.data import load_split
+    from kdlib.tokenizer import tokenizer_of
 
     cfg = preset("smoke")
     text = kdlib.notebook.show_sample(cfg, smoke_data[0], n_tokens=40)

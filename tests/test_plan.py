@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 
 import pytest
+from plan_helpers import plan_json
+from plan_helpers import no_gpu, own_folder  # noqa: F401 (fixtures)
 
 import kdlib.notebook
 import kdlib.plan
@@ -22,31 +24,8 @@ from kdlib.checkpoint import MiB
 from kdlib.cli import main as cli_main
 from kdlib.config import PRESETS, SEEDS, preset, preset_seeds
 from kdlib.grid import EXPERIMENTS
-from kdlib.perf import device_peak
 
 STUDY_EPOCH_TOKENS = 1_650_000  # what the original study trained on per epoch (data.train_tokens)
-
-
-@pytest.fixture(autouse=True)
-def own_folder(tmp_path, monkeypatch):
-    """Every test in its own working folder, with no peak override from the environment."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("KDLIB_PEAK_TFLOPS", raising=False)
-    return tmp_path
-
-
-@pytest.fixture
-def no_gpu(monkeypatch):
-    """The plan as on a machine without a GPU (CI): device "auto" estimates for the preset's GPU."""
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-def plan_json(capsys, *args) -> dict:
-    capsys.readouterr()
-    assert cli_main(["plan", *args, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -114,40 +93,6 @@ def test_every_preset_draws_a_validation_curve(capsys, name):
     least = min(r["evals"] for r in p["runs"])
     assert least >= (15 if name == "demo" else 20), f"{name}: {least} evaluations a run"
     assert len({r["tokens"] for r in p["runs"]}) == 1
-
-
-# --------------------------------------------------------------------------
-# 2. time on a named GPU
-
-
-def test_plan_time_scales_with_the_named_gpu(capsys, no_gpu):
-    a100 = plan_json(capsys, "--preset", "colab-a100", "--seeds", "0", "--device", "A100")
-    t4 = plan_json(capsys, "--preset", "colab-a100", "--seeds", "0", "--device", "T4")
-    auto = plan_json(capsys, "--preset", "colab-a100", "--seeds", "0")
-    assert (a100["device"], t4["device"]) == ("A100", "T4")
-    assert [r["name"] for r in a100["runs"]] == [r["name"] for r in t4["runs"]]
-    # colab-a100 trains in bf16: both at their half-precision peak and stated MFU.
-    rate = {g: device_peak(g)[0] * kdlib.plan.STATED_MFU[g] for g in ("A100", "T4")}
-    expected = rate["A100"] / rate["T4"]
-    assert 3 < expected < 15  # an A100 is several times a T4
-    for a, t in zip(a100["runs"], t4["runs"]):
-        assert (a["tokens"], a["steps"], a["evals"]) == (t["tokens"], t["steps"], t["evals"])
-        assert t["hours"] / a["hours"] == pytest.approx(expected, rel=1e-9)
-    assert t4["total_hours"] / a100["total_hours"] == pytest.approx(expected, rel=1e-9)
-    assert t4["total_hours"] > a100["total_hours"]
-    # auto without a GPU: the preset's own GPU.
-    assert auto["device"] == "A100" and auto["total_hours"] == pytest.approx(a100["total_hours"])
-    # An fp32 preset at the fp32 peaks.
-    s_a100 = plan_json(capsys, "--preset", "study", "--exps", "kl", "--device", "A100")
-    s_t4 = plan_json(capsys, "--preset", "study", "--exps", "kl", "--device", "T4")
-    fp32 = (kdlib.plan.FP32_PEAK["A100"] * kdlib.plan.STATED_MFU["A100"]) / \
-        (kdlib.plan.FP32_PEAK["T4"] * kdlib.plan.STATED_MFU["T4"])
-    assert s_t4["total_hours"] / s_a100["total_hours"] == pytest.approx(fp32, rel=1e-9)
-
-
-def test_plan_refuses_a_gpu_it_has_no_mfu_for(capsys):
-    assert cli_main(["plan", "--preset", "colab-a100", "--seeds", "0", "--device", "Abacus9000"]) == 2
-    assert "no stated MFU" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------

@@ -22,9 +22,12 @@ import kdlib.colab
 from kdlib.checkpoint import MiB, load_resume
 from kdlib.cli import main as cli_main
 from kdlib.config import COLAB_TOKENS, preset
-from kdlib.data import _encode, documents, load_split, load_texts, load_tokenizer, prepare, train_subset
+from kdlib.corpus import documents, load_texts, train_subset
+from kdlib.data import load_split
 from kdlib.errors import KdlibError
 from kdlib.models import resolve_teacher_dtype
+from kdlib.prep import prepare
+from kdlib.tokenizer import encode_pieces, load_tokenizer
 from kdlib.train import lr_factor, run_name, schedule, train
 from helpers import metric_rows, quiet, run
 
@@ -404,7 +407,7 @@ def test_train_subset_is_seeded_whole_documents(smoke_data, tmp_path):
     assert info["documents"] < info["of_documents"] == len(documents(texts["train"]))
     assert is_whole_documents(subset, documents(texts["train"]))
     # A few documents at most past the request (the last is taken whole).
-    longest = max(sum(ids.size for ids in _encode(tok, d)) for d in documents(texts["train"]))
+    longest = max(sum(ids.size for ids in encode_pieces(tok, d)) for d in documents(texts["train"]))
     assert m["tokens"] < n + longest
     # Deterministic for a seed, another seed another subset.
     assert prepare(subset_cfg(n), b, log=quiet)["train"].manifest["sha256"] == m["sha256"]

@@ -31,8 +31,9 @@ from helpers import quiet, run, snapshot
 
 from kdlib import cli
 from kdlib.config import preset
-from kdlib.data import SPLITS, load_split, prepare
+from kdlib.data import SPLITS, load_split
 from kdlib.errors import KdlibError
+from kdlib.prep import prepare
 
 
 def small_cfg(exp: str = "ce", max_steps: int = 2):
@@ -190,7 +191,7 @@ def _staging(folder: Path, name: str, **owner) -> Path:
 
 
 def test_only_stale_staging_folders_that_kdlib_made_are_removed(tmp_path):
-    from kdlib.data import _boot_id, remove_stale_staging
+    from kdlib.prep import _boot_id, remove_stale_staging
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid, host, boot = int(dead.stdout), socket.gethostname(), _boot_id()

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import kdlib.checkpoint
-from kdlib.analysis import read_metrics
+from kdlib.results import read_metrics
 from kdlib.checkpoint import load_student
 from kdlib.cli import main as cli_main
 from kdlib.config import ExperimentConfig, preset

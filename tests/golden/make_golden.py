@@ -57,7 +57,7 @@ def main() -> int:
 
     import kdlib
     from kdlib.config import preset
-    from kdlib.data import prepare
+    from kdlib.prep import prepare
     from kdlib.train import train
 
     torch.set_num_threads(SETTINGS["torch_threads"])

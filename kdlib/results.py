@@ -1,0 +1,310 @@
+"""A results folder -> one row per run and its validation curve.
+
+A results folder holds run folders (``config.json``, ``metrics.jsonl``,
+``summary.json``), finished or not, any mix of experiments, seeds and
+presets: ``RUNS/PRESET/RUN`` or the older flat ``RUNS/RUN``. ``load_runs``
+reads them into one row per run plus each run's validation curve, and says
+which folders it skipped and why. Each row carries its protocol (preset, data,
+token budget, evaluation block and strides), so that ``kdlib.stats`` never
+averages runs of two protocols. ``reference_runs`` loads the original study's
+curves, shipped with kdlib, as the same kind of table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from .errors import KdlibError
+from .fileio import read_json, read_jsonl
+from .grid import parse
+
+# The original study's epoch: about 1.65M training tokens (reference/original_study.md).
+STUDY_EPOCH_TOKENS = 1_650_000
+STUDY_EPOCHS = 50
+# The protocol columns: constant within a protocol group, stated once at the top of results.md.
+PROTOCOL_COLUMNS = ["preset", "block_size", "test_stride", "val_stride", "budget_tokens"]
+RUN_COLUMNS = ["run", "source", "exp", "label", "seed", "feature", "divergence", "feature_map", "cosine", "finished",
+               "best_val_ppl", "final_val_ppl", "test_ppl", "best_step", "best_epoch", "steps", "tokens",
+               "train_wall_s", "tokens_per_s", "teacher_source", "cache_top_k", "teacher", *PROTOCOL_COLUMNS,
+               "budget", "dataset", "protocol"]
+_INT_COLUMNS = ["cache_top_k", "block_size", "test_stride", "val_stride", "budget_tokens"]
+# The train fields that set a run's token budget (older configs lack max_tokens).
+BUDGET_FIELDS = ("max_tokens", "max_steps", "epochs", "batch_size", "grad_accum")
+
+
+def read_metrics(run_dir) -> pd.DataFrame:
+    """A run's metrics.jsonl as a table; a half-written line (an interrupted write) is skipped
+    with a warning."""
+    return pd.DataFrame(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+
+
+def _components(exp: str, feature: str) -> dict:
+    spec = parse(exp, feature)
+    return {"divergence": spec.divergence or "none", "feature_map": spec.feature_map or "none",
+            "cosine": spec.cosine}
+
+
+def run_label(exp: str, feature: str, teacher_source: str = "online", cache_top_k=None) -> str:
+    """An experiment's row key: ``kl``; ``layerwise-kl [attn]`` (attention-map features);
+    ``kl [top-32 cache]`` (the teacher's outputs from its top-k cache, a different objective)."""
+    name = exp if feature == "hidden" or parse(exp, feature).feature_map is None else f"{exp} [attn]"
+    if teacher_source != "cache":
+        return name
+    return f"{name} [top-{int(cache_top_k)} cache]" if pd.notna(cache_top_k) else f"{name} [cache]"
+
+
+def protocol_key(config: dict) -> dict:
+    """What a run's numbers depend on besides its loss and seed: the preset, the teacher, the whole
+    data section and the training budget. Runs whose keys differ are never averaged together."""
+    train = config.get("train") or {}
+    return {"preset": config.get("preset"), "teacher": config.get("teacher"), "data": config.get("data"),
+            "train": {k: train.get(k) for k in BUDGET_FIELDS}}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _budget(config: dict, summary: dict) -> tuple[Optional[int], str]:
+    """(tokens per run, how the config sets them). The summary's budget where the run has one; else
+    ``train.max_tokens`` in whole steps, cut by ``max_steps``; an epochs budget depends on the
+    training split's size, which the run folder does not record (None)."""
+    train, block = config.get("train") or {}, config["data"]["block_size"]
+    per_step = train["batch_size"] * train.get("grad_accum", 1) * block
+    if not isinstance(per_step, int) or not 0 < per_step < 2**63:
+        raise _Malformed(f"its config's batch_size x grad_accum x block_size is {per_step!r}, not a number of "
+                         "tokens per step")
+    max_tokens, max_steps = train.get("max_tokens"), train.get("max_steps")
+    how = (f"max_tokens {max_tokens:,}" if max_tokens is not None else f"{train.get('epochs')} epochs") \
+        + (f", at most {max_steps:,} steps" if max_steps is not None else "")
+    if summary.get("budget_tokens") is not None:
+        return int(summary["budget_tokens"]), how
+    if max_tokens is None:
+        return None, how
+    steps = max_tokens // per_step if max_steps is None else min(max_tokens // per_step, max_steps)
+    return steps * per_step, how
+
+
+def _dataset(data: dict) -> str:
+    if data.get("dataset") == "python-docs":  # offline text: its dataset_config is unused
+        name = data["dataset"]
+    elif data.get("dataset"):
+        name = data["dataset"] + (f" ({data['dataset_config']})" if data.get("dataset_config") else "")
+    else:
+        name = "text files " + ", ".join(Path(p).name for p in (data.get("text_files") or {}).values())
+    if data.get("train_tokens"):
+        name += f", training subset of ~{data['train_tokens']:,} tokens"
+    return name
+
+
+def _teacher(config: dict) -> str:
+    teacher = config.get("teacher") or {}
+    return "a randomly initialised GPT-2" if teacher.get("random_init") else str(teacher.get("name"))
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _empty_preset_folder(folder: Path) -> bool:
+    """A preset's folder with no file in it: what a run refused before it started leaves behind
+    (``RUNS/PRESET/``); not worth a "skipped" line."""
+    from .config import PRESETS
+
+    return folder.name in PRESETS and not any(f.is_file() for f in folder.rglob("*"))
+
+
+def run_folders(results_dir) -> tuple[list[Path], list]:
+    """The run folders of a results folder (a folder holding ``config.json``) at depth 1
+    (``RUNS/RUN``) or 2 (``RUNS/PRESET/RUN``), and [(folder, why not a run)] for the others."""
+    folder = Path(results_dir)
+    runs, skipped = [], []
+    for child in _subdirs(folder):
+        if (child / "config.json").is_file():
+            runs.append(child)
+            continue
+        if _empty_preset_folder(child):
+            continue
+        inner = [p for p in _subdirs(child) if (p / "config.json").is_file()]
+        if not inner:
+            skipped.append((child.name, "no config.json: not a run folder, nor a folder of run folders"))
+            continue
+        runs += inner
+        skipped += [(p.relative_to(folder).as_posix(), "no config.json: not a run folder")
+                    for p in _subdirs(child) if p not in inner]
+    return runs, skipped
+
+
+class _Malformed(Exception):
+    """A value of the wrong type in a run's files: the run is skipped with this reason."""
+
+
+# What reading one run folder can raise on content that is not what kdlib wrote (a list for an
+# object, text for a number, JSON nested too deeply to parse, an unreadable file): the run is
+# skipped with the reason, and the other runs are reported.
+_UNREADABLE = (KdlibError, _Malformed, KeyError, TypeError, ValueError, AttributeError, IndexError,
+               RecursionError, OSError)
+_KINDS = {"number": (int, float), "whole number": (int,), "string": (str,)}
+# The summary and metrics fields the report reads, and their kinds (None is allowed in a summary).
+SUMMARY_FIELDS = {"test_ppl": "number", "train_wall_s": "number", "tokens_per_s": "number",
+                  "budget_tokens": "whole number", "eval_stride": "whole number",
+                  "in_training_eval_stride": "whole number", "cache_top_k": "whole number",
+                  "teacher_source": "string"}
+METRIC_FIELDS = {"step": "whole number", "tokens": "whole number", "epoch": "number", "val_ppl": "number"}
+
+
+def _need(value, kind: str, what: str):
+    """``value`` if it is a ``kind`` of ``_KINDS`` (a bool is not a number; a number is finite, a whole
+    number in 0..2**63, what a table column and a plot axis can hold), else ``_Malformed``."""
+    if isinstance(value, bool) or not isinstance(value, _KINDS[kind]):
+        raise _Malformed(f"{what} is {value!r}, not a {kind}")
+    if kind == "number" and not math.isfinite(value):
+        raise _Malformed(f"{what} is {value!r}, not a finite number")
+    if kind == "whole number" and not 0 <= value < 2**63:
+        raise _Malformed(f"{what} is {value!r}, out of range")
+    return value
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply to read"
+    return str(e) if isinstance(e, (KdlibError, _Malformed)) else f"{type(e).__name__}: {e}"
+
+
+def _read_summary(run: Path, name: str) -> tuple[dict, Optional[tuple]]:
+    """(the run's summary, or {} when it has none or it is malformed; the skipped line saying so)."""
+    if not (run / "summary.json").is_file():
+        return {}, None
+    try:
+        summary = read_json(run / "summary.json", "summary")
+        for key, kind in SUMMARY_FIELDS.items():
+            if summary.get(key) is not None:
+                _need(summary[key], kind, f"its {key}")
+    except _UNREADABLE as e:
+        return {}, (name, f"unreadable summary.json ({_why(e)}); reported from its metrics")
+    return summary, None
+
+
+def _read_metric_rows(run: Path) -> pd.DataFrame:
+    """metrics.jsonl as a table, every field the report reads checked: an evaluation has all four."""
+    rows = read_jsonl(run / "metrics.jsonl")
+    for n, row in enumerate(rows, 1):
+        for key, kind in METRIC_FIELDS.items():
+            if key in row or "val_ppl" in row:
+                _need(row.get(key), kind, f"record {n}'s {key}")
+    return pd.DataFrame(rows)
+
+
+def _config_fields(config: dict, summary: dict) -> dict:
+    """The row fields a run's config gives (with its summary's say on the budget and the teacher)."""
+    exp, seed = _need(config["exp"], "string", "exp"), _need(config["seed"], "whole number", "seed")
+    feature = _need(config["loss"]["feature"], "string", "loss.feature")
+    block = _need(config["data"]["block_size"], "whole number", "data.block_size")
+    if config.get("preset") is not None:
+        _need(config["preset"], "string", "preset")
+    budget_tokens, budget = _budget(config, summary)
+    if not parse(exp, feature).needs_teacher:
+        source = "none"
+    else:  # old configs have no train.teacher_source: their teacher ran online
+        source = summary.get("teacher_source") or (config.get("train") or {}).get("teacher_source") or "online"
+    top_k = (summary.get("cache_top_k") or (config.get("cache") or {}).get("top_k")) if source == "cache" else None
+    if top_k is not None:
+        _need(top_k, "whole number", "cache.top_k")
+    test_stride = summary.get("eval_stride", block // 2)
+    val_stride = summary.get("in_training_eval_stride", block)
+    return {"exp": exp, "label": run_label(exp, feature, source, top_k), "seed": seed, "feature": feature,
+            **_components(exp, feature), "teacher_source": source, "cache_top_k": top_k,
+            "teacher": _teacher(config) if source != "none" else None, "preset": config.get("preset"),
+            "block_size": block, "test_stride": test_stride, "val_stride": val_stride,
+            "budget_tokens": budget_tokens, "budget": budget, "dataset": _dataset(config["data"]),
+            "protocol": _digest({**protocol_key(config), "test_stride": test_stride, "val_stride": val_stride})}
+
+
+def load_runs(results_dir) -> tuple[pd.DataFrame, dict, list]:
+    """(one row per run, {run: validation curve [step, tokens, epoch, val_ppl]}, [(folder, why skipped)]).
+
+    ``run`` is the run folder's path inside ``results_dir`` (``colab-t4/kl-seed0``, or ``kl-seed0``
+    in a flat folder); ``label`` the experiment's row key (``run_label``); ``protocol`` a short hash
+    of the protocol (``protocol_key`` and the evaluation strides) that groups runs. A run whose
+    files are unreadable or malformed (wrong JSON, a list for an object, text for a number) is
+    skipped with the reason; a preset's folder with nothing in it is not listed.
+    """
+    folder = Path(results_dir)
+    rows, curves = [], {}
+    if not folder.is_dir():
+        return _frame([]), curves, [(str(folder), "no such folder")]
+    folders, skipped = run_folders(folder)
+    for run in folders:
+        name = run.relative_to(folder).as_posix()
+        summary, unreadable = _read_summary(run, name)
+        try:
+            fields = _config_fields(read_json(run / "config.json", "run config"), summary)
+        except _UNREADABLE as e:
+            skipped.append((name, f"no readable kdlib config ({_why(e)})"))
+            continue
+        if unreadable:
+            skipped.append(unreadable)
+        try:
+            metrics = _read_metric_rows(run)
+        except _UNREADABLE as e:
+            skipped.append((name, f"unreadable metrics.jsonl ({_why(e)})"))
+            continue
+        if "val_ppl" not in metrics or metrics["val_ppl"].dropna().empty:
+            skipped.append((name, "no evaluation in metrics.jsonl yet"))
+            continue
+        curve = metrics.dropna(subset=["val_ppl"])[["step", "tokens", "epoch", "val_ppl"]].reset_index(drop=True)
+        best = curve.loc[curve["val_ppl"].idxmin()]
+        row = {"run": name, "source": "kdlib", **fields, "finished": (run / "summary.json").is_file(),
+               "best_val_ppl": best["val_ppl"], "final_val_ppl": curve["val_ppl"].iloc[-1],
+               "best_step": int(best["step"]), "best_epoch": float(best["epoch"]),
+               "steps": int(metrics["step"].max()), "tokens": int(metrics["tokens"].max())}
+        for key in ("test_ppl", "train_wall_s", "tokens_per_s"):
+            row[key] = summary.get(key)
+        rows.append(row)
+        curves[name] = curve
+    return _frame(rows), curves, skipped
+
+
+def _frame(rows: list) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    for col in _INT_COLUMNS:  # whole numbers with gaps: written as integers, not 5.12e+03
+        df[col] = pd.to_numeric(df[col]).astype("Int64")
+    for col in ("test_ppl", "train_wall_s", "tokens_per_s"):
+        df[col] = pd.to_numeric(df[col]).astype(float)
+    return df
+
+
+def reference_runs() -> tuple[pd.DataFrame, dict]:
+    """The original study's 14 runs (validation perplexity per epoch), as a run set.
+
+    Source: the study's notebook, cell 'Graphs in Report' (see the file's 'source' and 'metric'
+    fields). Tokens are epochs × 1.65M, the study's epoch. Its only score is validation
+    perplexity on non-overlapping 128-token blocks; it has no test score.
+    """
+    data = json.loads(resources.files("kdlib").joinpath("reference/original_study_curves.json").read_text())
+    rows, curves = [], {}
+    for exp, run in data["runs"].items():
+        ppl = pd.Series(run["val_ppl_per_epoch"], dtype=float)
+        epochs = pd.Series(range(1, len(ppl) + 1))
+        curve = pd.DataFrame({"step": epochs, "tokens": epochs * STUDY_EPOCH_TOKENS, "epoch": epochs,
+                              "val_ppl": ppl})
+        name = f"study:{exp}"
+        curves[name] = curve
+        source = "online" if parse(exp, "attention").needs_teacher else "none"
+        rows.append({"run": name, "source": "original study", "exp": exp, "label": run_label(exp, "attention"),
+                     "seed": 42, "feature": "attention", **_components(exp, "attention"), "finished": True,
+                     "best_val_ppl": ppl.min(), "final_val_ppl": ppl.iloc[-1], "best_step": int(ppl.idxmin()) + 1,
+                     "best_epoch": int(ppl.idxmin()) + 1, "steps": len(ppl), "tokens": len(ppl) * STUDY_EPOCH_TOKENS,
+                     "teacher_source": source, "teacher": "gpt2" if source != "none" else None,
+                     "preset": "original study", "block_size": 128, "val_stride": 128,
+                     "budget_tokens": STUDY_EPOCHS * STUDY_EPOCH_TOKENS, "budget": f"{STUDY_EPOCHS} epochs",
+                     "dataset": "WikiText-103 (the study's ~1.65M-token training text)",
+                     "protocol": "original-study"})
+    return _frame(rows), curves

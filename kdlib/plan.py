@@ -46,7 +46,6 @@ FP32_PEAK = {"A100": 19.5, "H100": 67.0, "H200": 67.0, "L40S": 91.6, "L40": 90.5
 # WikiText-103 with GPT-2's tokenizer, for a plan made before `prep` (approximate;
 # validation and test are WikiText-2's).
 WIKITEXT103_TOKENS = {"train": 119_000_000, "validation": 247_000, "test": 288_000}
-SUMMARY_BYTES = 2 * 1024  # summary.json, rounded up
 STUDENT_HEADER_BYTES = 16 * 1024  # safetensors header with the config in its metadata
 
 
@@ -227,7 +226,7 @@ def _data_sizes(cfg: ExperimentConfig, data_dir) -> _Data:
     item = 2 if token_dtype(cfg.model.vocab_size) == "uint16" else 4
     stale = ""
     if data_dir is not None and all((Path(data_dir) / f"{s}.json").is_file() for s in SPLITS):
-        from .train import check_subset
+        from .runs import check_subset
 
         try:
             loaded = {s: load_split(data_dir, s) for s in SPLITS}
@@ -286,7 +285,7 @@ def _teacher_dims(cfg: ExperimentConfig) -> dict:
 def flops(cfg: ExperimentConfig, source: str) -> tuple[float, float, float]:
     """(training FLOPs per token, student forward FLOPs per token, teacher forward FLOPs per token)."""
     from .perf import flops_per_token
-    from .train import projector_parameters, student_parameters
+    from .storage import projector_parameters, student_parameters
 
     m, T = cfg.model, cfg.data.block_size
     n_student = student_parameters(cfg) - (m.block_size * m.n_embd if m.positions == "learned" else 0)
@@ -350,7 +349,7 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
 
     from .bench import KdlibStep
     from .models import load_teacher, random_teacher, resolve_teacher_dtype
-    from .train import teacher_source_of
+    from .runs import teacher_source_of
 
     rates, teachers = {}, {}
     for cfg in cfgs:
@@ -388,7 +387,7 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
 
 
 def _kind(cfg: ExperimentConfig) -> tuple:
-    from .train import teacher_source_of
+    from .runs import teacher_source_of
 
     spec = parse(cfg.exp, cfg.loss.feature)
     return (spec.feature_map, spec.feature if spec.feature_map else None, spec.cosine,
@@ -425,7 +424,9 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
         measured: {experiment name: tokens/s} measured elsewhere (``kdlib bench``), used for time.
     """
     from .cache import bytes_per_token
-    from .train import RunPaths, estimate_run_bytes, run_name, schedule, student_parameters, teacher_source_of
+    from .optim import schedule
+    from .runs import RunPaths, run_name, teacher_source_of
+    from .storage import estimate_run_bytes, small_files_bytes, student_parameters
 
     base = make_preset(base) if isinstance(base, str) else base
     cfgs = list(cfgs) if cfgs is not None else sweep_configs(base, exps, seeds, teacher_source, log=log)
@@ -503,22 +504,6 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
                 kept_student_bytes=kept, data_bytes=data.bytes, cache_bytes=cache_bytes, data_note=data.note,
                 weights=weights, weights_dir=cfgs[0].train.weights_dir, resume_dir=cfgs[0].train.resume_dir,
                 notes=notes)
-
-
-def small_files_bytes(cfg: ExperimentConfig, sched) -> int:
-    """What a run writes into its folder besides weights: config.json, metrics.jsonl, summary.json."""
-    return len(cfg.to_json()) + 1 + _metrics_bytes(cfg, sched) + SUMMARY_BYTES
-
-
-def _metrics_bytes(cfg: ExperimentConfig, sched) -> int:
-    """metrics.jsonl's size: its log and evaluation lines, each as long as a real one can be."""
-    parts = ["ce", "div", "cos", "feat"]
-    long = 0.12345678901234567
-    log_row = {"step": sched.steps, "epoch": 12.3456, "tokens": sched.tokens, "lr": long, "loss": long,
-               **{f"loss_{p}": long for p in parts}, "tokens_per_s": 123456.78901234567,
-               "peak_mem_mib": 12345.678901234567, "mfu": long, "val_ppl": 123.45678901234567}
-    rows = sched.steps // cfg.train.log_every + 1 + sched.evals
-    return rows * (len(json.dumps(log_row)) + 1)
 
 
 def check_fits(p: Plan) -> None:

@@ -9,7 +9,7 @@ Three training paths, same shapes, same token windows, same experiment:
   attention in student and teacher; full-vocabulary softmax tensors with
   ``+ eps`` inside the logs; attention-map "hidden MSE"; the loss read back
   every step; on a GPU, in a subprocess with ``CUDA_LAUNCH_BLOCKING=1``.
-- ``kdlib``: the training step of ``kdlib.train`` itself (``optimizer_step``):
+- ``kdlib``: the training step of ``kdlib.train`` itself (``kdlib.step.TrainStep``):
   the teacher in inference mode and half precision, bf16/fp16 autocast, SDPA,
   the fused chunked output losses, no host sync in the step, fused AdamW on a
   GPU, optionally ``torch.compile`` on the student.
@@ -232,7 +232,7 @@ class ReferenceStep:
 
 
 class KdlibStep:
-    """kdlib's own training step (``kdlib.train.optimizer_step``) for one experiment."""
+    """kdlib's own training step (``kdlib.step.TrainStep``) for one experiment."""
 
     def __init__(self, shapes: Optional[Shapes], exp: str, dev: torch.device, cached: bool = False,
                  feature: str = "hidden", compile: bool = False, windows: Optional[np.ndarray] = None,
@@ -243,7 +243,9 @@ class KdlibStep:
 
         from .models import TinyGPT, teacher_forward, teacher_shape
         from .objective import DistillationLoss
-        from .train import FiniteGuard, Trainee, lr_factor, make_optimizer, mixed_precision
+        from .monitor import FiniteGuard
+        from .optim import lr_factor, make_optimizer, mixed_precision
+        from .step import Trainee
 
         cfg = cfg or experiment_config(shapes, exp, feature)
         spec = parse(cfg.exp, cfg.loss.feature)
@@ -291,12 +293,12 @@ class KdlibStep:
         return lambda idx, ids: targets_from_arrays(arrays, idx, dev)
 
     def __call__(self, idx, batch: np.ndarray) -> float:
-        from .train import optimizer_step
+        from .step import TrainStep
 
         self.step_no += 1
         self.trainee.train()
-        optimizer_step(self.accelerator, self.trainee, self.optimizer, self.scheduler, idx, batch,
-                       self.teacher_out_fn, self.cfg.train, self.guard, self.step_no)
+        TrainStep(self.accelerator, self.trainee, self.optimizer, self.scheduler, self.teacher_out_fn,
+                  self.cfg.train, self.guard)(idx, batch, self.step_no)
         return math.nan  # nothing read back: kdlib's step does not sync
 
     def finish(self) -> None:

@@ -252,7 +252,7 @@ def runtime_report(preset: Optional[str] = None) -> tuple[str, list[str]]:
         lines.append(f"GPU: none (CPU only, {os.cpu_count()} cores)")
     if preset is not None:
         from .models import resolve_teacher_dtype
-        from .train import mixed_precision
+        from .optim import mixed_precision
 
         cfg = make_preset(preset)
         names = {"no": "fp32", "fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast",
@@ -399,7 +399,8 @@ def train_run(cfg: ExperimentConfig, results_dir: PathLike, data_dir: Optional[P
     after checking the disk has room. ``train_fn`` defaults to ``kdlib.train.train``.
     """
     from .checkpoint import MiB, StorageBudget
-    from .train import teacher_source_of, train
+    from .runs import teacher_source_of
+    from .train import train
 
     if not (0 < budget_mib < 1e9):
         raise KdlibError(f"budget_mib must be a positive number of MiB, got {budget_mib}")
@@ -725,7 +726,7 @@ class Panel:
         data = self.data_dir
         if (data / "train.json").is_file():
             from .data import check_prepared_for, check_vocab, load_split
-            from .train import check_subset
+            from .runs import check_subset
 
             try:  # the checks training makes first
                 cfg, split = self.config(), load_split(data, "train")

@@ -109,7 +109,7 @@ def test_cached_path_serves_the_teachers_top_k_and_refuses_other_experiments():
 
 def test_the_training_step_never_syncs_with_the_host(monkeypatch):
     # A host sync is a tensor read back: .item(), float(), int(), bool(), .tolist(), .numpy().
-    # The shared step (kdlib.train.optimizer_step) must do none, so a GPU never waits on Python.
+    # The shared step (kdlib.step.TrainStep) must do none, so a GPU never waits on Python.
     windows = bench.token_windows(SMOKE, n_batches=1)
     steps = [bench.KdlibStep(SMOKE, exp, torch.device("cpu"), windows=windows)
              for exp in ("layerwise-kl-cos", "js")]

@@ -88,14 +88,11 @@ def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None,
     T = cfg.data.block_size
     sampler = WindowSampler(tokens, T, batch_size, cfg.seed) if tokens is not None else None
     for i in range(steps):
-        if sampler is not None:
-            windows, batch = sampler.next_batch()
-        else:
-            windows = np.arange(batch_size)
-            batch = torch.randint(cfg.model.vocab_size, (batch_size, T + 1), generator=gen).numpy()
+        # [batch_size, T + 1] token windows: the sampler's, or random ids without data
+        windows, batch = sampler.next_batch() if sampler is not None else (
+            np.arange(batch_size), torch.randint(cfg.model.vocab_size, (batch_size, T + 1), generator=gen).numpy())
         if batch.shape != (batch_size, T + 1):
-            result.problems.append(f"data windows have shape {tuple(batch.shape)}, expected "
-                                   f"{(batch_size, T + 1)}")
+            result.problems.append(f"data windows have shape {tuple(batch.shape)}, expected {(batch_size, T + 1)}")
             return result
         parts = {k: float(v) for k, v in step(windows, batch, i + 1).items()}
         total = parts.pop("total")
@@ -114,8 +111,7 @@ def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None,
     unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
     if unchanged:
         result.problems.append(f"the optimizer did not change: {_few(unchanged)}")
-    if any(not torch.equal(p, q) for p, q in zip(teacher.parameters() if teacher is not None else [],
-                                                   teacher_before)):
+    if any(not torch.equal(p, q) for p, q in zip(teacher.parameters() if teacher is not None else [], teacher_before)):
         result.problems.append("the teacher's weights changed")
     _check_round_trip(student, cfg, result)
     return result

@@ -35,13 +35,13 @@ from .grid import parse
 from .lock import RunLock
 from .models import TinyGPT, load_teacher, resolve_teacher_dtype, teacher_shape
 from .monitor import FiniteGuard, TrainClock, eta, peak_mem_mib
-from .step import Trainee, TrainStep, make_accelerator, teacher_outputs
 from .objective import DistillationLoss
 from .optim import lr_factor, make_optimizer, schedule
 from .perf import flop_params, flops_per_token, mfu, peak_tflops
 from .resume import Resumable, capture, check_resume, restart_advice, restore
 from .runs import (RunPaths, check_budget, check_config, device_name, keep_best_student, load_data, metrics_until,
                    open_cache, run_dir, run_name, teacher_perplexity, teacher_source_of)
+from .step import Trainee, TrainStep, make_accelerator, teacher_outputs
 from .storage import StorageBudget, budget_for, teacher_shape_hint
 
 __all__ = ["Run", "train", "run_dir", "run_name"]  # run_dir, run_name: where callers look for them

@@ -155,11 +155,6 @@ def teacher_source_of(cfg: ExperimentConfig) -> str:
     return cfg.train.teacher_source
 
 
-def source_label(cfg: ExperimentConfig) -> str:
-    """How reports name the teacher source next to the experiment: "" online, "top-32 cache"."""
-    return f"top-{cfg.cache.top_k} cache" if teacher_source_of(cfg) == "cache" else ""
-
-
 
 # --------------------------------------------------------------------------
 # before a run trains

@@ -83,7 +83,7 @@ def fp16() -> int:
     from dataclasses import replace
 
     import kdlib.models as models
-    import kdlib.train as train
+    import kdlib.optim as optim
     from kdlib import bench
 
     smoke = bench.get_shapes("smoke")
@@ -91,13 +91,13 @@ def fp16() -> int:
                      teacher={**smoke.teacher, "vocab_size": 50257})
     windows = bench.token_windows(shapes)
     B = shapes.batch_size
-    real_mp, real_half = train.mixed_precision, models._half_dtype
-    train.mixed_precision = lambda precision: "fp16"  # what a T4 gets from "auto"
+    real_mp, real_half = optim.mixed_precision, models._half_dtype
+    optim.mixed_precision = lambda precision: "fp16"  # what a T4 gets from "auto"
     models._half_dtype = lambda device: torch.float16  # and its teacher's dtype
     try:
         step = bench.KdlibStep(bench.config_at_shapes(shapes, "kl"), torch.device("cuda"), windows=windows)
     finally:
-        train.mixed_precision, models._half_dtype = real_mp, real_half
+        optim.mixed_precision, models._half_dtype = real_mp, real_half
     # the first step's gradient, against the same step in float32 (same weights, same batch)
     ids = torch.from_numpy(windows[:B]).cuda()
     student = step.trainee.student

@@ -3,7 +3,7 @@
 ``python -m kdlib bench`` (and ``kdlib.plan``, which times a preset's step with ``KdlibStep``).
 Two paths, same shapes, same token windows:
 
-- ``kdlib``: the training step of ``kdlib.train`` itself (``optimizer_step``):
+- ``kdlib``: kdlib's training step itself (``kdlib.step.TrainStep``):
   the teacher in inference mode and half precision, bf16/fp16 autocast, SDPA,
   the fused chunked output losses, no host sync in the step, fused AdamW on a
   GPU, optionally ``torch.compile`` on the student.
@@ -142,7 +142,7 @@ def frozen_teacher(gpt2_config: dict, dev: torch.device, need_attentions: bool):
 
 
 class KdlibStep:
-    """kdlib's own training step (``kdlib.train.optimizer_step``) for one run config ``cfg``.
+    """kdlib's own training step (``kdlib.step.TrainStep``) for one run config ``cfg``.
 
     ``teacher``: a frozen model; default a random one of ``cfg.teacher.random_init``'s shape
     (``kdlib.plan`` passes the one it built for a preset). ``cached``: the teacher's top-k
@@ -154,7 +154,9 @@ class KdlibStep:
 
         from .models import TinyGPT, teacher_forward, teacher_shape
         from .objective import DistillationLoss
-        from .train import FiniteGuard, Trainee, lr_factor, make_optimizer, mixed_precision
+        from .monitor import FiniteGuard
+        from .optim import lr_factor, make_optimizer, mixed_precision
+        from .step import Trainee
 
         spec = cfg.spec
         if cached and not spec.output_only:
@@ -202,12 +204,12 @@ class KdlibStep:
         return lambda idx, ids: targets_from_arrays(arrays, idx, dev)
 
     def __call__(self, idx, batch: np.ndarray) -> float:
-        from .train import optimizer_step
+        from .step import TrainStep
 
         self.step_no += 1
         self.trainee.train()
-        optimizer_step(self.accelerator, self.trainee, self.optimizer, self.scheduler, idx, batch,
-                       self.teacher_out_fn, self.cfg.train, self.guard, self.step_no)
+        TrainStep(self.accelerator, self.trainee, self.optimizer, self.scheduler, self.teacher_out_fn,
+                  self.cfg.train, self.guard)(idx, batch, self.step_no)
         return math.nan  # nothing read back: kdlib's step does not sync
 
     def finish(self) -> None:

@@ -1,4 +1,4 @@
-"""Student checkpoints (fp16 safetensors), resume state, and the storage budget.
+"""Student checkpoints (fp16 safetensors) and resume state: the files a run saves.
 
 - ``save_student``/``load_student``: one float16 ``.safetensors`` file, tied
   weights stored once, no projectors or optimizer, the model config in the
@@ -9,18 +9,17 @@
   (optimizer, scheduler, RNG states, sampler position, step, best metric) as
   tensors in a safetensors file plus a JSON structure. Nothing is ever loaded
   with pickle.
-- ``StorageBudget``: checked before every write into the results folder; a
-  write that would exceed it is refused with the usage per run, and nothing is
-  written or deleted.
+
+Every write takes an optional ``StorageBudget`` (``kdlib.storage``, also
+importable from here) and is refused before it would exceed it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -32,132 +31,12 @@ from . import __version__
 from .config import TinyGPTConfig
 from .config.strict import build
 from .errors import KdlibError
-from .fileio import PathLike, atomic_write_bytes, check_run_folder
+from .fileio import PathLike, atomic_write_bytes
 from .models import TinyGPT
+from .storage import MiB, StorageBudget  # noqa: F401 (MiB: re-exported, imported from here across kdlib)
 
-MiB = 2**20
 STUDENT_FORMAT = "kdlib.student/1"
 RESUME_FORMAT = "kdlib.resume/1"
-
-
-# --------------------------------------------------------------------------
-# storage budget
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-class StorageBudget:
-    """A byte limit on a results folder (default 100 MiB: what a free Drive leaves for results).
-
-    ``check(path, n_bytes)`` raises before a write that would take the folder
-    over the limit; replacing a file only counts the growth. Usage is reported
-    per run folder: top-level entries, and the runs inside a preset's folder
-    (``RESULTS/PRESET/RUN``, the default layout) as ``PRESET/RUN``.
-    """
-
-    def __init__(self, root: PathLike, limit_bytes: int = 100 * MiB):
-        if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes <= 0:
-            raise KdlibError(f"storage limit must be a positive number of bytes, got {limit_bytes!r}")
-        self.root = Path(root)
-        self.limit_bytes = limit_bytes
-
-    def usage(self) -> dict[str, int]:
-        """Bytes per run folder (or other top-level entry) of the results folder, largest first."""
-        if not self.root.is_dir():
-            return {}
-        sizes = {}
-        for p in self.root.iterdir():
-            if _preset_folder(p):
-                for child in p.iterdir():
-                    sizes[f"{p.name}/{child.name}"] = _size(child)
-            else:
-                sizes[p.name] = _size(p)
-        return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
-
-    def used(self) -> int:
-        return sum(self.usage().values())
-
-    def _inside(self, path: Path) -> Path:
-        root, target = self.root.resolve(), path.resolve()
-        if target != root and root not in target.parents:
-            raise KdlibError(f"refusing to write {path}: it is outside the results folder {self.root}")
-        return target
-
-    def check(self, path: PathLike, n_bytes: int) -> None:
-        """Raise ``KdlibError`` if writing ``n_bytes`` to ``path`` would exceed the limit."""
-        path = self._inside(Path(path))
-        growth = n_bytes - (path.stat().st_size if path.is_file() else 0)
-        used = self.used()
-        if used + growth > self.limit_bytes:
-            raise KdlibError(
-                f"writing {path.name} ({n_bytes / MiB:.1f} MiB) would take {self.root} to "
-                f"{(used + growth) / MiB:.1f} MiB, over its budget of {self.limit_bytes / MiB:.1f} MiB; "
-                f"nothing was written or deleted.\n{self.report()}\n"
-                "Free space (`python -m kdlib storage DIR --delete-weights RUN`), move runs elsewhere, "
-                "or raise the budget.")
-
-    def write_bytes(self, path: PathLike, data: bytes) -> None:
-        """Check the budget, then write ``data`` to ``path`` atomically."""
-        self.check(path, len(data))
-        atomic_write_bytes(path, data)
-
-    def report(self) -> str:
-        usage = self.usage()
-        width = max([len(n) for n in usage] + [10])
-        lines = [f"{name:<{width}}  {size / MiB:8.2f} MiB" for name, size in usage.items()]
-        used = sum(usage.values())
-        lines.append(f"{'total':<{width}}  {used / MiB:8.2f} MiB of {self.limit_bytes / MiB:.2f} MiB "
-                     f"({100 * used / self.limit_bytes:.0f}%)")
-        return "\n".join(lines)
-
-
-def _preset_folder(p: Path) -> bool:
-    """A preset's folder of the default layout (RESULTS/PRESET/RUN): named like a preset, not a run."""
-    from .config import PRESETS
-
-    return p.name in PRESETS and p.is_dir() and not p.is_symlink() and not (p / "config.json").is_file()
-
-
-def delete_weights(budget: StorageBudget, runs: Union[str, Sequence[str]]) -> int:
-    """Delete the ``.safetensors`` files of run folders ``runs`` (``RUN`` or ``PRESET/RUN`` in the
-    budget's root).
-
-    Config, metrics and summary stay. Every name is checked before anything is
-    deleted; a run folder that leads outside the results folder (a symlink) is
-    refused. Returns the bytes freed.
-    """
-    runs = [runs] if isinstance(runs, str) else list(runs)
-    folders = []
-    for run in runs:
-        parts = run.split("/") if isinstance(run, str) else []
-        if not run or len(parts) > 2 or any(not p or p in (".", "..") or "\\" in p for p in parts) \
-                or (len(parts) == 2 and not _preset_folder(budget.root / parts[0])):
-            raise KdlibError(f"run name {run!r} must be a run folder inside {budget.root} (RUN, or PRESET/RUN "
-                             "in a preset's folder), without '..'; nothing was deleted")
-        folder = budget.root / run
-        if not folder.is_dir():
-            names = ", ".join(budget.usage()) if budget.root.is_dir() else ""
-            raise KdlibError(f"no run folder {folder} (there: {names or 'none'}); nothing was deleted")
-        check_run_folder(folder, budget.root)  # no link on the way: it would lead outside the results folder
-        if not (folder / "config.json").is_file():  # a preset's folder, or one of the user's own
-            raise KdlibError(f"{folder} is not a run folder (it has no config.json): give a run's own folder "
-                             "(RUN or PRESET/RUN, as `python -m kdlib storage` lists them); nothing was deleted")
-        folders.append(folder)
-    freed = 0
-    for folder in folders:
-        # The run's weights, its subfolders' too, but never through a link (a linked folder or file).
-        for top, dirs, names in os.walk(folder, followlinks=False):
-            for name in sorted(n for n in names if n.endswith(".safetensors")):
-                f = Path(top) / name
-                if f.is_symlink() or not f.is_file():
-                    continue
-                freed += f.stat().st_size
-                f.unlink()
-    return freed
 
 
 def _write(path: PathLike, data: bytes, budget: Optional[StorageBudget]) -> None:

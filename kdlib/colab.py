@@ -248,7 +248,7 @@ def runtime_report(preset: Optional[str] = None) -> tuple[str, list[str]]:
         lines.append(f"GPU: none (CPU only, {os.cpu_count()} cores)")
     if preset is not None:
         from .models import resolve_teacher_dtype
-        from .train import mixed_precision
+        from .optim import mixed_precision
 
         cfg = make_preset(preset)
         names = {"no": "fp32", "fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast",

@@ -213,7 +213,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .config import ExperimentConfig
     from .data import checked_split
     from .evaluate import perplexity
-    from .train import RunPaths
+    from .runs import RunPaths
 
     run = Path(args.run_dir)
     cfg = ExperimentConfig.load(run / "config.json")
@@ -275,7 +275,7 @@ def _badges(args: argparse.Namespace) -> int:
 
 
 def _storage(args: argparse.Namespace) -> int:
-    from .checkpoint import MiB, StorageBudget, delete_weights
+    from .storage import MiB, StorageBudget, delete_weights
 
     if not (0 < args.limit_mib < 1e9):
         raise KdlibError(f"--limit-mib must be a positive number of MiB, got {args.limit_mib:g}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from .config import ExperimentConfig, preset
 from .data import WindowSampler, load_split
@@ -32,18 +33,33 @@ from .evaluate import perplexity
 from .fileio import atomic_write_json, read_json
 from .grid import EXPERIMENTS
 from .models import DEMO_TEACHER_SHAPE
+from .objective import LossOutput
 from .prep import prepare
 
 TEACHER_STEPS, TEACHER_LR, TEACHER_BATCH = 500, 2e-3, 16
 
 
+class _LanguageModelLoss(nn.Module):
+    """The teacher as ``TrainStep`` drives a trainee: plain next-token cross-entropy, no teacher of its own."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels, teacher_out) -> LossOutput:
+        logits = self.model(ids).logits  # [B, T, V]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return LossOutput(loss, {"ce": loss.detach()})
+
+
 def train_teacher(cfg: ExperimentConfig, data_dir, out_dir, steps: int = TEACHER_STEPS,
                   log: Callable[[str], None] = print, progress: bool = True) -> Path:
-    """Train (or reuse) the demo's GPT-2-architecture teacher; returns its save_pretrained folder."""
+    """Train (or reuse) the demo's GPT-2-architecture teacher; returns its save_pretrained folder.
+
+    Trained with training's own step (``kdlib.step.TrainStep``): AdamW on every parameter, clipping
+    at 1, warmup then cosine decay to 0.1 x ``TEACHER_LR``; the best of its evaluations is kept."""
     from tqdm.auto import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from .train import lr_factor
 
     out_dir = Path(out_dir)
     train_split = load_split(data_dir, "train")
@@ -56,24 +72,16 @@ def train_teacher(cfg: ExperimentConfig, data_dir, out_dir, steps: int = TEACHER
         return out_dir
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0, **shape))
-    opt = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, betas=(0.9, 0.95), weight_decay=0.1)
+    step = _teacher_step(model, cfg, steps)
     sampler = WindowSampler(train_split.tokens(), cfg.data.block_size, TEACHER_BATCH, seed=0)
     val = load_split(data_dir, "validation").tokens()
     best, best_state = math.inf, None
     bar = tqdm(range(steps), desc="teacher", unit="step", disable=not progress)
-    for step in bar:
-        model.train()
-        for group in opt.param_groups:
-            group["lr"] = TEACHER_LR * lr_factor(step, steps, steps // 20, 0.1)
-        _, batch = sampler.next_batch()
-        x = torch.from_numpy(batch)
-        logits = model(x[:, :-1]).logits  # [B, T, V]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % 100 == 0 or step + 1 == steps:
+    for i in bar:
+        step.trainee.train()
+        windows, batch = sampler.next_batch()
+        loss = step(windows, batch, i + 1)["total"]
+        if (i + 1) % 100 == 0 or i + 1 == steps:
             ppl = perplexity(model, val, cfg.data.block_size, cfg.data.block_size)
             bar.set_postfix(loss=f"{loss.item():.3f}", val_ppl=f"{ppl:.1f}")
             if ppl < best:
@@ -90,13 +98,29 @@ def train_teacher(cfg: ExperimentConfig, data_dir, out_dir, steps: int = TEACHER
     return out_dir
 
 
+def _teacher_step(model: nn.Module, cfg: ExperimentConfig, steps: int):
+    """Training's step for the demo teacher, with the teacher's own optimizer settings."""
+    from .monitor import FiniteGuard
+    from .optim import lr_factor, make_optimizer
+    from .step import TrainStep, make_accelerator
+
+    train_cfg = dataclasses.replace(cfg.train, lr=TEACHER_LR, betas=(0.9, 0.95), weight_decay=0.1, decay_all=True,
+                                    batch_size=TEACHER_BATCH, grad_accum=1, grad_clip=1.0)
+    accelerator = make_accelerator(train_cfg.precision)  # the one the demo's runs use (one per process)
+    trainee = _LanguageModelLoss(model)
+    optimizer = make_optimizer(trainee, train_cfg, accelerator.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, steps // 20, 0.1))
+    trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
+    return TrainStep(accelerator, trainee, optimizer, scheduler, lambda idx, ids: None, train_cfg, FiniteGuard())
+
+
 def run_demo(root="demo", quick: bool = False, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run the whole demo under ``root``; ``quick`` cuts every run short (CI)."""
     from . import analysis
     from .cache import build_cache
-    from .checkpoint import StorageBudget
     from .models import load_teacher
     from .preflight import run_checks
+    from .storage import StorageBudget
     from .train import run_name, train
 
     t0 = time.perf_counter()

@@ -121,7 +121,7 @@ def train_run(cfg: ExperimentConfig, folders: RunFolders, train_fn: Optional[Cal
     builds the top-k cache in ``folders.cache_dir`` first when it is missing, after checking the disk
     has room: each Colab notebook runs on its own machine, so 02's cache may be on another one.
     """
-    from .train import teacher_source_of
+    from .runs import teacher_source_of
 
     run_dir = run_folder(cfg, folders.results_dir)
     folders.budget()  # a bad budget is refused before any work

@@ -31,7 +31,6 @@ from .speed import flops, timing
 # WikiText-103 with GPT-2's tokenizer, for a plan made before `prep` (approximate;
 # validation and test are WikiText-2's).
 WIKITEXT103_TOKENS = {"train": 119_000_000, "validation": 247_000, "test": 288_000}
-SUMMARY_BYTES = 2 * 1024  # summary.json, rounded up
 STUDENT_HEADER_BYTES = 16 * 1024  # safetensors header with the config in its metadata
 
 
@@ -210,7 +209,7 @@ def _data_sizes(cfg: ExperimentConfig, data_dir) -> _Data:
     item = 2 if token_dtype(cfg.model.vocab_size) == "uint16" else 4
     stale = ""
     if data_dir is not None and all((Path(data_dir) / f"{s}.json").is_file() for s in SPLITS):
-        from .train import check_subset
+        from .runs import check_subset
 
         try:
             loaded = {s: load_split(data_dir, s) for s in SPLITS}
@@ -267,7 +266,7 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
             (A100, T4, H100, ...). ``measured``: tokens/s per experiment, used for time instead.
     """
     from .cache import bytes_per_token
-    from .train import student_parameters
+    from .storage import student_parameters
 
     where = PlanSetting(**setting)
     base = make_preset(base) if isinstance(base, str) else base
@@ -300,7 +299,9 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
 def _run_plan(cfg: ExperimentConfig, data: _Data, rate: Callable[[ExperimentConfig], float], results_dir,
               student_bytes: int) -> RunPlan:
     """One run's tokens, steps, evaluations, time (at ``rate`` FLOP/s) and bytes."""
-    from .train import RunPaths, estimate_run_bytes, run_name, schedule, teacher_source_of
+    from .optim import schedule
+    from .runs import RunPaths, run_name, teacher_source_of
+    from .storage import estimate_run_bytes, small_files_bytes
 
     source = teacher_source_of(cfg)
     sched = schedule(cfg, data.tokens["train"])
@@ -324,29 +325,13 @@ def _run_plan(cfg: ExperimentConfig, data: _Data, rate: Callable[[ExperimentConf
 
 def _existing_bytes(results_dir, cfgs: Sequence[ExperimentConfig]) -> int:
     """What the results folder already holds outside the folders of ``cfgs``' runs."""
-    from .train import run_name
+    from .runs import run_name
 
     if results_dir is None or not Path(results_dir).is_dir():
         return 0
     mine = {(Path(results_dir) / c.preset / run_name(c)).resolve() for c in cfgs}
     return sum(f.stat().st_size for f in Path(results_dir).rglob("*")
                if f.is_file() and not any(p in mine for p in f.resolve().parents))
-
-
-def small_files_bytes(cfg: ExperimentConfig, sched) -> int:
-    """What a run writes into its folder besides weights: config.json, metrics.jsonl, summary.json."""
-    return len(cfg.to_json()) + 1 + _metrics_bytes(cfg, sched) + SUMMARY_BYTES
-
-
-def _metrics_bytes(cfg: ExperimentConfig, sched) -> int:
-    """metrics.jsonl's size: its log and evaluation lines, each as long as a real one can be."""
-    parts = ["ce", "div", "cos", "feat"]
-    long = 0.12345678901234567
-    log_row = {"step": sched.steps, "epoch": 12.3456, "tokens": sched.tokens, "lr": long, "loss": long,
-               **{f"loss_{p}": long for p in parts}, "tokens_per_s": 123456.78901234567,
-               "peak_mem_mib": 12345.678901234567, "mfu": long, "val_ppl": 123.45678901234567}
-    rows = sched.steps // cfg.train.log_every + 1 + sched.evals
-    return rows * (len(json.dumps(log_row)) + 1)
 
 
 def check_fits(p: Plan) -> None:

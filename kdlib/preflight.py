@@ -9,6 +9,7 @@ enough, windows of the right shape), else on random token windows.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -24,8 +25,12 @@ from .checkpoint import load_student, save_student
 from .data import SPLITS, WindowSampler, check_tokenizer_fits, load_split, n_windows
 from .config import ExperimentConfig
 from .errors import KdlibError
-from .models import TinyGPT, load_teacher, teacher_forward
+from .grid import parse
+from .models import TinyGPT, load_teacher
+from .monitor import FiniteGuard
 from .objective import DistillationLoss
+from .optim import make_optimizer
+from .step import Trainee, TrainStep, make_accelerator, teacher_outputs
 
 
 @dataclass
@@ -52,7 +57,8 @@ def expected_parts(objective: DistillationLoss) -> list[str]:
 
 def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None, steps: int = 2,
                      batch_size: int = 2, tokens: Optional[np.ndarray] = None) -> CheckResult:
-    """Train ``cfg`` for ``steps`` AdamW steps and return what looks wrong.
+    """Train ``cfg`` for ``steps`` of training's own optimizer step (``kdlib.step.TrainStep``: its
+    AdamW groups, clipping and precision, at a constant learning rate) and return what looks wrong.
 
     The windows come from ``tokens`` (a prepared train split) the way training cuts them, or are
     random token ids when no data is given. The student's checkpoint must round-trip.
@@ -64,67 +70,84 @@ def check_experiment(cfg: ExperimentConfig, teacher: Optional[nn.Module] = None,
     objective = DistillationLoss(cfg.loss_terms, cfg.model, teacher)
     if objective.spec.needs_teacher and teacher is None:
         raise KdlibError(f"experiment {cfg.exp!r} distils from a teacher; pass one")
-    device = next(student.parameters()).device
+    accelerator = make_accelerator(cfg.train.precision)  # the one training makes: one per process
+    train_cfg = dataclasses.replace(cfg.train, batch_size=batch_size, grad_accum=1)
+    step = _train_step(accelerator, student, objective, teacher, train_cfg)
     trainable = dict(chain((("student." + n, p) for n, p in student.named_parameters()),
                            (("loss." + n, p) for n, p in objective.named_parameters())))
+    first_grads: list = []  # the names without a usable gradient, as the first AdamW step sees them
+
+    def look_at_grads(*_):
+        if not first_grads:
+            first_grads.append([n for n, p in trainable.items()
+                                if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()])
+
+    step.optimizer.optimizer.register_step_pre_hook(look_at_grads)  # the AdamW inside accelerate's wrapper
     before = {n: p.detach().clone() for n, p in trainable.items()}
     teacher_before = [p.detach().clone() for p in teacher.parameters()] if teacher is not None else []
-    opt = torch.optim.AdamW(trainable.values(), lr=cfg.train.lr)
     T = cfg.data.block_size
     sampler = WindowSampler(tokens, T, batch_size, cfg.seed) if tokens is not None else None
-    for step in range(steps):
-        if sampler is not None:
-            window = torch.from_numpy(sampler.next_batch()[1]).to(device)
-        else:
-            window = torch.randint(cfg.model.vocab_size, (batch_size, T + 1), generator=gen).to(device)
-        if window.shape != (batch_size, T + 1):
-            result.problems.append(f"data windows have shape {tuple(window.shape)}, expected "
-                                   f"{(batch_size, T + 1)}")
+    for i in range(steps):
+        # [batch_size, T + 1] token windows: the sampler's, or random ids without data
+        windows, batch = sampler.next_batch() if sampler is not None else (
+            np.arange(batch_size), torch.randint(cfg.model.vocab_size, (batch_size, T + 1), generator=gen).numpy())
+        if batch.shape != (batch_size, T + 1):
+            result.problems.append(f"data windows have shape {tuple(batch.shape)}, expected {(batch_size, T + 1)}")
             return result
-        ids, labels = window[:, :-1], window[:, 1:]  # [B, T] each
-        s_out = student(ids, output_hidden_states=objective.spec.needs_hidden_states,
-                        output_attentions=objective.spec.needs_attentions)
-        t_out = teacher_forward(teacher, ids, objective.spec.needs_hidden_states,
-                                objective.spec.needs_attentions) if objective.spec.needs_teacher else None
-        out = objective(s_out, t_out, labels)
-        result.parts = {k: float(v) for k, v in out.parts.items()}
+        parts = {k: float(v) for k, v in step(windows, batch, i + 1).items()}
+        total = parts.pop("total")
+        result.parts = parts
         missing = set(expected_parts(objective)) - set(result.parts)
         if missing:
             result.problems.append(f"loss components missing: {', '.join(sorted(missing))}")
         bad = [k for k, v in result.parts.items() if not math.isfinite(v)]
-        if bad or not torch.isfinite(out.total):
-            result.problems.append(f"step {step}: non-finite loss ({', '.join(bad) or 'total'})")
+        if bad or not math.isfinite(total):
+            result.problems.append(f"step {i}: non-finite loss ({', '.join(bad) or 'total'})")
             return result
-        opt.zero_grad(set_to_none=True)
-        out.total.backward()
-        if step == 0:
-            no_grad = [n for n, p in trainable.items()
-                       if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()]
-            if no_grad:
-                result.problems.append(f"no (finite, non-zero) gradient for: {_few(no_grad)}")
+        if i == 0 and first_grads and first_grads[0]:
+            result.problems.append(f"no (finite, non-zero) gradient for: {_few(first_grads[0])}")
         if teacher is not None and any(p.grad is not None for p in teacher.parameters()):
             result.problems.append("the teacher received gradients")
-        opt.step()
     unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
     if unchanged:
         result.problems.append(f"the optimizer did not change: {_few(unchanged)}")
-    if any(not torch.equal(p, q) for p, q in zip(teacher.parameters() if teacher is not None else [],
-                                                   teacher_before)):
+    if any(not torch.equal(p, q) for p, q in zip(teacher.parameters() if teacher is not None else [], teacher_before)):
         result.problems.append("the teacher's weights changed")
+    _check_round_trip(student, cfg, result)
+    return result
+
+
+def _train_step(accelerator, student: TinyGPT, objective: DistillationLoss, teacher: Optional[nn.Module],
+                train_cfg) -> TrainStep:
+    """Training's step for the student on the accelerator's device, the teacher online (moved there)."""
+    trainee = Trainee(student, objective)
+    optimizer = make_optimizer(trainee, train_cfg, accelerator.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    source = "online" if objective.spec.needs_teacher else "none"
+    outputs = teacher_outputs(source, teacher, None, objective, accelerator.device)
+    trainee.train()
+    return TrainStep(accelerator, trainee, optimizer, scheduler, outputs, train_cfg, FiniteGuard())
+
+
+def _check_round_trip(student: TinyGPT, cfg: ExperimentConfig, result: CheckResult) -> None:
+    """The student saved and loaded again reproduces its outputs (up to float16 rounding)."""
+    device = next(student.parameters()).device
     with tempfile.TemporaryDirectory() as tmp:
         try:
             save_student(student, Path(tmp) / "student.safetensors")
-            again = load_student(Path(tmp) / "student.safetensors", expect=cfg.model)
+            again = load_student(Path(tmp) / "student.safetensors", expect=cfg.model).to(device)
         except KdlibError as e:
             result.problems.append(f"the checkpoint does not round-trip: {e}")
-            return result
-        probe = torch.arange(min(T, 8))[None] % cfg.model.vocab_size
+            return
+        probe = (torch.arange(min(cfg.data.block_size, 8))[None] % cfg.model.vocab_size).to(device)
         student.eval()
         again.eval()  # both without dropout; they differ only by float16 rounding of the weights
         with torch.no_grad():
             if not torch.allclose(student(probe).logits, again(probe).logits, rtol=2e-2, atol=2e-2):
                 result.problems.append("the saved student does not reproduce the trained one's outputs")
-    return result
 
 
 def _few(names: list, n: int = 4) -> str:
@@ -147,7 +170,7 @@ def run_checks(base: ExperimentConfig, exps, feature: Optional[str] = None, step
     yields CheckResults as they finish."""
     tokens = check_data(data_dir, base) if data_dir is not None else None
     cfgs = [base.with_experiment(e, feature=feature) for e in exps]
-    specs = [c.spec for c in cfgs]
+    specs = [parse(c.exp, feature=c.loss.feature) for c in cfgs]
     teacher = None
     if any(s.needs_teacher for s in specs):
         teacher = load_teacher(base.teacher, need_attentions=any(s.needs_attentions for s in specs),

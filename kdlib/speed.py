@@ -60,7 +60,7 @@ def teacher_dims(cfg: ExperimentConfig) -> dict:
 def flops(cfg: ExperimentConfig, source: str) -> tuple[float, float, float]:
     """(training FLOPs per token, student forward FLOPs per token, teacher forward FLOPs per token)."""
     from .perf import flops_per_token
-    from .train import projector_parameters, student_parameters
+    from .storage import projector_parameters, student_parameters
 
     m, block = cfg.model, cfg.data.block_size
     n_student = student_parameters(cfg) - (m.block_size * m.n_embd if m.positions == "learned" else 0)
@@ -123,7 +123,7 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
 
     from .bench import KdlibStep
     from .models import load_teacher, random_teacher, resolve_teacher_dtype
-    from .train import teacher_source_of
+    from .runs import teacher_source_of
 
     rates, teachers = {}, {}
     for cfg in cfgs:
@@ -160,7 +160,7 @@ def _measure(cfgs, dev, steps: int, warmup: int) -> dict:
 
 
 def experiment_kind(cfg: ExperimentConfig) -> tuple:
-    from .train import teacher_source_of
+    from .runs import teacher_source_of
 
     spec = cfg.spec
     return (spec.feature_map, spec.feature if spec.feature_map else None, spec.cosine,
@@ -193,7 +193,7 @@ def timing(cfgs: Sequence[ExperimentConfig], preset: str, device: str = "auto",
     tokens/s ``measured`` elsewhere ({experiment name: tokens/s}, from ``kdlib bench``)."""
     import torch
 
-    from .train import teacher_source_of
+    from .runs import teacher_source_of
 
     if measured:
         def rate(cfg: ExperimentConfig) -> float:

@@ -171,7 +171,7 @@ class Panel:
         data = self.data_dir
         if (data / "train.json").is_file():
             from .data import check_prepared_for, check_tokenizer_fits, load_split
-            from .train import check_subset
+            from .runs import check_subset
 
             try:  # the checks training makes first
                 cfg, split = self.config(), load_split(data, "train")

@@ -1,5 +1,5 @@
 """kdlib's own step as `python -m kdlib bench` and `kdlib.plan` measure it: it is training's step
-(`kdlib.train.optimizer_step`), it never syncs with the host, the cached path serves the teacher's
+(`kdlib.step.TrainStep`), it never syncs with the host, the cached path serves the teacher's
 top-k, and the command writes its report.
 
 Speed itself is measured by the benchmark, not asserted here (docs/benchmarks.md). The comparison
@@ -66,7 +66,7 @@ def test_cached_path_serves_the_teachers_top_k_and_refuses_other_experiments():
 
 def test_the_training_step_never_syncs_with_the_host(monkeypatch):
     # A host sync is a tensor read back: .item(), float(), int(), bool(), .tolist(), .numpy().
-    # The shared step (kdlib.train.optimizer_step) must do none, so a GPU never waits on Python.
+    # The shared step (kdlib.step.TrainStep) must do none, so a GPU never waits on Python.
     windows = bench.token_windows(SMOKE, n_batches=1)
     steps = [smoke_step(exp, windows) for exp in ("layerwise-kl-cos", "js")]
     steps.append(smoke_step("kl", windows, cached=True))

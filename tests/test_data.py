@@ -132,7 +132,7 @@ def test_an_old_or_edited_manifest_is_a_clear_error_for_training_and_the_panel(s
 
 def test_a_subset_the_manifest_does_not_describe_is_named_not_a_crash(smoke_data, tmp_path):
     from kdlib.data import load_split
-    from kdlib.train import check_subset
+    from kdlib.runs import check_subset
 
     data = shutil.copytree(smoke_data[0], tmp_path / "data")
     manifest = json.loads((data / "train.json").read_text())

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kdlib.faults
+import kdlib.runs
 import kdlib.train
 import kdlib.colab
 from kdlib.checkpoint import MiB, load_resume
@@ -26,9 +27,10 @@ from kdlib.corpus import documents, load_texts, train_subset
 from kdlib.data import load_split
 from kdlib.errors import KdlibError
 from kdlib.models import resolve_teacher_dtype
+from kdlib.optim import lr_factor, schedule
 from kdlib.prep import prepare
 from kdlib.tokenizer import encode_pieces, load_tokenizer
-from kdlib.train import lr_factor, run_name, schedule, train
+from kdlib.train import run_name, train
 from helpers import metric_rows, quiet, run
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -197,7 +199,7 @@ def test_resume_never_switches_the_teacher_source(cached_data_dir, tmp_path, mon
     assert snapshot(run_dir) == before
     # The resume state's own record refuses it too (a config check passed, e.g. a folder whose
     # config.json was replaced): with a message, before anything is written.
-    monkeypatch.setattr(kdlib.train, "_check_config", lambda paths, cfg: None)
+    monkeypatch.setattr(kdlib.train, "check_config", lambda paths, cfg: None)
     with pytest.raises(KdlibError, match=r"teacher source 'online', this run asks for 'cache'"):
         run(cfg, run_dir, cached_data_dir, teacher_source="cache")
     assert snapshot(run_dir) == before
@@ -212,7 +214,7 @@ def test_runs_of_one_name_never_share_a_resume_state(data_dir, tmp_path):
     cfg = small_cfg("kl", max_steps=6, eval_every=2, resume_dir=str(tmp_path / "resume"))
     a, b = tmp_path / "runs-a" / "smoke" / "kl-seed0", tmp_path / "runs-b" / "smoke" / "kl-seed0"
     assert run(cfg, a, data_dir, stop_after=3) == {"stopped_at": 3}
-    resume_a = kdlib.train.RunPaths.of(cfg, a).resume
+    resume_a = kdlib.runs.RunPaths.of(cfg, a).resume
     assert resume_a.is_file() and resume_a.parent == tmp_path / "resume"
     state_a = resume_a.read_bytes()
     sb = run(cfg, b, data_dir)  # a fresh run: from step 0, not from a's step 3
@@ -271,7 +273,7 @@ def test_the_last_run_of_a_colab_sweep_passes_the_budget_check(tmp_path, monkeyp
     student (97 MiB) in a 100 MiB results folder, as the plan counts them; the 42nd run is let in."""
     from kdlib.checkpoint import StorageBudget
     from kdlib.plan import plan
-    from kdlib.train import check_budget
+    from kdlib.runs import check_budget
 
     monkeypatch.chdir(tmp_path)  # the preset's kdlib-local/ folders, outside the results folder
     runs = tmp_path / "runs"
@@ -347,13 +349,13 @@ def test_save_every_s_keeps_a_resume_state_between_evaluations(data_dir, tmp_pat
 
 def test_save_every_s_sets_how_often_the_state_is_saved(data_dir, tmp_path, monkeypatch):
     calls = []
-    real = kdlib.train._save_resume
+    real = kdlib.train.Run.save
 
-    def spy(paths, cfg, source, trainee, optimizer, scheduler, sampler, state, *rest):
-        calls.append((cfg.train.save_every_s, state["step"]))
-        return real(paths, cfg, source, trainee, optimizer, scheduler, sampler, state, *rest)
+    def spy(self):
+        calls.append((self.cfg.train.save_every_s, self.state["step"]))
+        return real(self)
 
-    monkeypatch.setattr(kdlib.train, "_save_resume", spy)
+    monkeypatch.setattr(kdlib.train.Run, "save", spy)
     for every in (1e-6, 1e9):
         run(small_cfg("kl", max_steps=6, eval_every=1000, save_every_s=every), tmp_path / f"run{every}", data_dir)
     often = [step for e, step in calls if e == 1e-6]

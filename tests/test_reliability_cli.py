@@ -520,7 +520,7 @@ def test_a_folder_in_place_of_a_finished_runs_summary_is_refused_not_retrained(t
 
 
 def test_a_hand_edited_metrics_step_is_a_clear_error_at_resume(trained, tmp_path):
-    from kdlib.train import _metrics_until
+    from kdlib.runs import metrics_until as _metrics_until
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": "abc"}\n{"step": 2, "val_ppl": 3.0}\n')

@@ -284,7 +284,7 @@ def test_an_id_outside_the_vocabulary_is_refused_naming_the_id_and_the_vocabular
 def test_a_manifest_missing_a_key_is_a_kdlib_error(data_dir, key):
     # dtype and tokens were caught before the fix; sha256 and split died with KeyError after training
     # (the teacher's perplexity, the cache), texts and chars with KeyError in prep's reuse
-    from kdlib.train import _load_data
+    from kdlib.runs import load_data as _load_data
 
     _rewrite_manifest(data_dir, "validation", **{key: None})
     with pytest.raises(KdlibError, match=rf"validation\.json is corrupt or from an older kdlib \(KeyError: "

@@ -29,16 +29,16 @@ import kdlib.config
 import kdlib.losses
 import kdlib.models
 import kdlib.train
-from kdlib.checkpoint import (MiB, StorageBudget, load_resume, load_student, save_resume, save_student,
-                              student_metadata)
+from kdlib.checkpoint import load_resume, load_student, student_metadata
 from kdlib.cli import main as cli_main
 from kdlib.config import ExperimentConfig, preset
 from kdlib.data import WindowSampler, load_split
 from kdlib.errors import KdlibError
 from kdlib.evaluate import perplexity
 from kdlib.models import TinyGPT, load_teacher
-from kdlib.objective import DistillationLoss
-from kdlib.train import estimate_run_bytes, run_name, train
+from kdlib.optim import schedule
+from kdlib.storage import MiB, StorageBudget, estimate_run_bytes, small_files_bytes
+from kdlib.train import run_name, train
 from helpers import metric_rows, quiet, run
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -281,7 +281,7 @@ def test_sweep_trains_skips_finished_and_resumes_interrupted(tmp_path, data_dir,
         raise AssertionError("a finished run was trained again")
 
     with monkeypatch.context() as m:
-        m.setattr(kdlib.train, "_run", must_not_train)
+        m.setattr(kdlib.train.Run, "setup", must_not_train)
         t0 = time.perf_counter()
         assert cli_main(sweep_args(runs.parent, data_dir)) == 0
         elapsed = time.perf_counter() - t0
@@ -435,9 +435,6 @@ def test_corrupt_resume_state_is_a_clear_error_and_keeps_the_run(tmp_path, data_
 
 
 def test_storage_budget_too_small_is_refused_before_training(tmp_path, data_dir):
-    from kdlib.plan import small_files_bytes
-    from kdlib.train import schedule
-
     cfg = small_cfg("kl")
     runs = tmp_path / "runs"
     budget = StorageBudget(runs, MiB // 4)
@@ -454,31 +451,6 @@ def test_storage_budget_too_small_is_refused_before_training(tmp_path, data_dir)
     # A budget the estimate fits: the run completes, and its files fit the estimate.
     summary = run(cfg, runs / "kl-seed0", data_dir, budget=StorageBudget(runs, 2 * MiB))
     assert summary["steps"] == 6 and budget.used() <= need
-
-
-def test_budget_estimate_covers_the_resume_state_of_a_feature_experiment(tmp_path):
-    """check_budget refuses 'before training, not after hours': its estimate must cover what the
-    run writes. A demo-sized student (1.07 M parameters) distilled from a GPT-2-small-shaped
-    teacher (12 layers, width 768) with layerwise hidden-state MSE: the projectors train with
-    the student and are part of the resume state (weights and both AdamW moments)."""
-    cfg = preset("smoke", "layerwise-kl")
-    cfg.model = kdlib.config.TinyGPTConfig(vocab_size=2048, block_size=128, n_layer=4, n_head=4, n_embd=128,
-                                           d_ff=512, dropout=0.0, positions="learned")
-    cfg.data.block_size = 64
-    cfg.validate()
-    trainee = kdlib.train.Trainee(TinyGPT(cfg.model), DistillationLoss(cfg.loss_terms, cfg.model, (12, 768)))
-    optimizer = torch.optim.AdamW(kdlib.train.param_groups(trainee, 0.01, True), lr=1e-3)
-    for p in trainee.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()  # creates both moments
-    # A lower bound of the real resume state (which adds scheduler, sampler, RNG and counters).
-    resume_bytes = save_resume(tmp_path / "resume.safetensors",
-                               {"model": trainee.state_dict(), "optimizer": optimizer.state_dict()})
-    student_bytes = save_student(trainee.student, tmp_path / "student.safetensors")
-    estimate = estimate_run_bytes(cfg, with_resume=True, teacher_shape=(12, 768))
-    assert student_bytes + resume_bytes <= estimate, (
-        f"a run writes at least {(student_bytes + resume_bytes) / MiB:.2f} MiB, "
-        f"estimated {estimate / MiB:.2f} MiB")
 
 
 def test_run_locked_by_a_live_process_is_refused(tmp_path, data_dir):

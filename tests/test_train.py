@@ -156,7 +156,7 @@ def test_nan_loss_stops_with_step_and_component_and_keeps_the_student(component,
                                                                       monkeypatch):
     # The row formula of one term is poisoned at one step: the objective builds
     # each term's formula once per call, i.e. once per optimizer step here.
-    real = getattr(kdlib.losses, target)
+    real = getattr(kdlib.losses.fused, target)  # where output_losses looks the row formulas up
     calls = {"n": 0}
     bad_call = 8  # the 8th optimizer step (grad_accum 1: one call per step)
 
@@ -167,7 +167,7 @@ def test_nan_loss_stops_with_step_and_component_and_keeps_the_student(component,
             return lambda *xs: rows(*xs) * float("nan")
         return rows
 
-    monkeypatch.setattr(kdlib.losses, target, poisoned)
+    monkeypatch.setattr(kdlib.losses.fused, target, poisoned)
     cfg = small_cfg("kl", max_steps=12, eval_every=3)
     run_dir = tmp_path / "run"
     with pytest.raises(KdlibError) as err:

@@ -202,7 +202,7 @@ def build_cache(cfg: ExperimentConfig, data_dir: PathLike, cache_dir: PathLike,
     built = topk.build_cache(cfg, data_dir, cache_dir, device=_teacher_device(), log=log, progress=progress)
     cov = topk.coverage(built)
     log(f"fidelity: the top {cov['k']} tokens keep {cov['mean']:.1%} of the teacher's probability mass at "
-        f"T = {built.manifest['temperature']:g} on average (median {cov['median']:.1%}, 5th percentile "
+        f"temperature {built.manifest['temperature']:g} on average (median {cov['median']:.1%}, 5th percentile "
         f"{cov['p05']:.1%}; {cov['positions']:,} positions of {cov['windows']} windows); the rest is one "
         "tail bucket (docs/losses.md)")
     return cov

@@ -54,9 +54,9 @@ class RunPaths:
         ``results_dir`` (default: the folder it is in), that is a file or lies outside
         ``results_dir`` (``fileio.check_run_folder``); and any of the run's own files that is a link
         (kdlib writes, appends to and deletes them: through a link, that would be the link's target)."""
-        t = cfg.train
-        paths = cls(check_run_folder(run_dir, results_dir), Path(t.resume_dir) if t.resume_dir else None,
-                    Path(t.weights_dir) if t.weights == "best" else None)
+        train = cfg.train
+        paths = cls(check_run_folder(run_dir, results_dir), Path(train.resume_dir) if train.resume_dir else None,
+                    Path(train.weights_dir) if train.weights == "best" else None)
         refuse_links([paths.id_file])  # read by paths.student and paths.resume
         files = [paths.config, paths.metrics, paths.summary, paths.kept_student, paths.previous_student,
                  paths.lock, paths.root / "resume.safetensors", paths.student, paths.resume]

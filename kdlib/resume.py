@@ -86,7 +86,8 @@ def check_resume(resume: dict, cfg: ExperimentConfig, paths: RunPaths, plan: Sch
     if resume.get("teacher_source", source) != source:
         raise KdlibError(f"{where} was trained with the teacher source {resume['teacher_source']!r}, this run asks "
                          f"for {source!r}: a run keeps its source. Continue it with the same source")
-    if "config_sha256" in resume and resume["config_sha256"] != config_digest(cfg):
+    if "config_sha256" in resume and resume["config_sha256"] not in (config_digest(cfg),
+                                                                     config_digest(cfg, components_in_loss=True)):
         raise KdlibError(f"{where} was saved by a run of another configuration than {paths.config}'s (config "
                          f"digest {str(resume['config_sha256'])[:12]}, this run's {config_digest(cfg)[:12]}): it "
                          "cannot continue this run")

@@ -163,11 +163,21 @@ def teacher_source_of(cfg: ExperimentConfig) -> str:
 SPEED_ONLY = ("compile", "save_every_s")  # train fields a continued run may change (check_config)
 
 
-def config_digest(cfg: ExperimentConfig) -> str:
-    """sha256 of the run's full config, less the speed-only fields: what binds a resume state to it."""
+# The loss components a config.json repeated under "loss" before the experiment name became
+# their one source: a resume state saved then is bound to a digest that includes them.
+COMPONENTS_IN_LOSS = ("divergence", "divergence_param", "feature_map", "cosine")
+
+
+def config_digest(cfg: ExperimentConfig, components_in_loss: bool = False) -> str:
+    """sha256 of the run's full config, less the speed-only fields: what binds a resume state to it.
+
+    ``components_in_loss``: the digest of the same config as kdlib wrote it before, with the
+    experiment's components repeated under "loss", so that a run interrupted then still continues."""
     d = cfg.to_dict()
     for k in SPEED_ONLY:
         d["train"].pop(k, None)
+    if components_in_loss:
+        d["loss"].update({k: getattr(cfg.spec, k) for k in COMPONENTS_IN_LOSS})
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 

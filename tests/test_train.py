@@ -417,6 +417,39 @@ def test_refused_batch_size_can_be_fixed_in_the_same_folder(tmp_path, data_dir):
     assert run(good, tmp_path / "run", data_dir)["steps"] == 2
 
 
+# config_digest of these configs as kdlib wrote them before the experiment name became the one source
+# of the loss components (computed by the code of c6be9a8): interrupted runs of then still continue.
+DIGESTS_WITH_COMPONENTS_IN_LOSS = {
+    ("smoke", "kl"): "e81f1224a4069af2155dacd9ce6d5cc554e5139b451344190c8de038600d961b",
+    ("study", "layerwise-kl-cos"): "55337b47fc8c07d4315b0607bb5c2ed15cc0b94bd834c976439c202e83e1d758",
+    ("colab-t4", "ce"): "7908943881ff49d3144ca80d0400a9154ec21d839a243f4577a8e326f16f30bd",
+}
+
+
+def test_a_resume_state_saved_before_the_config_format_changed_continues_its_run(tmp_path, data_dir,
+                                                                                 monkeypatch):
+    import kdlib.resume
+    from kdlib.runs import config_digest
+
+    for (name, exp), digest in DIGESTS_WITH_COMPONENTS_IN_LOSS.items():
+        assert config_digest(preset(name, exp), components_in_loss=True) == digest
+        assert config_digest(preset(name, exp)) != digest
+    cfg = small_cfg("kl", max_steps=8, eval_every=4)
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:  # the interrupted run stamps its state the old way
+        m.setattr(kdlib.resume, "config_digest", lambda c: config_digest(c, components_in_loss=True))
+        assert run(cfg, run_dir, data_dir, stop_after=5) == {"stopped_at": 5}
+    assert run(cfg, run_dir, data_dir)["steps"] == 8
+    edited = small_cfg("kl", max_steps=8, eval_every=4)
+    edited.loss.w_div = 0.25  # another configuration is still refused, in either format
+    with monkeypatch.context() as m:
+        m.setattr(kdlib.resume, "config_digest", lambda c: config_digest(c, components_in_loss=True))
+        assert run(cfg, tmp_path / "other", data_dir, stop_after=5) == {"stopped_at": 5}
+    (tmp_path / "other" / "config.json").write_text(edited.to_json())
+    with pytest.raises(KdlibError, match="another configuration"):
+        run(edited, tmp_path / "other", data_dir)
+
+
 def test_corrupt_resume_state_is_a_clear_error_and_keeps_the_run(tmp_path, data_dir):
     cfg = small_cfg("kl", max_steps=8, eval_every=4)
     run_dir = tmp_path / "run"

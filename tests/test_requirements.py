@@ -55,3 +55,8 @@ def test_the_requirements_are_pyprojects_one_list():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     listed = re.findall(r'"([^"]+)"', re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1))
     assert listed and [spec for _, _, spec in requirements.requirements()] == listed
+
+
+def test_requirements_txt_points_at_pyproject_and_lists_nothing_itself():
+    lines = (Path(__file__).resolve().parents[1] / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    assert [line for line in lines if line.strip() and not line.startswith("#")] == ["-e ."]

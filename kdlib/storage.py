@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, TinyGPTConfig
 from .errors import KdlibError
 from .fileio import PathLike, atomic_write_bytes, check_run_folder, read_json
 from .models import TinyGPT
@@ -177,8 +179,7 @@ def teacher_shape_hint(cfg: ExperimentConfig) -> tuple[int, int]:
 def student_parameters(cfg: ExperimentConfig) -> int:
     """The student's parameter count (tied embeddings counted once), from the model built on the
     meta device: shapes without storage."""
-    with torch.device("meta"):
-        return TinyGPT(cfg.model).num_parameters()
+    return _meta_parameters(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), None, None)
 
 
 def projector_parameters(cfg: ExperimentConfig, teacher_shape: Optional[tuple[int, int]] = None) -> int:
@@ -186,9 +187,20 @@ def projector_parameters(cfg: ExperimentConfig, teacher_shape: Optional[tuple[in
     built on the meta device for the teacher's (blocks, width)."""
     if not cfg.spec.needs_hidden_states:
         return 0
+    return _meta_parameters(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), cfg.loss_terms,
+                            tuple(teacher_shape or teacher_shape_hint(cfg)))
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_parameters(model_json: str, terms, teacher_shape) -> int:
+    """Parameters of the student (``terms`` None) or of its feature projectors, counted on the meta
+    device. Cached: a plan asks for the same few shapes for every run of a sweep, and building a
+    model on the meta device still runs its whole initialisation (milliseconds a tensor)."""
+    model = TinyGPTConfig(**json.loads(model_json))
     with torch.device("meta"):
-        objective = DistillationLoss(cfg.loss_terms, cfg.model, teacher_shape or teacher_shape_hint(cfg))
-    return sum(p.numel() for p in objective.parameters())
+        if terms is None:
+            return TinyGPT(model).num_parameters()
+        return sum(p.numel() for p in DistillationLoss(terms, model, teacher_shape).parameters())
 
 
 def estimate_run_bytes(cfg: ExperimentConfig, with_resume: bool,

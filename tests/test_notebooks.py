@@ -151,3 +151,15 @@ def test_colab_doc_and_01_show_the_same_drive_layout():
 
     assert DRIVE_LAYOUT in (ROOT / "docs" / "colab.md").read_text(encoding="utf-8")
     assert DRIVE_LAYOUT in read("01_data_prep").cells[0].source
+
+
+@pytest.mark.parametrize("name", ["01_data_prep", "02_teacher_cache", "03_train", "04_analysis"])
+def test_each_notebook_hands_every_folder_parameter_it_has_to_folders(name):
+    # kdlib.colab.folders names the empty ones in a failed mount's fix: it must get each of them.
+    import re
+
+    sources = [c.source for c in read(name).cells if c.cell_type == "code"]
+    params = {m for s in sources if "#@param" in s for m in re.findall(r"^(\w+_dir) = ", s, re.M)}
+    calls = [m for s in sources for m in re.findall(r"kdlib\.colab\.folders\(([^)]*)\)", s)]
+    assert params and len(calls) == 1
+    assert {a.split("=")[0].strip() for a in calls[0].split(",") if "=" in a} == params

@@ -40,7 +40,7 @@ NOTEBOOK_PRESETS = ("smoke", "colab-t4", "colab-a100", "study")
 GPU_PRESETS = {"colab-t4": "T4", "colab-a100": "A100", "study": "A100"}
 CHANGE_RUNTIME = "Runtime -> Change runtime type -> Hardware accelerator"
 
-# Where everything goes on Colab, with sizes: README and 01_data_prep show this table (one text).
+# Where everything goes on Colab, with sizes: docs/colab.md and 01_data_prep show this table (one text).
 DRIVE_LAYOUT = """\
 | where | what | size |
 |---|---|---|

@@ -57,7 +57,7 @@ def install_kdlib(repo, ref):
             f"kdlib's GitHub repository is not set: repo is {repo!r}. Type the copy to install in this "
             "cell's repo field (owner/name, as in github.com/owner/name, e.g. alice/kdlib) and its ref (a tag, "
             "commit or branch), then run it again. For good: in your checkout run `python -m kdlib badges "
-            "--repo alice/kdlib --ref v0.1.0`, commit, tag and push (README: Publishing your copy).")
+            "--repo alice/kdlib --ref v0.1.0`, commit, tag and push (docs/colab.md: Publishing your copy).")
     url = f"https://github.com/{repo}"
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # a private or missing repository fails, never prompts
     names = [f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}", f"refs/heads/{ref}"]  # a tag's commit, a tag, a branch
@@ -185,7 +185,7 @@ log-probabilities at the experiment's temperature, their token ids and the log o
 Only output-only experiments (`kl`, `js`) use it, and only when asked for (`03_train` with \
 `teacher_source = "cache"`; its runs are named and reported `[top-k cache]`): it saves the teacher's \
 forward pass in every step. At k = 32 the cached divergence is a weaker objective than the online one \
-(README, `docs/losses.md`). It is large (about 132 bytes per training token with GPT-2's vocabulary, \
+(`docs/cache.md`, `docs/losses.md`). It is large (about 132 bytes per training token with GPT-2's vocabulary, \
 some 15 GB for WikiText-103), so on Colab it goes to the runtime's own disk, never Drive; since each \
 notebook runs on its own machine, `03_train` builds it on its runtime when it is asked to use one that \
 is not there. This notebook shows its size and where it goes, checks the disk has room, builds it, and \
@@ -221,7 +221,7 @@ hidden states or attention maps, an output divergence, the cosine term; all off 
 `ce`) into `RESULTS_DIR/PRESET/EXP[-attn]-seedSEED/`: `config.json`, `metrics.jsonl` and, at the end, \
 `summary.json`. For the colab and study presets every student stays on the runtime's disk and Drive \
 keeps the best run's only (42 students of 97 MiB do not fit 100 MB; the layout with sizes is in \
-`01_data_prep` and the README). Runtime → Run all trains exactly the chosen experiment after showing \
+`01_data_prep` and `docs/colab.md`). Runtime → Run all trains exactly the chosen experiment after showing \
 its plan; run it again after an interruption and it resumes (after a runtime reset it starts over: \
 the resume state is on the runtime's disk), and a finished run is not trained again. The panel trains \
 interactively instead; Run all does not press its button.""")),

@@ -27,6 +27,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from kdlib import bench  # noqa: E402
+from kdlib.cli import peak_tflops_arg, positive_int  # noqa: E402
 from kdlib.errors import KdlibError, choices  # noqa: E402
 from kdlib.fileio import read_json  # noqa: E402
 from kdlib.grid import EXPERIMENTS, parse  # noqa: E402
@@ -85,26 +86,6 @@ def run_comparison(report: dict, exps: Sequence[str] = EXPERIMENTS, paths: Seque
     return report
 
 
-def _peak(text: str):
-    """--peak-tflops: a number of TFLOP/s > 0, or "measure"."""
-    if text == "measure":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of TFLOP/s or 'measure', got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"the peak must be > 0 TFLOP/s, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kdlib's feature loss: hidden states (default, SDPA) or attention maps (the study's)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the student and the loss formulas on the kdlib paths")
-    ap.add_argument("--peak-tflops", type=_peak,
+    ap.add_argument("--peak-tflops", type=peak_tflops_arg,
                     help="the device's peak TFLOP/s for MFU, or 'measure' (the best large matmul here); "
                          "default: the datasheet value of known GPUs, or $KDLIB_PEAK_TFLOPS")
-    ap.add_argument("--steps", type=_positive_int, help="timed steps per measurement (default: per shapes)")
-    ap.add_argument("--warmup", type=_positive_int, help="warm-up steps per measurement (default: per shapes)")
+    ap.add_argument("--steps", type=positive_int, help="timed steps per measurement (default: per shapes)")
+    ap.add_argument("--warmup", type=positive_int, help="warm-up steps per measurement (default: per shapes)")
     ap.add_argument("--out", help="folder for bench.json and bench.md (rewritten after every measurement)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="measure nothing: merge these bench.json files (the same shapes and machine, paths "

@@ -20,7 +20,8 @@ from .errors import KdlibError
 DEFAULT_PRESET = "smoke"  # seconds on a CPU: a command run without --preset tries the pipeline
 
 
-def _peak(text: str):
+def peak_tflops_arg(text: str):
+    """--peak-tflops: a number of TFLOP/s > 0, or "measure" (benchmarks/bench.py takes it too)."""
     if text == "measure":
         return text
     try:
@@ -32,7 +33,7 @@ def _peak(text: str):
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -58,7 +59,7 @@ def _shared() -> dict:
                      help="where the teacher's outputs come from (default: the preset's, online): 'cache' gives the "
                           "top-k cache to the output-only experiments (a sparse objective, labelled in the run name "
                           "and the report); the others stay online")
-    run.add_argument("--max-steps", type=_positive_int,
+    run.add_argument("--max-steps", type=positive_int,
                      help="cut every run's budget to this many optimizer steps (a short try)")
     run.add_argument("--weights", choices=("run", "best"),
                      help="run: every student in its run folder; best: every student in --weights-dir and only the "
@@ -107,7 +108,7 @@ def _add_study_commands(sub, shared: dict) -> None:
                  "1 if any fails.", [shared["preset"], shared["feature"]])
     p.add_argument("--exps", "--exp", nargs="+", metavar="NAME",
                    help="experiments to check (default: the 14 of the grid)")
-    p.add_argument("--steps", type=_positive_int, default=2, help="optimizer steps per experiment (default: 2)")
+    p.add_argument("--steps", type=positive_int, default=2, help="optimizer steps per experiment (default: 2)")
     p.add_argument("--data-dir", help="prepared data to check on (default: data/PRESET if prepared)")
 
 
@@ -160,8 +161,8 @@ def _add_result_commands(sub, shared: dict) -> None:
                  "Score a run's saved student under the sliding-window protocol.", [shared["data"]])
     p.add_argument("run_dir", help="a run folder (with config.json and student.safetensors)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    p.add_argument("--stride", type=_positive_int, help="window stride (default: block_size // 2)")
-    p.add_argument("--block-size", type=_positive_int, help="window length (default: the run's block size)")
+    p.add_argument("--stride", type=positive_int, help="window stride (default: block_size // 2)")
+    p.add_argument("--block-size", type=positive_int, help="window length (default: the run's block size)")
 
     p = _command(sub, "demo", "the whole study offline on a CPU: data, teacher, cache, 14 runs, results",
                  "Run the study end to end with no network: Python's own documentation as text, a BPE tokenizer "
@@ -198,11 +199,11 @@ def _add_bench_command(sub, shared: dict) -> None:
                    help="kdlib's feature loss: hidden states (default, SDPA) or attention maps (the study's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the student and the loss formulas")
-    p.add_argument("--peak-tflops", type=_peak,
+    p.add_argument("--peak-tflops", type=peak_tflops_arg,
                    help="the device's peak TFLOP/s for MFU, or 'measure' (the best large matmul here); "
                         "default: the datasheet value of known GPUs, or $KDLIB_PEAK_TFLOPS")
-    p.add_argument("--steps", type=_positive_int, help="timed steps per measurement (default: per shapes)")
-    p.add_argument("--warmup", type=_positive_int, help="warm-up steps per measurement (default: per shapes)")
+    p.add_argument("--steps", type=positive_int, help="timed steps per measurement (default: per shapes)")
+    p.add_argument("--warmup", type=positive_int, help="warm-up steps per measurement (default: per shapes)")
     p.add_argument("--out", help="folder for bench.json and bench.md (rewritten after every measurement)")
 
 

@@ -12,7 +12,7 @@ for reported numbers. Works for TinyGPT and any Hugging Face causal LM.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -74,10 +74,10 @@ def windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int,
     return out
 
 
-@torch.no_grad()
-def score(model: nn.Module, ids: Union[Tensor, np.ndarray, Sequence[int]], block_size: int,
-          stride: Optional[int] = None, batch_size: int = 8) -> tuple[float, int]:
-    """(total NLL in nats, number of scored tokens) of ``ids`` under the sliding-window protocol."""
+def checked_ids(model: nn.Module, ids, block_size: int, stride: Optional[int], batch_size: int
+                ) -> tuple[Tensor, int]:
+    """(``ids`` as a flat int64 tensor, the stride) once the protocol, the ids and the batch size are
+    checked against ``model``: every refusal names the value and what to give instead."""
     if _whole(block_size) and block_size >= 2:
         stride = block_size // 2 if stride is None else stride
     check_protocol(block_size, stride)
@@ -100,30 +100,45 @@ def score(model: nn.Module, ids: Union[Tensor, np.ndarray, Sequence[int]], block
         raise KdlibError(f"the token ids to score range from {low} to {high}, but the model has embeddings for "
                          f"{limit}: the data was made with another tokenizer; score data prepared for this "
                          "model (data.checked_split)")
+    return ids, stride
+
+
+def scored_batches(ids: Tensor, block_size: int, stride: int, batch_size: int, device
+                   ) -> Iterator[tuple[Tensor, Tensor]]:
+    """(windows ``x`` [b, L] on ``device``, ``keep`` [b, L-1]: which of each window's next-token
+    predictions the protocol scores) per batch of ``batch_size`` windows. Position j of a window
+    predicts token j + 1; equal-length windows batch together, only the last one can be shorter."""
+    plan = windows(len(ids), block_size, stride)
+    for i in range(0, len(plan), batch_size):
+        by_len: dict[int, list] = {}
+        for w in plan[i:i + batch_size]:
+            by_len.setdefault(w[1] - w[0], []).append(w)
+        for length, ws in by_len.items():
+            x = torch.stack([ids[b:e] for b, e, _ in ws]).to(device)  # [b, L]
+            scored = torch.tensor([n for _, _, n in ws], device=x.device)  # [b]
+            keep = torch.arange(length - 1, device=x.device) >= (length - 1 - scored)[:, None]  # [b, L-1]
+            yield x, keep
+
+
+@torch.no_grad()
+def score(model: nn.Module, ids: Union[Tensor, np.ndarray, Sequence[int]], block_size: int,
+          stride: Optional[int] = None, batch_size: int = 8) -> tuple[float, int]:
+    """(total NLL in nats, number of scored tokens) of ``ids`` under the sliding-window protocol."""
+    ids, stride = checked_ids(model, ids, block_size, stride, batch_size)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # per batch a float32 sum, added in float64
+    count = torch.zeros((), dtype=torch.int64, device=device)
     try:
-        plan = windows(len(ids), block_size, stride)
-        # Equal-length windows batch together; only the last one can be shorter.
-        for i in range(0, len(plan), batch_size):
-            group = plan[i:i + batch_size]
-            by_len: dict[int, list] = {}
-            for w in group:
-                by_len.setdefault(w[1] - w[0], []).append(w)
-            for length, ws in by_len.items():
-                x = torch.stack([ids[b:e] for b, e, _ in ws]).to(device)  # [b, L]
-                logits = model(x).logits[:, :-1].float()  # [b, L-1, V]: position j predicts j+1
-                targets = x[:, 1:]  # [b, L-1]
-                nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [b, L-1]
-                scored = torch.tensor([n for _, _, n in ws], device=nll.device)  # [b]
-                keep = torch.arange(length - 1, device=nll.device) >= (length - 1 - scored)[:, None]  # [b, L-1]
-                total += float(torch.where(keep, nll, 0.0).sum())  # one host sync per batch
-                count += int(sum(n for _, _, n in ws))
+        for x, keep in scored_batches(ids, block_size, stride, batch_size, device):
+            logits = model(x).logits[:, :-1].float()  # [b, L-1, V]: position j predicts j+1
+            nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # [b, L-1]
+            total += torch.where(keep, nll, 0.0).sum().double()
+            count += keep.sum()
     finally:
         model.train(was_training)
-    return total, count
+    return float(total), int(count)  # one host sync
 
 
 def perplexity(model: nn.Module, ids, block_size: int, stride: Optional[int] = None,

@@ -24,16 +24,22 @@ import pandas as pd
 from .errors import KdlibError
 from .fileio import read_json, read_jsonl
 from .grid import parse
+from .metrics import ECE_BINS, FREQUENCY_BUCKETS
 
 # The original study's epoch: about 1.65M training tokens (reference/original_study.md).
 STUDY_EPOCH_TOKENS = 1_650_000
 STUDY_EPOCHS = 50
 # The protocol columns: constant within a protocol group, stated once at the top of results.md.
 PROTOCOL_COLUMNS = ["preset", "block_size", "test_stride", "val_stride", "budget_tokens"]
+# The test metrics beside perplexity (kdlib.metrics), from a summary's test_metrics: bucket 1 holds the
+# most frequent tokens.
+BUCKET_COLUMNS = [f"ppl_bucket{k}" for k in range(1, FREQUENCY_BUCKETS + 1)]
+METRIC_COLUMNS = ["agreement", "kl_teacher", "ece", *BUCKET_COLUMNS]
+TEACHER_COLUMNS = ["teacher_test_ppl", "teacher_ece", *(f"teacher_{c}" for c in BUCKET_COLUMNS)]
 RUN_COLUMNS = ["run", "source", "exp", "label", "seed", "feature", "divergence", "feature_map", "cosine", "finished",
                "best_val_ppl", "final_val_ppl", "test_ppl", "best_step", "best_epoch", "steps", "tokens",
                "train_wall_s", "tokens_per_s", "teacher_source", "cache_top_k", "teacher", *PROTOCOL_COLUMNS,
-               "budget", "dataset", "protocol"]
+               "budget", "dataset", "protocol", *METRIC_COLUMNS, *TEACHER_COLUMNS]
 _INT_COLUMNS = ["cache_top_k", "block_size", "test_stride", "val_stride", "budget_tokens"]
 # The train fields that set a run's token budget (older configs lack max_tokens).
 BUDGET_FIELDS = ("max_tokens", "max_steps", "epochs", "batch_size", "grad_accum")
@@ -153,7 +159,7 @@ _UNREADABLE = (KdlibError, _Malformed, KeyError, TypeError, ValueError, Attribut
                RecursionError, OSError)
 _KINDS = {"number": (int, float), "whole number": (int,), "string": (str,)}
 # The summary and metrics fields the report reads, and their kinds (None is allowed in a summary).
-SUMMARY_FIELDS = {"test_ppl": "number", "train_wall_s": "number", "tokens_per_s": "number",
+SUMMARY_FIELDS = {"test_ppl": "number", "teacher_test_ppl": "number", "train_wall_s": "number", "tokens_per_s": "number",
                   "budget_tokens": "whole number", "eval_stride": "whole number",
                   "in_training_eval_stride": "whole number", "cache_top_k": "whole number",
                   "teacher_source": "string"}
@@ -189,7 +195,52 @@ def _read_summary(run: Path, name: str) -> tuple[dict, Optional[tuple]]:
                 _need(summary[key], kind, f"its {key}")
     except _UNREADABLE as e:
         return {}, (name, f"unreadable summary.json ({_why(e)}); reported from its metrics")
+    try:
+        summary["test_metric_fields"] = metric_fields(summary.get("test_metrics"))
+    except _UNREADABLE as e:
+        summary["test_metric_fields"] = {}
+        return summary, (name, f"unreadable test_metrics in summary.json ({_why(e)}); reported without them")
     return summary, None
+
+
+def _numbers(values, n: int, what: str, kind: str = "number") -> list:
+    """``values`` as a list of ``n`` ``kind``s or None (an empty bucket or bin)."""
+    if not isinstance(values, list) or len(values) != n:
+        raise _Malformed(f"{what} is {values!r}, not a list of {n}")
+    return [None if v is None else _need(v, kind, what) for v in values]
+
+
+def check_test_metrics(metrics) -> dict:
+    """A summary's ``test_metrics`` (``kdlib.scoring.run_metrics``), every field the report reads
+    checked; ``_Malformed`` names the first that is not what kdlib writes."""
+    if not isinstance(metrics, dict):
+        raise _Malformed(f"it is {type(metrics).__name__}, not an object")
+    for who in ("student", "teacher"):
+        part = metrics.get(who)
+        if not isinstance(part, dict):
+            raise _Malformed(f"its {who} is {part!r}, not an object")
+        for key in ("ppl", "ece") + (("agreement", "kl_teacher") if who == "student" else ()):
+            _need(part.get(key), "number", f"{who}.{key}")
+        _numbers(part.get("bucket_ppl"), FREQUENCY_BUCKETS, f"{who}.bucket_ppl")
+        bins = part.get("reliability")
+        if not isinstance(bins, dict):
+            raise _Malformed(f"{who}.reliability is {bins!r}, not an object")
+        _numbers(bins.get("count"), ECE_BINS, f"{who}.reliability.count", "whole number")
+        for key in ("confidence", "accuracy"):
+            _numbers(bins.get(key), ECE_BINS, f"{who}.reliability.{key}")
+    return metrics
+
+
+def metric_fields(metrics) -> dict:
+    """The runs table's metric columns from a summary's ``test_metrics`` ({} when it has none)."""
+    if metrics is None:
+        return {}
+    metrics = check_test_metrics(metrics)
+    student, teacher = metrics["student"], metrics["teacher"]
+    return {"agreement": student["agreement"], "kl_teacher": student["kl_teacher"], "ece": student["ece"],
+            **dict(zip(BUCKET_COLUMNS, student["bucket_ppl"])),
+            "teacher_test_ppl": teacher["ppl"], "teacher_ece": teacher["ece"],
+            **{f"teacher_{c}": v for c, v in zip(BUCKET_COLUMNS, teacher["bucket_ppl"])}}
 
 
 def _read_metric_rows(run: Path) -> pd.DataFrame:
@@ -265,18 +316,33 @@ def load_runs(results_dir) -> tuple[pd.DataFrame, dict, list]:
                "best_val_ppl": best["val_ppl"], "final_val_ppl": curve["val_ppl"].iloc[-1],
                "best_step": int(best["step"]), "best_epoch": float(best["epoch"]),
                "steps": int(metrics["step"].max()), "tokens": int(metrics["tokens"].max())}
-        for key in ("test_ppl", "train_wall_s", "tokens_per_s"):
+        for key in ("test_ppl", "train_wall_s", "tokens_per_s", "teacher_test_ppl"):
             row[key] = summary.get(key)
+        row.update(summary.get("test_metric_fields", {}))
         rows.append(row)
         curves[name] = curve
     return _frame(rows), curves, skipped
+
+
+def read_test_metrics(results_dir, runs: pd.DataFrame) -> dict:
+    """{run: its summary's ``test_metrics``} for the kdlib runs of ``runs`` that have readable ones
+    (``load_runs`` lists the others as skipped): the reliability bins and the bucket boundaries the
+    figures draw."""
+    out = {}
+    for name in runs.loc[runs["source"] == "kdlib", "run"]:
+        path = Path(results_dir) / name / "summary.json"
+        try:
+            out[name] = check_test_metrics(read_json(path, "summary")["test_metrics"])
+        except _UNREADABLE:  # no summary, no test_metrics (an older run), or malformed
+            continue
+    return out
 
 
 def _frame(rows: list) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     for col in _INT_COLUMNS:  # whole numbers with gaps: written as integers, not 5.12e+03
         df[col] = pd.to_numeric(df[col]).astype("Int64")
-    for col in ("test_ppl", "train_wall_s", "tokens_per_s"):
+    for col in ("test_ppl", "train_wall_s", "tokens_per_s", *METRIC_COLUMNS, *TEACHER_COLUMNS):
         df[col] = pd.to_numeric(df[col]).astype(float)
     return df
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from .errors import KdlibError
 from .grid import EXPERIMENTS
-from .results import PROTOCOL_COLUMNS
+from .results import BUCKET_COLUMNS, PROTOCOL_COLUMNS, TEACHER_COLUMNS
 
 def ci95(values) -> float:
     """Half-width of the Student-t 95% confidence interval of the mean (NaN for fewer than 2 values)."""
@@ -60,6 +60,12 @@ def experiment_table(runs: pd.DataFrame, order: Optional[list] = None, baseline:
     has_base = baseline in table.index
     for col, score in (("vs_no_kd_pct", "test_ppl"), ("vs_no_kd_val_pct", "best_val_ppl")):
         table[col] = 100 * (table[score] / table.loc[baseline, score] - 1) if has_base else math.nan
+    for col in ("agreement", "kl_teacher", "ece"):  # fidelity and calibration (kdlib.metrics)
+        table[col], table[f"{col}_ci95"] = g[col].mean(), g[col].apply(ci95)
+    for col in BUCKET_COLUMNS:
+        table[col] = g[col].mean()
+    for col in TEACHER_COLUMNS:  # one teacher per protocol: the same in every row that was scored with it
+        table[col] = g[col].mean()
     for col in PROTOCOL_COLUMNS:
         table[col] = g[col].first()
     order = order or list(EXPERIMENTS)

@@ -40,6 +40,7 @@ from .perf import flop_params, flops_per_token, mfu, peak_tflops
 from .resume import Resumable, capture, check_resume, restart_advice, restore
 from .runs import (RunPaths, check_budget, check_config, device_name, keep_best_student, load_data, metrics_until,
                    open_cache, run_dir, run_name, teacher_perplexity, teacher_source_of)
+from .scoring import run_metrics
 from .step import Trainee, TrainStep, make_accelerator, teacher_outputs
 from .storage import StorageBudget, budget_for, teacher_shape_hint
 
@@ -397,6 +398,8 @@ class Run:
             for key, split in (("best_val_ppl_sliding", "validation"), ("test_ppl", "test")):
                 summary[key] = perplexity(best, self.splits[split].tokens(), block, stride,
                                           cfg.train.eval_batch_size)
+            summary["test_metrics"] = run_metrics(cfg, best, self.splits,
+                                                  self.teacher if source == "online" else None)
         summary["teacher_test_ppl"] = teacher_perplexity(cfg, self.splits["test"],
                                                          self.teacher if source == "online" else None,
                                                          self.accelerator.device)

@@ -157,12 +157,19 @@ def _add_run_commands(sub, shared: dict) -> None:
 
 
 def _add_result_commands(sub, shared: dict) -> None:
-    p = _command(sub, "eval", "perplexity of a run's student on a split",
-                 "Score a run's saved student under the sliding-window protocol.", [shared["data"]])
+    p = _command(sub, "eval", "perplexity of a run's student on a split (--metrics: and the test metrics)",
+                 "Score a run's saved student under the sliding-window protocol; with --metrics, also its "
+                 "fidelity to the teacher, calibration and perplexity by frequency bucket on the test split.",
+                 [shared["data"]])
     p.add_argument("run_dir", help="a run folder (with config.json and student.safetensors)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--stride", type=positive_int, help="window stride (default: block_size // 2)")
     p.add_argument("--block-size", type=positive_int, help="window length (default: the run's block size)")
+    p.add_argument("--metrics", action="store_true",
+                   help="also the test metrics beside perplexity (agreement and KL to the teacher, calibration "
+                        "error, perplexity by frequency bucket; they need the teacher), written into the run's "
+                        "summary.json for the report: for runs trained before kdlib measured them")
+    p.add_argument("--device", help="device for the student and the teacher (default: cpu)")
 
     p = _command(sub, "demo", "the whole study offline on a CPU: data, teacher, cache, 14 runs, results",
                  "Run the study end to end with no network: Python's own documentation as text, a BPE tokenizer "

@@ -213,6 +213,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .config import ExperimentConfig
     from .data import checked_split
     from .evaluate import perplexity
+    from .models import device_of
     from .runs import RunPaths
 
     run = Path(args.run_dir)
@@ -234,16 +235,47 @@ def _eval(args: argparse.Namespace) -> int:
         raise KdlibError(f"student {student} has non-finite weights (inf or NaN in {', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}): the file is corrupt or the run diverged; its "
                          "perplexity would mean nothing. Train the run again (delete its folder first)")
-    split = checked_split(data_dir, args.split, cfg.model.vocab_size)  # checksum and ids, once per process
-    _check_eval_data(run, cfg, split)
     block = cfg.data.block_size if args.block_size is None else args.block_size
     stride = block // 2 if args.stride is None else args.stride
+    if args.metrics and (args.split, block, stride) != ("test", cfg.data.block_size, cfg.data.block_size // 2):
+        raise KdlibError(f"--metrics measures the test protocol (--split test, block {cfg.data.block_size}, stride "
+                         f"{cfg.data.block_size // 2}), the one its numbers are compared under; leave --split, "
+                         "--block-size and --stride out")
+    device = device_of(args.device)  # before any work: a GPU that is not here
+    split = checked_split(data_dir, args.split, cfg.model.vocab_size)  # checksum and ids, once per process
+    _check_eval_data(run, cfg, split)
+    model = model.to(device)
     ppl = perplexity(model, split.tokens(), block, stride)
     if not math.isfinite(ppl):
         raise KdlibError(f"the {args.split} perplexity of {student} is not finite ({ppl}): the student "
                          "assigns (almost) zero probability to the text; is it the data the run trained on?")
     print(f"{run.name}: {args.split} perplexity {ppl:.3f} (block {block}, stride {stride})")
+    if args.metrics:
+        _eval_metrics(paths, cfg, model, {"test": split, "train": checked_split(data_dir, "train",
+                                                                               cfg.model.vocab_size)})
     return 0
+
+
+def _eval_metrics(paths, cfg, model, splits: dict) -> None:
+    """``eval --metrics``: the run's test metrics printed, and written into its summary.json (a
+    finished run's; an unfinished one gets them at the end of its training)."""
+    from .fileio import atomic_write_json, read_json
+    from .scoring import run_metrics
+
+    metrics = run_metrics(cfg, model, splits)
+    student, teacher = metrics["student"], metrics["teacher"]
+    buckets = ", ".join("-" if v is None else f"{v:.1f}" for v in student["bucket_ppl"])
+    print(f"{paths.root.name}: top-1 agreement with the teacher {student['agreement']:.3f}, KL(teacher || student) "
+          f"{student['kl_teacher']:.4f} nats/token, ECE {student['ece']:.4f} (teacher {teacher['ece']:.4f}); "
+          f"perplexity by frequency bucket (most frequent first): {buckets}")
+    if not paths.summary.is_file():
+        print(f"note: {paths.root.name} is not finished (no summary.json): nothing written; its training writes "
+              "them at its end", file=sys.stderr)
+        return
+    summary = read_json(paths.summary, "summary")
+    summary["test_metrics"] = metrics
+    atomic_write_json(paths.summary, summary)
+    print(f"written into {paths.summary} (the report reads them from there)")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -17,7 +17,8 @@ import pandas as pd
 
 from .errors import KdlibError
 from .fileio import atomic_write_text
-from .results import PROTOCOL_COLUMNS, load_runs, reference_runs
+from .results import (BUCKET_COLUMNS, PROTOCOL_COLUMNS, TEACHER_COLUMNS, load_runs,
+                      read_test_metrics, reference_runs)
 from .stats import experiment_table, js_early_late, paired_differences, protocol_groups
 
 def _values(series, fmt=str) -> str:
@@ -73,18 +74,61 @@ def protocol_statement(runs: pd.DataFrame) -> str:
     return f"# Results: preset `{_values(runs['preset'])}`\n\n" + "\n".join(protocol_lines(runs)) + "\n"
 
 
-def write_tables(table: pd.DataFrame, folder, name: str = "results", header: Optional[str] = None
-                 ) -> tuple[Path, Path]:
+# The per-experiment columns that results.md shows in its own section (metrics_section), not in the main table.
+METRIC_TABLE_COLUMNS = ["agreement", "agreement_ci95", "kl_teacher", "kl_teacher_ci95", "ece", "ece_ci95",
+                        *BUCKET_COLUMNS]
+
+
+def write_tables(table: pd.DataFrame, folder, name: str = "results", header: Optional[str] = None,
+                 footer: str = "") -> tuple[Path, Path]:
     """``name``.csv and ``name``.md (a Markdown table) in ``folder``. ``header`` (Markdown, a
     ``protocol_statement``) opens the .md file, and the protocol columns it states are left out of
-    the .md table; the CSV keeps every column."""
+    the .md table, as are the test metrics (``footer``, a ``metrics_section``, shows them after it);
+    the CSV keeps every column."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     csv, md = folder / f"{name}.csv", folder / f"{name}.md"
     atomic_write_text(csv, table.to_csv(float_format="%.4g"))
-    shown = table.drop(columns=[c for c in PROTOCOL_COLUMNS if c in table]) if header else table
-    atomic_write_text(md, (header + "\n" if header else "") + markdown(shown) + "\n")
+    hidden = PROTOCOL_COLUMNS + METRIC_TABLE_COLUMNS + TEACHER_COLUMNS if header else []
+    shown = table.drop(columns=[c for c in hidden if c in table])
+    atomic_write_text(md, (header + "\n" if header else "") + markdown(shown) + "\n" + (f"\n{footer}" if footer else ""))
     return csv, md
+
+
+def _bucket_lines(buckets: dict) -> list[str]:
+    return [f"  - bucket {k}: {_count(n, 'token type')}, training count "
+            + ("-" if lo is None else f"{lo:,}" if lo == hi else f"{lo:,} to {hi:,}")
+            + f", {100 * share:.1f}% of the training tokens"
+            for k, (n, lo, hi, share) in enumerate(zip(buckets["types"], buckets["min_count"], buckets["max_count"],
+                                                       buckets["train_share"]), 1)]
+
+
+def metrics_section(table: pd.DataFrame, runs: pd.DataFrame, metrics: dict) -> str:
+    """results.md's section on the test metrics beside perplexity: what they are, the frequency
+    buckets' boundaries, a table per experiment with the teacher's row, and which runs lack them."""
+    lines = ["## Fidelity, calibration and where the perplexity comes from", ""]
+    missing = sorted(set(runs.loc[runs["finished"] & runs["agreement"].isna(), "run"]))
+    advice = ("runs trained before kdlib measured them get them with `python -m kdlib eval RUN --metrics "
+              "--device cuda` (then run the report again)")
+    if not metrics:
+        return "\n".join(lines + [f"No run has test metrics yet: {advice}.", ""])
+    first = next(iter(metrics.values()))
+    lines += [f"On the test split (block {first['block_size']}, stride {first['stride']}), the best student of "
+              "each run, mean and 95% CI over seeds: `agreement` top-1 agreement with the teacher; `kl_teacher` "
+              "KL(teacher ‖ student) at temperature 1, nats per token; `ece` expected calibration error of the "
+              f"next-token distribution ({first['ece_bins']} equal-width confidence bins); `ppl_bucketK` "
+              "perplexity on the tokens of frequency bucket K (docs/losses.md, \"Test metrics\"). The teacher's "
+              "row: the teacher on the same tokens.", "",
+              f"Frequency buckets ({first['buckets']['by']}):", *_bucket_lines(first["buckets"]), ""]
+    shown = table[METRIC_TABLE_COLUMNS].dropna(how="all")
+    teacher = {"agreement": 1.0, "kl_teacher": 0.0, "ece": table["teacher_ece"].mean(),
+               **{c: table[f"teacher_{c}"].mean() for c in BUCKET_COLUMNS}}
+    shown = pd.concat([shown, pd.DataFrame([teacher], index=["teacher"])])
+    shown.index.name = "exp"
+    lines += [markdown(shown), ""]
+    if missing:
+        lines += [f"No test metrics in {_count(len(missing), 'finished run')} ({', '.join(missing)}): {advice}.", ""]
+    return "\n".join(lines)
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -103,13 +147,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref=None) -> dict:
-    """One protocol group's tables and figures in ``folder``."""
+def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref=None, metrics=None) -> dict:
+    """One protocol group's tables and figures in ``folder``; ``metrics``: {run: its test_metrics}."""
     from . import plots
 
+    metrics = metrics or {}
     table = experiment_table(runs)
     statement = protocol_statement(runs)
-    files = list(write_tables(table, folder, "results", header=statement))
+    files = list(write_tables(table, folder, "results", header=statement,
+                              footer=metrics_section(table, runs, metrics)))
     files.append(folder / "runs.csv")
     atomic_write_text(files[-1], runs.to_csv(index=False, float_format="%.6g"))
     has_test = runs["test_ppl"].notna().any()
@@ -128,6 +174,12 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
         figures += plots.save(plots.js_early_late(js), folder, "js_early_late")
     if table["train_wall_s"].notna().any():
         figures += plots.save(plots.cost_vs_ppl(table, runs=runs), folder, "cost_vs_ppl")
+    if metrics:
+        figures += plots.save(plots.fidelity_vs_ppl(runs), folder, "fidelity_vs_ppl")
+        figures += plots.save(plots.reliability_diagram(runs, metrics), folder, "reliability")
+        if "ce" in table.index and table.loc["ce", BUCKET_COLUMNS].notna().any():
+            buckets = next(iter(metrics.values()))["buckets"]
+            figures += plots.save(plots.bucket_change(table, buckets), folder, "bucket_change")
     if ref is not None:
         figures += plots.save(plots.with_reference(runs, curves, *ref), folder, "curves_with_study")
     return {"name": name, "folder": folder, "statement": statement, "table": table, "runs": runs,
@@ -183,8 +235,9 @@ def report(results_dir, out_dir, reference: bool = False, log: Callable[[str], N
                          "(python -m kdlib train / sweep), or pass --reference for the original study's")
     split = protocol_groups(runs)
     several = len(split) > 1
+    metrics = read_test_metrics(results_dir, runs)
     groups = [_report_group(group, {r: curves[r] for r in group["run"]}, out_dir / name if several else out_dir,
-                            name, ref)
+                            name, ref, {r: metrics[r] for r in group["run"] if r in metrics})
               for name, group in split]
     files = [f for g in groups for f in g["files"]]
     figures = [f for g in groups for f in g["figures"]]

@@ -198,3 +198,113 @@ def with_reference(runs, curves, ref_runs, ref_curves):
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[len(ref_runs):], labels[len(ref_runs):], ncol=2, frameon=False)
     return fig
+
+
+def _colours(labels) -> dict:
+    """A colour per experiment label, in the order given (baselines grey and black)."""
+    plt = _plt()
+    cmap = plt.get_cmap("tab20")
+    others = [lab for lab in labels if lab not in BASELINES]
+    colours = {lab: cmap(i % 20) for i, lab in enumerate(others)}
+    return {**colours, "ce": "0.55", "kl": "0.15"}
+
+
+def fidelity_vs_ppl(runs: pd.DataFrame):
+    """Top-1 agreement with the teacher and KL(teacher ‖ student) against test perplexity, one point
+    per run, the teacher marked (agreement 1, KL 0, its own perplexity): a student can gain
+    perplexity without matching its teacher better, and the reverse (Stanton et al. 2021)."""
+    plt = _plt()
+    shown = runs.dropna(subset=["agreement", "kl_teacher", "test_ppl"])
+    fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 3.4), sharey=True)
+    colours = _colours(list(dict.fromkeys(shown["label"])))
+    for label, group in shown.groupby("label", sort=False):
+        for ax, col in zip(axes, ("agreement", "kl_teacher")):
+            ax.scatter(group[col], group["test_ppl"], s=14, color=colours[label], label=label,
+                       marker="s" if label in BASELINES else "o")
+    teacher = shown["teacher_test_ppl"].dropna()
+    if len(teacher):
+        for ax, x in zip(axes, (1.0, 0.0)):
+            ax.scatter([x], [teacher.iloc[0]], marker="*", s=90, color="C3", zorder=4, label="teacher")
+    axes[0].set_xlabel("top-1 agreement with the teacher")
+    axes[1].set_xlabel("KL(teacher ‖ student), nats/token")
+    axes[0].set_ylabel("test perplexity" + eval_protocol(runs, "test"))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=6, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("Fidelity to the teacher against test perplexity (one point per run; star: the teacher)")
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * (len(labels) // 4), 1, 1))
+    return fig
+
+
+def _pooled_bins(bins: list) -> tuple[list, list, int]:
+    """(mean confidence, accuracy) per non-empty bin over several runs' reliability bins, and the tokens."""
+    count = [sum(b["count"][i] for b in bins) for i in range(len(bins[0]["count"]))]
+    conf, acc = [], []
+    for i, n in enumerate(count):
+        if n:
+            conf.append(sum(b["count"][i] * (b["confidence"][i] or 0) for b in bins) / n)
+            acc.append(sum(b["count"][i] * (b["accuracy"][i] or 0) for b in bins) / n)
+    return conf, acc, sum(count)
+
+
+def reliability_diagram(runs: pd.DataFrame, metrics: dict):
+    """Accuracy against confidence of the next-token prediction per confidence bin, each experiment's
+    seeds pooled, and the teacher (black); the diagonal is perfect calibration. ``metrics``: {run:
+    its summary's test_metrics} (``results.read_test_metrics``); the legend gives each curve's ECE."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.2))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":", label="perfect calibration")
+    shown = runs[runs["run"].isin(metrics)]
+    colours = _colours(list(dict.fromkeys(shown["label"])))
+    for label, group in shown.groupby("label", sort=False):
+        conf, acc, _ = _pooled_bins([metrics[r]["student"]["reliability"] for r in group["run"]])
+        ax.plot(conf, acc, marker="o", ms=2.5, lw=1, color=colours[label],
+                ls="--" if label in BASELINES else "-", label=f"{label} (ECE {group['ece'].mean():.3f})")
+    if len(shown):
+        teacher = metrics[shown["run"].iloc[0]]["teacher"]
+        conf, acc, _ = _pooled_bins([teacher["reliability"]])
+        ax.plot(conf, acc, marker="*", ms=5, lw=1.8, color="k", label=f"teacher (ECE {teacher['ece']:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (the top token's probability), bin mean")
+    ax.set_ylabel("accuracy (the top token is the next token)")
+    ax.set_title(f"Reliability of the next-token distribution on the test split{eval_protocol(runs, 'test')}")
+    ax.legend(fontsize=6, frameon=False, ncol=2, loc="upper left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def bucket_change(table: pd.DataFrame, buckets: dict, baseline: str = "ce"):
+    """Perplexity change against no KD (%) per training-frequency bucket, one line per experiment and
+    the teacher's: does distillation help on frequent tokens or on rare ones? ``buckets``: a run's
+    ``test_metrics["buckets"]`` (the boundaries, for the axis)."""
+    from .results import BUCKET_COLUMNS
+
+    plt = _plt()
+    base = table.loc[baseline, BUCKET_COLUMNS].astype(float)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.8))
+    x = range(1, len(BUCKET_COLUMNS) + 1)
+    colours = _colours(list(table.index))
+    for label, row in table.drop(index=baseline).iterrows():
+        change = 100 * (row[BUCKET_COLUMNS].astype(float) / base - 1)
+        ax.plot(x, change, marker="o", ms=2.5, lw=1, color=colours.get(label, "C0"),
+                ls="--" if label in BASELINES else "-", label=label)
+    teacher = table[[f"teacher_{c}" for c in BUCKET_COLUMNS]].astype(float).mean()
+    if teacher.notna().any():
+        ax.plot(x, 100 * (teacher.to_numpy() / base.to_numpy() - 1), marker="*", color="k", lw=1.8, label="teacher")
+    ax.axhline(0, color="0.4", lw=0.8)
+    ticks = [f"{k}\n{_count_range(lo, hi)}" for k, lo, hi in zip(x, buckets["min_count"], buckets["max_count"])]
+    ax.set_xticks(list(x), ticks, fontsize=7)
+    ax.set_xlabel("frequency bucket (1: the most frequent tokens; training-split count of the token to predict)")
+    ax.set_ylabel(f"test perplexity vs {baseline} (%)")
+    ax.set_title("Where distillation helps: perplexity change against no KD by token frequency (below 0: better)")
+    ax.legend(fontsize=6, frameon=False, ncol=3)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _count_range(low, high) -> str:
+    if low is None:
+        return "(empty)"
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"

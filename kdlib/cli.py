@@ -171,6 +171,18 @@ def _add_result_commands(sub, shared: dict) -> None:
                         "summary.json for the report: for runs trained before kdlib measured them")
     p.add_argument("--device", help="device for the student and the teacher (default: cpu)")
 
+    p = _command(sub, "sample", "seeded top-p samples of a run's student, continuing a few prompts",
+                 "Continue each prompt with tokens sampled from a run's saved student (top-p, seeded on the CPU: "
+                 "the same seed on the same device gives the same text) and print prompt and continuation. "
+                 "The tokenizer is the one of the run's data folder.", [shared["data"]])
+    p.add_argument("run_dir", help="a run folder (with config.json and student.safetensors)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="a UTF-8 text file, one prompt a line (default: a few fixed prompts, kdlib.sampling)")
+    p.add_argument("--tokens", type=positive_int, default=40, help="tokens to sample per prompt (default: 40)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    p.add_argument("--top-p", type=float, default=0.9,
+                   help="keep the most likely tokens up to this probability mass, in (0, 1] (default: 0.9)")
+
     p = _command(sub, "demo", "the whole study offline on a CPU: data, teacher, cache, 14 runs, results",
                  "Run the study end to end with no network: Python's own documentation as text, a BPE tokenizer "
                  "and a small GPT-2-architecture teacher trained on it, the top-k cache, the preflight check, the "

@@ -186,62 +186,80 @@ def _check_eval_data(run: Path, cfg, split) -> None:
     """Refuse data the run's student was not trained on: another corpus or BPE size (the config says),
     another tokenizer (the tokenizer hash, where the run's summary records it)."""
     from .data import check_prepared_for, check_tokenizer_fits
-    from .fileio import read_json
 
     check_tokenizer_fits(split, cfg.model.vocab_size)
     check_prepared_for(cfg, split)
-    found = split.manifest["inputs"]["tokenizer"]["hash"]
+    check_run_tokenizer(run, split.manifest["inputs"]["tokenizer"]["hash"], split.path,
+                        "its perplexity would mean nothing")
+
+
+def check_run_tokenizer(run: Path, found: str, where: Path, consequence: str) -> None:
+    """Refuse a tokenizer (its hash ``found``, of the token file or data folder ``where``) other than the
+    one the run's summary records; say so on stderr when the summary records none."""
+    from .fileio import read_json
+
     try:
         trained = read_json(run / "summary.json", "summary").get("tokenizer_hash")
     except KdlibError:  # unfinished, or an unreadable summary: nothing recorded to compare with
         trained = None
     if isinstance(trained, str) and trained != found:
-        raise KdlibError(f"{split.path} was tokenized with another tokenizer (hash {found[:12]}) than run "
+        raise KdlibError(f"{where} was tokenized with another tokenizer (hash {found[:12]}) than run "
                          f"{run.name} was trained on ({trained[:12]}): the same ids stand for other text, and "
-                         "its perplexity would mean nothing. Give --data-dir the data folder the run trained on")
+                         f"{consequence}. Give --data-dir the data folder the run trained on")
     if not isinstance(trained, str):
+        folder = where.parent if where.is_file() else where
         print(f"note: {run.name} records no tokenizer hash (unfinished, or trained by an older kdlib), so whether "
-              f"{split.path.parent} was tokenized like its training data is not checked", file=sys.stderr)
+              f"{folder} was tokenized like its training data is not checked", file=sys.stderr)
+
+
+def load_run_student(run_dir, device: str = "cpu"):
+    """(config, student file, student) of a run folder, as eval and sample read it: the run's config
+    (its preset a plain name), its kept student where there is one (train.weights = "best" keeps the
+    others in weights_dir), refused when its metadata names another run or a weight is not finite."""
+    import torch
+
+    from .checkpoint import load_student, student_metadata
+    from .config import ExperimentConfig
+    from .runs import RunPaths
+
+    run = Path(run_dir)
+    cfg = ExperimentConfig.load(run / "config.json")
+    _checked_preset(cfg, run / "config.json")  # before it names any path
+    paths = RunPaths.of(cfg, run)
+    student = paths.kept_student if paths.kept_student.is_file() else paths.student
+    meta = student_metadata(student)["meta"]
+    if (meta.get("exp"), meta.get("seed")) not in ((cfg.exp, cfg.seed), (None, None)):
+        raise KdlibError(f"{student} is the student of {meta.get('exp')}-seed{meta.get('seed')} (its metadata), "
+                         f"not of this run ({cfg.exp}, seed {cfg.seed}); put the run's own student back, or "
+                         "use the run it came from")
+    model = load_student(student, device=device, expect=cfg.model)
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise KdlibError(f"student {student} has non-finite weights (inf or NaN in {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the file is corrupt or the run diverged; its "
+                         "perplexity and its text would mean nothing. Train the run again (delete its folder first)")
+    return cfg, student, model
 
 
 def _eval(args: argparse.Namespace) -> int:
     import math
 
-    import torch
-
-    from .checkpoint import load_student
-    from .config import ExperimentConfig
     from .data import checked_split
     from .evaluate import perplexity
     from .models import device_of
     from .runs import RunPaths
 
+    device = device_of(args.device)  # before any work: a GPU that is not here
     run = Path(args.run_dir)
-    cfg = ExperimentConfig.load(run / "config.json")
-    preset_name = _checked_preset(cfg, run / "config.json")  # before it names any path
-    data_dir = args.data_dir or f"data/{preset_name}"
+    cfg, student, model = load_run_student(run)
+    data_dir = args.data_dir or f"data/{cfg.preset}"
     paths = RunPaths.of(cfg, run)
-    student = paths.kept_student if paths.kept_student.is_file() else paths.student
-    from .checkpoint import student_metadata
-
-    meta = student_metadata(student)["meta"]
-    if (meta.get("exp"), meta.get("seed")) not in ((cfg.exp, cfg.seed), (None, None)):
-        raise KdlibError(f"{student} is the student of {meta.get('exp')}-seed{meta.get('seed')} (its metadata), "
-                         f"not of this run ({cfg.exp}, seed {cfg.seed}); put the run's own student back, or "
-                         "eval the run it came from")
-    model = load_student(student, expect=cfg.model)
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise KdlibError(f"student {student} has non-finite weights (inf or NaN in {', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}): the file is corrupt or the run diverged; its "
-                         "perplexity would mean nothing. Train the run again (delete its folder first)")
     block = cfg.data.block_size if args.block_size is None else args.block_size
     stride = block // 2 if args.stride is None else args.stride
     if args.metrics and (args.split, block, stride) != ("test", cfg.data.block_size, cfg.data.block_size // 2):
         raise KdlibError(f"--metrics measures the test protocol (--split test, block {cfg.data.block_size}, stride "
                          f"{cfg.data.block_size // 2}), the one its numbers are compared under; leave --split, "
                          "--block-size and --stride out")
-    device = device_of(args.device)  # before any work: a GPU that is not here
     split = checked_split(data_dir, args.split, cfg.model.vocab_size)  # checksum and ids, once per process
     _check_eval_data(run, cfg, split)
     model = model.to(device)
@@ -276,6 +294,58 @@ def _eval_metrics(paths, cfg, model, splits: dict) -> None:
     summary["test_metrics"] = metrics
     atomic_write_json(paths.summary, summary)
     print(f"written into {paths.summary} (the report reads them from there)")
+
+
+def _read_prompts(path) -> list[str]:
+    """The prompts of a text file, one a line (stripped; blank lines skipped), refused when it has
+    none or is not UTF-8 text. A missing file is the OSError it raises (exit code 3)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KdlibError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start}): give a text "
+                         "file with one prompt a line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise KdlibError(f"prompts file {path} has no prompts (it is empty or blank): write one prompt a line")
+    return prompts
+
+
+def _sample_lines(prompts, continuations) -> list[str]:
+    """Each prompt on its own line, its continuation indented below it (from "..."): readable in a terminal."""
+    lines = []
+    for i, (prompt, text) in enumerate(zip(prompts, continuations), 1):
+        lines += ["", f"[{i}] {prompt}"] + ["    " + line for line in ("..." + text).splitlines()]
+    return lines
+
+
+def run_tokenizer(run: Path, cfg, folder: Path):
+    """The tokenizer of the data folder ``folder``, refused when it is larger than the run's student's
+    vocabulary or is not the one the run's summary records (its ids would decode to other text)."""
+    from .tokenizer import tokenizer_hash, tokenizer_of
+
+    tok = tokenizer_of(cfg, folder)
+    if len(tok) > cfg.model.vocab_size:
+        raise KdlibError(f"the tokenizer of {folder} has {len(tok)} tokens but run {run.name}'s student has "
+                         f"{cfg.model.vocab_size}: give --data-dir the data folder the run trained on")
+    check_run_tokenizer(run, tokenizer_hash(tok), folder, "its samples would be another text's ids decoded")
+    return tok
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .sampling import DEFAULT_PROMPTS, generate
+
+    prompts = _read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+    run = Path(args.run_dir)
+    cfg, _, model = load_run_student(run)
+    tok = run_tokenizer(run, cfg, Path(args.data_dir or f"data/{cfg.preset}"))
+    continuations = [tok.decode(generate(model, tok(prompt)["input_ids"], args.tokens, top_p=args.top_p,
+                                         seed=args.seed, vocab_size=len(tok)))
+                     for prompt in prompts]
+    print(f"{run.name}: {args.tokens} sampled tokens after each prompt (top-p {args.top_p:g}, seed {args.seed}; "
+          "the same seed on the same device gives the same text)")
+    print("\n".join(_sample_lines(prompts, continuations)))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -332,5 +402,5 @@ def mib_text(n_bytes: int) -> str:
 
 
 COMMANDS = {"grid": _grid, "check": _check, "prep": _prep, "cache": _cache, "train": _train, "sweep": _sweep,
-            "plan": _plan, "eval": _eval, "demo": _demo, "report": _report, "bench": _bench, "badges": _badges,
-            "storage": _storage}
+            "plan": _plan, "eval": _eval, "sample": _sample, "demo": _demo, "report": _report, "bench": _bench,
+            "badges": _badges, "storage": _storage}

@@ -331,3 +331,97 @@ def _show_pngs(paths, display, image) -> set:
     for path in pngs:
         display(image(filename=path, width=650))  # 200-dpi figures at about their print size
     return set(pngs)
+
+
+# --------------------------------------------------------------------------
+# samples: what the students say
+
+
+def _sample_columns(results_dir: PathLike, log: Callable[[str], None]) -> list[tuple[str, Path]]:
+    """[(column, run folder)]: the ``ce`` and ``kl`` runs and the best run (lowest test perplexity,
+    else best validation perplexity) among the finished runs of the best run's protocol; ``ce`` and
+    ``kl`` of the best run's seed where there is one. A missing one is said in ``log``."""
+    from .results import load_runs
+
+    runs, _, _ = load_runs(results_dir)
+    done = runs[runs["finished"]] if len(runs) else runs
+    if not len(done):
+        raise KdlibError(f"no finished run in {results_dir} to sample from: train one first (03_train, or "
+                         "python -m kdlib train)")
+    score = done["test_ppl"].where(done["test_ppl"].notna(), done["best_val_ppl"])
+    best = done.loc[score.idxmin()]
+    group = done[done["protocol"] == best["protocol"]]
+    columns = []
+    for label in ("ce", "kl"):
+        rows = [r for _, r in group[group["label"] == label].iterrows()]
+        if not rows:
+            log(f"{label}: left out, no finished {label} run in the best run's protocol ({best['preset']})")
+            continue
+        pick = min(rows, key=lambda r: (r["seed"] != best["seed"], r["seed"]))
+        if pick["run"] != best["run"]:
+            columns.append((f"{label} (seed {pick['seed']})", Path(results_dir) / pick["run"]))
+    columns.append((f"best: {best['label']} (seed {best['seed']})", Path(results_dir) / best["run"]))
+    return columns
+
+
+def _sampler(device: str, column: str, run: Path, log: Callable[[str], None]):
+    """(run folder, config, student) of a run, or None with a note when its student cannot be loaded."""
+    from .commands import load_run_student
+
+    try:
+        cfg, _, model = load_run_student(run, device=device)
+    except (KdlibError, OSError) as e:
+        log(f"{column}: left out, its student cannot be read ({e})")
+        return None
+    return run, cfg, model
+
+
+def samples_table(results_dir: PathLike, data_dir: Optional[PathLike] = None, prompts=None, n_tokens: int = 40,
+                  seed: int = 0, log: Callable[[str], None] = print):
+    """One row per prompt, one column per model: the prompts continued by the teacher, ``ce``, ``kl``
+    and the best run (``_sample_columns``), top-p 0.9 and seeded (``kdlib.sampling.generate``).
+
+    Arguments:
+        data_dir: the data folder the runs trained on (its tokenizer); None = the runs' preset's
+            (``kdlib.colab.data_folder``: ``MyDrive/kdlib-data/PRESET`` on Colab).
+        prompts: None = ``kdlib.sampling.DEFAULT_PROMPTS``.
+    A model that cannot be loaded (on Colab only the best run's student is on Drive) is left out with
+    a note in ``log``. The models run on the GPU where there is one: the same seed on the same device
+    gives the same text.
+    """
+    import pandas as pd
+
+    from .colab import data_folder
+    from .commands import run_tokenizer
+    from .models import load_teacher
+    from .sampling import DEFAULT_PROMPTS, generate
+
+    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    device = _teacher_device()
+    models = {}
+    for column, run in _sample_columns(results_dir, log):
+        loaded = _sampler(device, column, run, log)
+        if loaded is not None:
+            models[column] = loaded[1:]
+            run_dir, cfg = loaded[:2]  # the best run's, else the last readable one: the tokenizer's
+    if not models:
+        raise KdlibError(f"no student of {results_dir} could be read (see the notes above): nothing to sample")
+    tok = run_tokenizer(run_dir, cfg, Path(data_dir) if data_dir else data_folder(cfg.preset, create=False))
+    try:
+        teacher = load_teacher(cfg.teacher, device=device, student_vocab_size=cfg.model.vocab_size)
+        models = {"teacher": (cfg, teacher), **models}
+    except (KdlibError, OSError) as e:
+        log(f"teacher: left out, it cannot be loaded ({e})")
+    table = {name: [tok.decode(generate(model, tok(p)["input_ids"], n_tokens, seed=seed, vocab_size=len(tok)))
+                    for p in prompts] for name, (_, model) in models.items()}
+    return pd.DataFrame(table, index=pd.Index(prompts, name="prompt"))
+
+
+def show_samples(table) -> None:
+    """Display ``samples_table``'s table with every continuation whole and wrapped (a DataFrame's own
+    display cuts long text with "...")."""
+    from IPython.display import HTML, display
+
+    style = ("<style>.kdlib-samples td, .kdlib-samples th {white-space: pre-wrap; text-align: left; "
+             "vertical-align: top; min-width: 12em}</style>")
+    display(HTML(style + table.to_html(classes="kdlib-samples")))

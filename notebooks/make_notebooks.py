@@ -293,14 +293,27 @@ figures here and lists what was written where. `reference` adds the original stu
                           "**figures_dir**: the report; empty = `MyDrive/kdlib-figures` on Colab, `figures/`",
                           "elsewhere"),
                     param('reference = False  #@param {type:"boolean"}',
-                          "**reference**: add the original study's table and curves beside these runs")),
+                          "**reference**: add the original study's table and curves beside these runs"),
+                    param('data_dir = ""  #@param {type:"string"}',
+                          "**data_dir**: the prepared data the runs trained on (its tokenizer, for the samples);",
+                          "empty = the runs' preset's, `MyDrive/kdlib-data/PRESET` on Colab, `data/PRESET`",
+                          "elsewhere")),
         new_markdown_cell(WHERE),
-        runtime_cell(None, False, results_dir="results_dir", figures_dir="figures_dir"),
+        runtime_cell(None, False, results_dir="results_dir", figures_dir="figures_dir",
+                     data_dir="data_dir or None"),  # None: the preset is the runs', known only later
         new_markdown_cell("## The report\n\nThe table (one protocol group at a time, with its stated "
                           "protocol), the figures, and the files written."),
         new_code_cell("""\
 result = kdlib.analysis.report(f.results_dir, f.figures_dir, reference=reference)  # prints skipped runs
 kdlib.notebook.show_report(result)"""),
+        new_markdown_cell("## What the students say\n\n"
+                          "The same prompts continued by the teacher, the no-KD baseline `ce`, plain `kl` and "
+                          "the best run (lowest test perplexity), 40 tokens each, sampled from the top-p 0.9 "
+                          "nucleus with seed 0: the same seed on the same device gives the same text. A "
+                          "student that is not here (on Colab Drive keeps the best run's only) is left out, "
+                          "with a note."),
+        new_code_cell("samples = kdlib.notebook.samples_table(f.results_dir, f.data_dir)\n"
+                      "kdlib.notebook.show_samples(samples)"),
     ]
 
 

@@ -8,7 +8,7 @@ from kdlib.cli import DEFAULT_PRESET, build_parser
 from kdlib.commands import COMMANDS
 
 CONTRACT = ("grid", "prep", "cache", "train", "sweep", "check", "eval", "report", "storage", "bench", "badges",
-            "demo", "plan")
+            "demo", "plan", "sample")
 
 
 def subparsers() -> dict:

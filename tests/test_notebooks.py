@@ -131,7 +131,7 @@ def test_notebooks_run_in_order_on_the_smoke_preset(tmp_path, monkeypatch):
     last = nb.cells[-1]
     assert "show_val_ppl" in last.source and any("image/png" in o.get("data", {}) for o in last.outputs)
 
-    nb = run("04_analysis", results_dir=str(runs), figures_dir=str(figures), reference=False)
+    nb = run("04_analysis", results_dir=str(runs), figures_dir=str(figures), reference=False, data_dir=str(data))
     for name in ("results.csv", "results.md", "runs.csv"):
         assert (figures / name).stat().st_size > 0
     shown = outputs(nb, "image/png")
@@ -140,8 +140,13 @@ def test_notebooks_run_in_order_on_the_smoke_preset(tmp_path, monkeypatch):
     assert all(p.with_suffix(".pdf").is_file() for p in pngs)
     assert outputs(nb, "text/html"), "the table was not shown"
     assert "kl" in outputs(nb, "text/html")[0]["data"]["text/html"]
+    samples = next(c for c in nb.cells if "samples_table" in c.source)
+    shown_samples = "".join(o["data"]["text/html"] for o in samples.outputs if "text/html" in o.get("data", {}))
+    assert "kdlib-samples" in shown_samples and "The function returns" in shown_samples
+    assert "teacher" in shown_samples and "best: kl (seed 0)" in shown_samples
 
-    nb = run("04_analysis", results_dir=str(runs), figures_dir=str(tmp_path / "with_study"), reference=True)
+    nb = run("04_analysis", results_dir=str(runs), figures_dir=str(tmp_path / "with_study"), reference=True,
+             data_dir=str(data))
     assert (tmp_path / "with_study" / "original_study.md").stat().st_size > 0
     assert len(outputs(nb, "image/png")) > len(shown)  # the study's curves too
 

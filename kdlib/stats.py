@@ -232,6 +232,33 @@ def significance(runs: pd.DataFrame, baselines=("kl", "ce"), metric: Optional[st
             row.update(p_holm=p, holm_m=len(tested),
                        verdict=("lower" if row["mean_diff"] < 0 else "higher") if p < alpha else "no difference")
         rows += family
+    # an experiment's comparisons together, experiments in the results table's order
+    rows.sort(key=lambda row: labels.index(row["label"]))
     table = pd.DataFrame(rows, columns=SIGNIFICANCE_COLUMNS)
     table["alpha"] = alpha
     return table
+
+
+def significance_method(sig: pd.DataFrame) -> str:
+    """One sentence saying what ``significance`` tested, for a report: test, pairing, family, correction
+    and alpha, as the table ``sig`` records them."""
+    metric = sig["metric"].iloc[0] if len(sig) else "test_ppl"
+    alpha = float(sig["alpha"].iloc[0]) if len(sig) else 0.05
+    family = ", ".join(f"m = {int(m) if pd.notna(m) else 0} against {b}"
+                       for b, m in sig.groupby("baseline", sort=False)["holm_m"].max().items())
+    return (f"Paired t-test by seed of {metric} (the experiment's minus the baseline's, over the seeds both have); "
+            "p-values Holm-corrected over each baseline's family, its comparisons across the grid "
+            f"({family or 'none'}); "
+            f"alpha {alpha:g}; the {100 * (1 - alpha):g}% Student-t interval of the mean difference is not corrected.")
+
+
+def why_untestable(sig: pd.DataFrame) -> str:
+    """Why no row of ``sig`` has a test, as a sentence (with one seed: how many seeds a test needs)."""
+    notes = Counter(sig["note"])
+    if not notes:
+        return "No comparison: the grid has no baseline run (kl, ce) besides the rows themselves."
+    if set(notes) == {"1 seed: no test possible"}:
+        return ("No test is possible with one seed per experiment: a paired t-test needs at least 2 seeds that an "
+                "experiment shares with its baseline, and 3 or more for an interval of use (with 2, the t quantile "
+                "is 12.7). Train more seeds (python -m kdlib sweep --seeds 0 1 2) and report again.")
+    return "No comparison can be tested: " + "; ".join(f"{n} x {note}" for note, n in notes.items()) + "."

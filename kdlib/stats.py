@@ -203,8 +203,8 @@ def significance(runs: pd.DataFrame, baselines=("kl", "ce"), metric: Optional[st
     its Student-t (1 - alpha) interval (95% by default; not corrected), t and the two-sided p-value
     of the paired t-test. ``p_holm``: the p-value Holm-corrected over the family of one baseline's
     comparisons across the grid (``holm_m`` tested rows against that baseline); ``verdict``:
-    ``lower`` / ``higher`` (``p_holm`` < ``alpha``, by the sign of the difference: lower perplexity
-    is better), ``no difference``, or ``not testable`` with the reason in ``note`` (1 seed, no common
+    ``lower`` / ``higher`` (``p_holm`` < ``alpha``, by the sign of the difference: the metric's
+    direction, so for perplexity ``lower`` is better), ``no difference``, or ``not testable`` with the reason in ``note`` (1 seed, no common
     seeds, no variance across seeds, no score yet); its numbers are NaN.
 
     A row trained from the teacher's top-k cache is tested against the baseline from the same cache

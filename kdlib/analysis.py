@@ -173,7 +173,7 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
     if ref is not None:
         figures += plots.save(plots.with_reference(runs, curves, *ref), folder, "curves_with_study")
     return {"name": name, "folder": folder, "statement": statement, "table": table, "runs": runs,
-            "figures": figures, "files": files}
+            "significance": sig, "figures": figures, "files": files}
 
 
 def _index_md(groups: list, results_dir) -> str:
@@ -210,7 +210,8 @@ def report(results_dir, out_dir, reference: bool = False, log: Callable[[str], N
     when two share a preset), and ``out_dir/results.md`` lists the groups. The original study's
     files go into ``out_dir``.
 
-    Returns {'groups': [{'name', 'folder', 'statement', 'table', 'runs', 'figures', 'files'}, ...],
+    Returns {'groups': [{'name', 'folder', 'statement', 'table', 'runs', 'significance', 'figures',
+    'files'}, ...],
     'table' (the one group's; empty with several), 'runs' (all), 'figures' (all), 'files' (all),
     'skipped'}.
     """

@@ -204,8 +204,9 @@ def significance(runs: pd.DataFrame, baselines=("kl", "ce"), metric: Optional[st
     of the paired t-test. ``p_holm``: the p-value Holm-corrected over the family of one baseline's
     comparisons across the grid (``holm_m`` tested rows against that baseline); ``verdict``:
     ``lower`` / ``higher`` (``p_holm`` < ``alpha``, by the sign of the difference: the metric's
-    direction, so for perplexity ``lower`` is better), ``no difference``, or ``not testable`` with the reason in ``note`` (1 seed, no common
-    seeds, no variance across seeds, no score yet); its numbers are NaN.
+    direction, so for perplexity ``lower`` is better), ``no difference``, or ``not testable`` with
+    the reason in ``note`` (1 seed, no common seeds, no variance across seeds, no score yet); its
+    numbers are NaN.
 
     A row trained from the teacher's top-k cache is tested against the baseline from the same cache
     where the grid has one (``against``), else against the online baseline; ``ce`` has no teacher,
@@ -227,7 +228,7 @@ def significance(runs: pd.DataFrame, baselines=("kl", "ce"), metric: Optional[st
         family = [{"label": label, "baseline": baseline, "against": against, "metric": metric,
                    **_compare(scores[label], scores[against], metric, alpha)}
                   for label in labels if (against := _against(label, baseline, labels)) is not None]
-        tested = [row for row in family if "verdict" not in row]
+        tested = [row for row in family if row["note"] == ""]
         for row, p in zip(tested, holm([row["p"] for row in tested])):
             row.update(p_holm=p, holm_m=len(tested),
                        verdict=("lower" if row["mean_diff"] < 0 else "higher") if p < alpha else "no difference")
@@ -248,8 +249,8 @@ def significance_method(sig: pd.DataFrame) -> str:
                        for b, m in sig.groupby("baseline", sort=False)["holm_m"].max().items())
     return (f"Paired t-test by seed of {metric} (the experiment's minus the baseline's, over the seeds both have); "
             "p-values Holm-corrected over each baseline's family, its comparisons across the grid "
-            f"({family or 'none'}); "
-            f"alpha {alpha:g}; the {100 * (1 - alpha):g}% Student-t interval of the mean difference is not corrected.")
+            f"({family or 'none'}); alpha {alpha:g}; the {100 * (1 - alpha):g}% Student-t interval of the mean "
+            "difference is not corrected.")
 
 
 def why_untestable(sig: pd.DataFrame) -> str:
@@ -258,7 +259,7 @@ def why_untestable(sig: pd.DataFrame) -> str:
     if not notes:
         return "No comparison: the grid has no baseline run (kl, ce) besides the rows themselves."
     if set(notes) == {"1 seed: no test possible"}:
-        return ("No test is possible with one seed per experiment: a paired t-test needs at least 2 seeds that an "
-                "experiment shares with its baseline, and 3 or more for an interval of use (with 2, the t quantile "
-                "is 12.7). Train more seeds (python -m kdlib sweep --seeds 0 1 2) and report again.")
+        return ("No test is possible with one seed: each experiment shares one seed with its baseline, and a paired "
+                "t-test needs at least 2 (3 or more for an interval of use: with 2, the t quantile is 12.7). Train "
+                "more seeds (python -m kdlib sweep --seeds 0 1 2) and report again.")
     return "No comparison can be tested: " + "; ".join(f"{n} x {note}" for note, n in notes.items()) + "."

@@ -2,8 +2,8 @@
 
 ``report`` reads the runs (``kdlib.results``), splits them by protocol and computes the tables
 (``kdlib.stats``), then writes per protocol group ``results.csv``/``results.md`` (the .md opens
-with the protocol statement), ``runs.csv``, ``cosine_effect.csv``, ``js_early_late.csv`` and the
-figures (``kdlib.plots``).
+with the protocol statement and ends with which rows differ from ``kl`` and ``ce``), ``runs.csv``,
+``cosine_effect.csv``, ``js_early_late.csv``, ``significance.csv`` and the figures (``kdlib.plots``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from .errors import KdlibError
 from .fileio import atomic_write_text
 from .results import (BUCKET_COLUMNS, PROTOCOL_COLUMNS, TEACHER_COLUMNS, load_runs,
                       read_test_metrics, reference_runs)
-from .stats import experiment_table, js_early_late, paired_differences, protocol_groups
+from .stats import (experiment_table, js_early_late, paired_differences, protocol_groups, significance,
+                    significance_method, why_untestable)
 
 def _values(series, fmt=str) -> str:
     values = [v for v in dict.fromkeys(series) if pd.notna(v)]
@@ -147,15 +148,54 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def significance_marks(sig: pd.DataFrame, index, baselines=("kl", "ce")) -> pd.DataFrame:
+    """Columns ``vs_kl``, ``vs_ce`` for the rows ``index`` of the results table: the verdict of each
+    row against that baseline (``lower``, ``higher``, ``no difference``), ``-`` for the baseline
+    itself or where no test was possible."""
+    marks = pd.DataFrame(index=index)
+    for baseline in baselines:
+        rows = sig[(sig["baseline"] == baseline) & (sig["verdict"] != "not testable")]
+        marks[f"vs_{baseline}"] = [dict(zip(rows["label"], rows["verdict"])).get(label, "-") for label in index]
+    return marks
+
+
+def significance_section(sig: pd.DataFrame) -> str:
+    """The Markdown section "Which rows differ" that ends ``results.md``: the test, the family and
+    the correction, then one table per baseline; with no testable row, why instead of numbers."""
+    if not (sig["verdict"] != "not testable").any():
+        return (f"## Which rows differ\n\n{why_untestable(sig)} Where an experiment shares 2 or more seeds with `kl` "
+                "or `ce`, this section tests it against them (paired t-tests by seed, Holm-corrected over each "
+                "baseline's family).\n")
+    lines = ["## Which rows differ", "", significance_method(sig) + " `lower`: perplexity significantly lower "
+             "than the baseline's (better); `higher`: significantly higher (worse); `no difference`: not "
+             "significant after the correction. A row trained from the teacher's top-k cache is tested against "
+             "the baseline from the same cache where there is one (`against`). The table's columns `vs_kl` and "
+             "`vs_ce` give the verdicts; `-`: the baseline itself, or no test.", ""]
+    level = f"{100 * (1 - float(sig['alpha'].iloc[0])):g}% CI"
+    for baseline, family in sig.groupby("baseline", sort=False):
+        shown = pd.DataFrame({
+            "against": family["against"], "pairs": family["pairs"], "mean_diff": family["mean_diff"],
+            level: ["-" if pd.isna(lo) else f"[{lo:.4g}, {hi:.4g}]"
+                    for lo, hi in zip(family["ci_low"], family["ci_high"])],
+            "p": family["p"], "p_holm": family["p_holm"], "verdict": family["verdict"], "note": family["note"]})
+        shown.index = pd.Index(family["label"], name="exp")
+        lines += [f"### Against `{baseline}`", "", markdown(shown), ""]
+    return "\n".join(lines)
+
+
 def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref=None, metrics=None) -> dict:
     """One protocol group's tables and figures in ``folder``; ``metrics``: {run: its test_metrics}."""
     from . import plots
 
     metrics = metrics or {}
+    sig = significance(runs)
     table = experiment_table(runs)
+    table = table.join(significance_marks(sig, table.index))  # new columns at the end: results.csv keeps its own
     statement = protocol_statement(runs)
     files = list(write_tables(table, folder, "results", header=statement,
-                              footer=metrics_section(table, runs, metrics)))
+                              footer=metrics_section(table, runs, metrics) + "\n" + significance_section(sig)))
+    files.append(folder / "significance.csv")
+    atomic_write_text(files[-1], sig.to_csv(index=False, float_format="%.6g"))
     files.append(folder / "runs.csv")
     atomic_write_text(files[-1], runs.to_csv(index=False, float_format="%.6g"))
     has_test = runs["test_ppl"].notna().any()
@@ -174,6 +214,7 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
         figures += plots.save(plots.js_early_late(js), folder, "js_early_late")
     if table["train_wall_s"].notna().any():
         figures += plots.save(plots.cost_vs_ppl(table, runs=runs), folder, "cost_vs_ppl")
+    figures += plots.save(plots.significance_table(sig), folder, "significance")
     if metrics:
         figures += plots.save(plots.fidelity_vs_ppl(runs), folder, "fidelity_vs_ppl")
         figures += plots.save(plots.reliability_diagram(runs, metrics), folder, "reliability")
@@ -183,7 +224,7 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
     if ref is not None:
         figures += plots.save(plots.with_reference(runs, curves, *ref), folder, "curves_with_study")
     return {"name": name, "folder": folder, "statement": statement, "table": table, "runs": runs,
-            "figures": figures, "files": files}
+            "significance": sig, "figures": figures, "files": files}
 
 
 def _index_md(groups: list, results_dir) -> str:
@@ -213,13 +254,15 @@ def report(results_dir, out_dir, reference: bool = False, log: Callable[[str], N
     """Tables and figures for a results folder (and, with ``reference``, the original study's curves).
 
     Runs are grouped by protocol (``protocol_groups``); runs of two protocols are never averaged
-    together. Per group: ``results.csv``/``results.md`` (per experiment; the .md opens with the
-    protocol), ``runs.csv`` (per run), ``cosine_effect.csv``, ``js_early_late.csv`` and the figures
-    (PNG + PDF). With one group they go into ``out_dir``; with several, into ``out_dir/<preset>``
-    (plus a hash when two share a preset), and ``out_dir/results.md`` lists the groups. The
-    original study's files go into ``out_dir``.
+    together. Per group: ``results.csv``/``results.md`` (per experiment, marked ``vs_kl``/``vs_ce``;
+    the .md opens with the protocol and ends with which rows differ), ``runs.csv`` (per run),
+    ``cosine_effect.csv``, ``js_early_late.csv``, ``significance.csv`` and the figures (PNG + PDF).
+    With one group they go into ``out_dir``; with several, into ``out_dir/<preset>`` (plus a hash
+    when two share a preset), and ``out_dir/results.md`` lists the groups. The original study's
+    files go into ``out_dir``.
 
-    Returns {'groups': [{'name', 'folder', 'statement', 'table', 'runs', 'figures', 'files'}, ...],
+    Returns {'groups': [{'name', 'folder', 'statement', 'table', 'runs', 'significance', 'figures',
+    'files'}, ...],
     'table' (the one group's; empty with several), 'runs' (all), 'figures' (all), 'files' (all),
     'skipped'}.
     """

@@ -308,3 +308,63 @@ def _count_range(low, high) -> str:
     if low is None:
         return "(empty)"
     return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+
+SHADE = {"lower": "#b8e0b0", "higher": "#f7b7a3"}  # significant after Holm: lower perplexity (better), higher
+
+
+def _significance_cells(sig: pd.DataFrame, labels: list, baselines: list) -> tuple[list, list]:
+    """(text, colour) per row of the table: per baseline the mean difference and its interval, and
+    the Holm p-value; a baseline's own row says so, an untested one its reason."""
+    by = {(r["label"], r["baseline"]): r for _, r in sig.iterrows()}
+    text, colour = [], []
+    for label in labels:
+        cells, shades = [label], ["white"]
+        for baseline in baselines:
+            r = by.get((label, baseline))
+            if r is None:
+                pair = ["baseline", ""]
+            elif r["verdict"] == "not testable":
+                pair = [r["note"].split(":")[0], "-"]
+            else:
+                pair = [f"{r['mean_diff']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]", f"{r['p_holm']:.2g}"]
+            cells += pair
+            shades += [SHADE.get(None if r is None else r["verdict"], "white")] * 2
+        text.append(cells)
+        colour.append(shades)
+    return text, colour
+
+
+def significance_table(sig: pd.DataFrame):
+    """``stats.significance`` as a figure for a report: one row per experiment; per baseline the mean
+    difference with its interval and the Holm p-value, the cells of significant rows shaded (green:
+    lower perplexity than the baseline, red: higher); the test, family, correction and alpha under it.
+    With no testable row, a figure that says why (one seed: how many seeds a test needs)."""
+    import textwrap
+
+    from .stats import significance_method, why_untestable
+
+    plt = _plt()
+    if not (sig["verdict"] != "not testable").any():
+        fig, ax = plt.subplots(figsize=(WIDTH, 1.4))
+        ax.axis("off")
+        ax.set_title("Which rows differ")
+        ax.text(0.5, 0.5, textwrap.fill(why_untestable(sig), 95), ha="center", va="center", fontsize=8,
+                transform=ax.transAxes)
+        return fig
+    labels, baselines = list(dict.fromkeys(sig["label"])), list(dict.fromkeys(sig["baseline"]))
+    text, colour = _significance_cells(sig, labels, baselines)
+    level = f"{100 * (1 - float(sig['alpha'].iloc[0])):g}%"
+    header = ["experiment"] + [h for b in baselines for h in (f"vs {b}: Δ [{level} CI]", "p (Holm)")]
+    fig, ax = plt.subplots(figsize=(WIDTH, 0.3 + 0.2 * (len(labels) + 1)))
+    ax.axis("off")
+    share = 0.7 / len(baselines)
+    table = ax.table(cellText=text, cellColours=colour, colLabels=header, cellLoc="center", bbox=[0, 0, 1, 1],
+                     colWidths=[0.3] + [w for _ in baselines for w in (share * 0.72, share * 0.28)])
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    ax.set_title(f"Which rows differ: {sig['metric'].iloc[0]}, experiment − baseline, paired by seed")
+    caption = significance_method(sig) + " Shaded: significant after the correction (green: lower perplexity " \
+        "than the baseline, better; red: higher)."
+    ax.text(0, -0.02, textwrap.fill(caption, 115), va="top", fontsize=6.5, transform=ax.transAxes)
+    return fig

@@ -1,10 +1,12 @@
 """Statistics over a table of runs: means and 95% confidence intervals per experiment, the cosine
-term's paired effect, the JS early/late finding, and the split of runs by protocol.
+term's paired effect, the JS early/late finding, which rows differ from the baselines, and the
+split of runs by protocol.
 
 ``experiment_table`` gives mean and 95% confidence interval (Student t over seeds) per experiment
 and the change against the no-KD baseline; ``paired_differences`` measures an effect (the cosine
 term) seed by seed; ``js_early_late`` tests the original study's second finding (JS perplexity
-falls fast, then rises). ``protocol_groups`` splits runs by protocol: nothing here averages runs
+falls fast, then rises); ``significance`` says which experiments differ from ``kl`` and ``ce``
+(paired t-tests by seed, Holm-corrected). ``protocol_groups`` splits runs by protocol: nothing here averages runs
 of two protocols.
 """
 
@@ -15,6 +17,7 @@ import re
 from collections import Counter
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
 from .errors import KdlibError
@@ -126,3 +129,143 @@ def protocol_groups(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         slug = re.sub(r"^\.|[^A-Za-z0-9._-]+", "_", presets[pid]) + (f"-{pid[:6]}" if shared[presets[pid]] > 1 else "")
         groups.append((slug, runs[runs["protocol"] == pid].reset_index(drop=True)))
     return groups
+
+
+SIGNIFICANCE_COLUMNS = ["label", "baseline", "against", "metric", "pairs", "mean_diff", "ci_low", "ci_high", "t",
+                        "p", "p_holm", "holm_m", "alpha", "verdict", "note"]
+# the teacher-source suffix of a label (results.run_label): "kl [top-32 cache]", "kl [cache]"
+_CACHE_SUFFIX = re.compile(r" \[(?:top-\d+ )?cache\]$")
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's (1979) step-down adjustment of a family of p-values, in their given order.
+
+    Sorted ascending, the i-th smallest (i = 1..m) is multiplied by m - i + 1, a running maximum
+    keeps the adjusted values in the order of the raw ones, and each is capped at 1. Rejecting
+    where the adjusted value is below alpha bounds the chance of any false rejection in the family
+    by alpha, with no assumption on how the tests depend on each other (they share the baseline).
+    """
+    p = np.asarray(pvalues, dtype=float)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    stepped = np.maximum.accumulate(p[order] * (m - np.arange(m)))  # (m,) in ascending order of p
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted
+
+
+def paired_t(diff, alpha: float = 0.05) -> dict:
+    """The paired t-test on per-seed differences ``diff`` (at least 2, not all equal): their mean,
+    the Student-t (1 - alpha) interval of it, the t statistic and the two-sided p-value."""
+    from scipy import stats
+
+    d = np.asarray(diff, dtype=float)
+    n = len(d)
+    mean, se = d.mean(), d.std(ddof=1) / math.sqrt(n)
+    half = stats.t.ppf(1 - alpha / 2, n - 1) * se
+    t = mean / se
+    return {"mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half, "t": t,
+            "p": float(2 * stats.t.sf(abs(t), n - 1))}
+
+
+def _against(label: str, baseline: str, labels: list) -> Optional[str]:
+    """The row ``label`` is tested against for ``baseline``: the baseline trained from the same
+    teacher cache where the grid has it (a cached run's objective differs), else the baseline
+    itself; None for the baseline's own row, or when the grid has no run of it."""
+    suffix = _CACHE_SUFFIX.search(label)
+    same = baseline + suffix.group(0) if suffix else baseline
+    against = same if same in labels else baseline
+    return None if against not in labels or against == label else against
+
+
+def _compare(exp: pd.Series, base: pd.Series, metric: str, alpha: float) -> dict:
+    """One comparison of two {seed: metric} series named by their labels: the test, or why there is
+    none (its numbers NaN)."""
+    seeds = exp.index.intersection(base.index)
+    if exp.empty or base.empty:
+        note = f"{exp.name if exp.empty else base.name} has no {metric}"
+    elif len(seeds) == 0:
+        note = "no common seeds"
+    elif len(seeds) == 1:
+        note = "1 seed: no test possible"
+    else:
+        diff = exp.loc[seeds] - base.loc[seeds]
+        # equal differences on every seed give se = 0: t is undefined, not infinite
+        if diff.std(ddof=1) <= 1e-12 * max(1.0, diff.abs().max()):
+            note = "no variance across seeds"
+        else:
+            return {"pairs": len(seeds), **paired_t(diff, alpha), "note": ""}
+    nan = math.nan
+    return {"pairs": len(seeds), "mean_diff": nan, "ci_low": nan, "ci_high": nan, "t": nan, "p": nan,
+            "verdict": "not testable", "note": note}
+
+
+def significance(runs: pd.DataFrame, baselines=("kl", "ce"), metric: Optional[str] = None,
+                 alpha: float = 0.05) -> pd.DataFrame:
+    """Which experiments differ from each baseline: one row per (experiment label, baseline).
+
+    ``metric`` (default ``test_ppl``, or ``best_val_ppl`` when no run has a test score) of the
+    experiment minus the baseline's, paired by seed over the seeds both have; the mean difference,
+    its Student-t (1 - alpha) interval (95% by default; not corrected), t and the two-sided p-value
+    of the paired t-test. ``p_holm``: the p-value Holm-corrected over the family of one baseline's
+    comparisons across the grid (``holm_m`` tested rows against that baseline); ``verdict``:
+    ``lower`` / ``higher`` (``p_holm`` < ``alpha``, by the sign of the difference: the metric's
+    direction, so for perplexity ``lower`` is better), ``no difference``, or ``not testable`` with
+    the reason in ``note`` (1 seed, no common seeds, no variance across seeds, no score yet); its
+    numbers are NaN.
+
+    A row trained from the teacher's top-k cache is tested against the baseline from the same cache
+    where the grid has one (``against``), else against the online baseline; ``ce`` has no teacher,
+    so every row is tested against ``ce``. A baseline's own row, and a baseline with no run, give no
+    row. Two runs of one label and seed (two folders) count as their mean. Runs of several
+    protocols are refused, as ``experiment_table`` refuses them.
+    """
+    if runs.empty:
+        return pd.DataFrame(columns=SIGNIFICANCE_COLUMNS)
+    labels = list(experiment_table(runs).index)  # the table's row order; refuses several protocols
+    metric = metric or ("test_ppl" if runs["test_ppl"].notna().any() else "best_val_ppl")
+    if metric not in runs:
+        raise KdlibError(f"no column {metric!r} in the runs; use one of their score columns, e.g. 'test_ppl' "
+                         "or 'best_val_ppl'")
+    scores = {label: group.dropna(subset=[metric]).groupby("seed")[metric].mean().rename(label)
+              for label, group in runs.groupby("label", sort=False)}
+    rows = []
+    for baseline in baselines:
+        family = [{"label": label, "baseline": baseline, "against": against, "metric": metric,
+                   **_compare(scores[label], scores[against], metric, alpha)}
+                  for label in labels if (against := _against(label, baseline, labels)) is not None]
+        tested = [row for row in family if row["note"] == ""]
+        for row, p in zip(tested, holm([row["p"] for row in tested])):
+            row.update(p_holm=p, holm_m=len(tested),
+                       verdict=("lower" if row["mean_diff"] < 0 else "higher") if p < alpha else "no difference")
+        rows += family
+    # an experiment's comparisons together, experiments in the results table's order
+    rows.sort(key=lambda row: labels.index(row["label"]))
+    table = pd.DataFrame(rows, columns=SIGNIFICANCE_COLUMNS)
+    table["alpha"] = alpha
+    return table
+
+
+def significance_method(sig: pd.DataFrame) -> str:
+    """One sentence saying what ``significance`` tested, for a report: test, pairing, family, correction
+    and alpha, as the table ``sig`` records them."""
+    metric = sig["metric"].iloc[0] if len(sig) else "test_ppl"
+    alpha = float(sig["alpha"].iloc[0]) if len(sig) else 0.05
+    family = ", ".join(f"m = {int(m) if pd.notna(m) else 0} against {b}"
+                       for b, m in sig.groupby("baseline", sort=False)["holm_m"].max().items())
+    return (f"Paired t-test by seed of {metric} (the experiment's minus the baseline's, over the seeds both have); "
+            "p-values Holm-corrected over each baseline's family, its comparisons across the grid "
+            f"({family or 'none'}); alpha {alpha:g}; the {100 * (1 - alpha):g}% Student-t interval of the mean "
+            "difference is not corrected.")
+
+
+def why_untestable(sig: pd.DataFrame) -> str:
+    """Why no row of ``sig`` has a test, as a sentence (with one seed: how many seeds a test needs)."""
+    notes = Counter(sig["note"])
+    if not notes:
+        return "No comparison: the grid has no baseline run (kl, ce) besides the rows themselves."
+    if set(notes) == {"1 seed: no test possible"}:
+        return ("No test is possible with one seed: each experiment shares one seed with its baseline, and a paired "
+                "t-test needs at least 2 (3 or more for an interval of use: with 2, the t quantile is 12.7). Train "
+                "more seeds (python -m kdlib sweep --seeds 0 1 2) and report again.")
+    return "No comparison can be tested: " + "; ".join(f"{n} x {note}" for note, n in notes.items()) + "."

@@ -11,6 +11,7 @@ from kdlib import analysis, stats
 from kdlib.cli import main
 from kdlib.config import preset
 from kdlib.errors import KdlibError
+from kdlib.results import load_runs
 
 
 def test_unreadable_runs_are_skipped_with_the_reason_and_the_rest_reported(tmp_path):
@@ -125,3 +126,31 @@ def test_results_md_and_the_csvs_state_the_protocol(tmp_path):
         table = pd.read_csv(tmp_path / "out" / name)
         for col, value in protocol.items():
             assert list(table[col].unique()) == [value], (name, col)
+
+
+def test_results_md_marks_the_rows_that_differ_and_says_when_no_test_is_possible(tmp_path):
+    scores = {"ce": [200.0, 204.0, 199.0], "kl": [150.0, 151.0, 153.0], "kl-cos": [150.5, 150.0, 154.0]}
+    for exp, by_seed in scores.items():
+        for seed, test in enumerate(by_seed):
+            make_run(tmp_path / "runs", exp, seed, [300], test)
+    before = list(stats.experiment_table(load_runs(tmp_path / "runs")[0]).columns)
+    out = analysis.report(tmp_path / "runs", tmp_path / "out", log=lambda *_: None)
+    table = pd.read_csv(tmp_path / "out" / "results.csv", index_col=0)
+    assert list(table.columns) == before + ["vs_kl", "vs_ce"]  # results.csv keeps its columns, new ones at the end
+    # kl-cos - kl per seed: (0.5, -1, 1): no difference; both KD rows clearly below ce, ce above kl
+    assert table[["vs_kl", "vs_ce"]].to_dict("index") == {
+        "ce": {"vs_kl": "higher", "vs_ce": "-"}, "kl": {"vs_kl": "-", "vs_ce": "lower"},
+        "kl-cos": {"vs_kl": "no difference", "vs_ce": "lower"}}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## Which rows differ" in md and "Holm-corrected over each baseline's family" in md
+    assert "### Against `kl`" in md and "| kl-cos | kl | 3 | 0.1667 |" in md
+    written = pd.read_csv(tmp_path / "out" / "significance.csv")
+    assert len(written) == 4 and list(written["verdict"]) == list(out["groups"][0]["significance"]["verdict"])
+    assert {"significance.png", "significance.pdf"} <= {p.name for p in out["figures"]}
+
+    for exp in ("ce", "kl", "js"):  # one seed each, as the demo trains
+        make_run(tmp_path / "one", exp, 0, [300], 150.0)
+    sig = stats.significance(load_runs(tmp_path / "one")[0])
+    md = analysis.significance_section(sig)
+    assert "No test is possible with one seed" in md and "### Against" not in md
+    assert set(analysis.significance_marks(sig, ["ce", "kl", "js"]).stack()) == {"-"}

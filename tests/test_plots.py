@@ -1,6 +1,7 @@
 """kdlib.plots: the report's figures, their lines and what their axes say."""
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from results_helpers import make_run
 
@@ -46,4 +47,41 @@ def test_axes_say_which_split_and_protocol_they_plot(tmp_path):
     # Runs of two protocols on one axis: no protocol is claimed.
     mixed = pd.concat([runs, runs.assign(block_size=block * 2)])
     assert plots.eval_protocol(mixed, "test") == ""
+    matplotlib.pyplot.close("all")
+
+
+def test_the_significance_figure_shows_each_difference_its_interval_and_holm_p(tmp_path):
+    from scipy.stats import t as student_t
+    from scipy.stats import ttest_rel
+
+    ce, kl = np.array([200.0, 204.0, 199.0]), np.array([150.0, 151.0, 153.0])
+    for seed in range(3):
+        make_run(tmp_path, "ce", seed, [300], ce[seed])
+        make_run(tmp_path, "kl", seed, [300], kl[seed])
+    fig = plots.significance_table(stats.significance(results.load_runs(tmp_path)[0]))
+    cells = fig.axes[0].tables[0].get_celld()
+    text = {(r, c): cell.get_text().get_text() for (r, c), cell in cells.items()}
+    rows = {text[(r, 0)]: r for (r, c) in text if c == 0}
+    d = kl - ce  # kl vs ce; ce vs kl is its negative. Each family has one test: Holm leaves p as it is
+    half = student_t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    p = ttest_rel(kl, ce).pvalue
+    assert text[(rows["kl"], 3)] == f"{d.mean():+.3g} [{d.mean() - half:+.3g}, {d.mean() + half:+.3g}]"
+    assert text[(rows["ce"], 1)] == f"{-d.mean():+.3g} [{-d.mean() - half:+.3g}, {-d.mean() + half:+.3g}]"
+    assert text[(rows["kl"], 4)] == text[(rows["ce"], 2)] == f"{p:.2g}"
+    assert text[(rows["kl"], 1)] == text[(rows["ce"], 3)] == "baseline"
+    colour = {k: matplotlib.colors.to_hex(cell.get_facecolor()) for k, cell in cells.items()}
+    assert colour[(rows["kl"], 3)] == plots.SHADE["lower"] and colour[(rows["ce"], 1)] == plots.SHADE["higher"]
+    assert colour[(rows["kl"], 1)] == "#ffffff"
+    caption = " ".join(t.get_text() for t in fig.axes[0].texts).replace("\n", " ")
+    assert all(word in caption for word in ("Paired t-test", "Holm", "alpha 0.05", "m = 1 against kl"))
+    matplotlib.pyplot.close("all")
+
+
+def test_the_significance_figure_with_one_seed_says_no_test_is_possible(tmp_path):
+    for exp in ("ce", "kl", "js"):
+        make_run(tmp_path, exp, 0, [300], 150.0)
+    fig = plots.significance_table(stats.significance(results.load_runs(tmp_path)[0]))
+    assert len(fig.axes[0].tables) == 0
+    said = " ".join(t.get_text() for t in fig.axes[0].texts).replace("\n", " ")
+    assert "No test is possible with one seed" in said and "needs at least 2" in said
     matplotlib.pyplot.close("all")

@@ -3,11 +3,13 @@
 import math
 
 import matplotlib
+import numpy as np
 import pytest
 from results_helpers import make_run
 
 from kdlib import analysis, plots, results, stats
 from kdlib.config import preset
+from kdlib.errors import KdlibError
 
 
 T_975_2DF = 4.302652729911275  # Student t quantile, 2 degrees of freedom
@@ -108,3 +110,114 @@ def test_a_cached_kl_run_is_its_own_row_never_averaged_with_online_kl(tmp_path):
     assert len(out["groups"]) == 1  # the teacher source is a row of the table, not a protocol
     md = (tmp_path / "out" / "results.md").read_text()
     assert f"| kl [top-{k} cache] | 1 |" in md and f"top-{k} cache (2 runs)" in md
+
+
+def _grid(root, scores: dict, cache=()):
+    """Run folders with test perplexity ``scores[exp][seed]``; ``cache``: the experiments trained from the cache."""
+    for exp, by_seed in scores.items():
+        for seed, test in enumerate(by_seed):
+            make_run(root, exp.split("@")[0], seed, [300], test, cache=exp.endswith("@cache"))
+    return results.load_runs(root)[0]
+
+
+def test_significance_is_the_paired_t_test_by_seed_with_its_interval(tmp_path):
+    from scipy.stats import t as student_t
+    from scipy.stats import ttest_rel
+
+    scores = {"ce": [200.0, 204.0, 199.0, 207.0], "kl": [150.0, 151.0, 153.0, 149.0],
+              "js": [170.0, 171.5, 173.0, 172.0], "kl-cos": [150.5, 150.0, 154.0, 149.5]}
+    sig = stats.significance(_grid(tmp_path, scores))
+    assert set(zip(sig["label"], sig["baseline"])) == {
+        ("ce", "kl"), ("js", "kl"), ("kl-cos", "kl"), ("kl", "ce"), ("js", "ce"), ("kl-cos", "ce")}
+    for _, row in sig.iterrows():
+        exp, base = np.array(scores[row["label"]]), np.array(scores[row["baseline"]])
+        ref = ttest_rel(exp, base)
+        assert (row["t"], row["p"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue))
+        d = exp - base
+        half = student_t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        assert (row["mean_diff"], row["ci_low"], row["ci_high"]) == pytest.approx((d.mean(), d.mean() - half,
+                                                                                   d.mean() + half))
+        assert row["pairs"] == 4 and row["metric"] == "test_ppl" and row["note"] == ""
+    # kl-cos vs kl: differences (0.5, -1, 1, 0.5), far from significant; every row vs ce is lower
+    verdicts = dict(zip(zip(sig["label"], sig["baseline"]), sig["verdict"]))
+    assert verdicts[("kl-cos", "kl")] == "no difference" and verdicts[("js", "kl")] == "higher"
+    assert {verdicts[(e, "ce")] for e in ("kl", "js", "kl-cos")} == {"lower"}
+
+
+def test_holm_against_a_hand_worked_example():
+    # sorted: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, running max -> 0.06
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # the cap at 1: 0.4 x 3 = 1.2 -> 1, and the running max carries it to the larger p-values
+    assert stats.holm([0.4, 0.5, 0.9]) == pytest.approx([1.0, 1.0, 1.0])
+    assert stats.holm([0.02]) == pytest.approx([0.02])
+
+
+def test_significance_corrects_over_each_baselines_family(tmp_path):
+    from scipy.stats import ttest_rel
+
+    scores = {"ce": [200.0, 203.0, 201.0], "kl": [150.0, 152.0, 151.5], "js": [180.0, 182.5, 181.0],
+              "rkl": [151.0, 153.25, 152.15], "kl-cos": [150.5, 152.5, 151.0]}
+    sig = stats.significance(_grid(tmp_path, scores))
+    # rkl vs kl: p = 0.031 alone, but second largest of four: 0.031 x 2 > 0.05, no difference after Holm
+    rkl = sig[(sig["label"] == "rkl") & (sig["baseline"] == "kl")].iloc[0]
+    assert rkl["p"] < 0.05 < rkl["p_holm"] and rkl["verdict"] == "no difference"
+    for baseline in ("kl", "ce"):
+        family = sig[sig["baseline"] == baseline]
+        raw = [ttest_rel(scores[e], scores[baseline]).pvalue for e in family["label"]]
+        m, order = len(raw), np.argsort(raw)
+        expected, running = [0.0] * m, 0.0
+        for i, k in enumerate(order):  # Holm's step-down, written out
+            running = max(running, min(1.0, raw[k] * (m - i)))
+            expected[k] = running
+        assert list(family["p_holm"]) == pytest.approx(expected) and set(family["holm_m"]) == {4}
+        for _, row in family.iterrows():
+            word = ("lower" if row["mean_diff"] < 0 else "higher") if row["p_holm"] < 0.05 else "no difference"
+            assert row["verdict"] == word
+
+
+def test_with_one_seed_nothing_is_testable_and_no_number_is_printed(tmp_path):
+    sig = stats.significance(_grid(tmp_path, {"ce": [200.0], "kl": [150.0], "js": [170.0]}))
+    assert len(sig) == 4 and set(sig["verdict"]) == {"not testable"}
+    assert set(sig["note"]) == {"1 seed: no test possible"}
+    assert sig[["mean_diff", "ci_low", "ci_high", "t", "p", "p_holm"]].isna().all().all()
+
+
+def test_untestable_pairs_say_why(tmp_path):
+    # js's difference to kl is 20 on both seeds; kl-cos shares no seed with kl; js-cos has no test score
+    _grid(tmp_path, {"ce": [200.0, 210.0], "kl": [150.0, 160.0], "js": [170.0, 180.0]})
+    for seed, test in ((2, 150.0), (3, 151.0)):
+        make_run(tmp_path, "kl-cos", seed, [300], test)
+    make_run(tmp_path, "js-cos", 0, [300], None, finished=False)
+    sig = stats.significance(results.load_runs(tmp_path)[0]).set_index(["label", "baseline"])
+    assert sig.loc[("js", "kl"), "note"] == "no variance across seeds"
+    assert sig.loc[("kl-cos", "kl"), "note"] == "no common seeds"
+    assert sig.loc[("js-cos", "ce"), "note"] == "js-cos has no test_ppl"
+    assert set(sig.loc[sig["note"] != "", "verdict"]) == {"not testable"}
+    assert sig.loc[sig["note"] != "", ["mean_diff", "t", "p", "p_holm"]].isna().all().all()
+
+
+def test_a_cached_run_is_tested_against_the_baseline_from_the_same_cache(tmp_path):
+    k = preset("smoke").cache.top_k
+    scores = {"ce": [200.0, 203.0, 201.0], "kl": [150.0, 152.0, 151.5], "kl@cache": [160.0, 161.0, 163.0],
+              "js@cache": [170.0, 172.5, 171.0]}
+    sig = stats.significance(_grid(tmp_path, scores))
+    against = dict(zip(zip(sig["label"], sig["baseline"]), sig["against"]))
+    cached_kl, cached_js = f"kl [top-{k} cache]", f"js [top-{k} cache]"
+    assert against[(cached_js, "kl")] == cached_kl and (cached_kl, "kl") not in against  # its own baseline
+    assert against[(cached_js, "ce")] == "ce" and against[(cached_kl, "ce")] == "ce"
+    row = sig[(sig["label"] == cached_js) & (sig["baseline"] == "kl")].iloc[0]
+    d = np.array(scores["js@cache"]) - np.array(scores["kl@cache"])
+    assert row["mean_diff"] == pytest.approx(d.mean())
+    # without a cached kl, the cached js is tested against online kl
+    alone = stats.significance(_grid(tmp_path / "b", {"kl": [150.0, 152.0], "js@cache": [170.0, 172.5]}))
+    assert list(zip(alone["label"], alone["against"])) == [(cached_js, "kl")]
+
+
+def test_significance_refuses_runs_of_two_protocols_and_unknown_metrics(tmp_path):
+    make_run(tmp_path, "kl", 0, [300], 150.0)
+    make_run(tmp_path, "ce", 0, [300], 200.0, preset_name="demo")
+    runs = results.load_runs(tmp_path)[0]
+    with pytest.raises(KdlibError, match="protocols"):
+        stats.significance(runs)
+    with pytest.raises(KdlibError, match="no column 'bleu'"):
+        stats.significance(runs[runs["exp"] == "kl"], metric="bleu")

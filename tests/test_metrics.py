@@ -285,11 +285,18 @@ def test_test_metrics_refuse_buckets_that_do_not_cover_the_ids(models, zipf_data
         measure(student, test, 16, 0, teacher=teacher)
     with pytest.raises(KdlibError, match="embeddings for"):
         measure(student, np.array([1, 2, V]), 16, 8)
-    with pytest.raises(KdlibError, match="longer than the model's context"):  # the teacher's context too
-        from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-        short = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=8, n_embd=8, n_layer=1, n_head=1))
+    short = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=8, n_embd=8, n_layer=1, n_head=1, bos_token_id=0,
+                                       eos_token_id=0))
+    with pytest.raises(KdlibError, match="longer than the model's context"):  # the teacher's context too
         measure(student, test, 16, 8, teacher=short)
+    wider = GPT2LMHeadModel(GPT2Config(vocab_size=V + 10, n_positions=32, n_embd=8, n_layer=1, n_head=1,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    student.train()
+    with pytest.raises(KdlibError, match="teacher scores 50 token ids but the student 40"):
+        measure(student, test, 16, 8, teacher=wider)
+    assert student.training and not wider.training  # the refusal leaves the modes as they were
 
 
 # --------------------------------------------------------------------------

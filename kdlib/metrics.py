@@ -178,6 +178,10 @@ def test_metrics(student: nn.Module, ids, block_size: int, stride: Optional[int]
             top = sums[0].add(log_p, targets, buckets)
             if teacher is not None:
                 log_q = F.log_softmax(teacher(x).logits[:, :-1][keep].float(), dim=-1)  # [n, V]
+                if log_q.shape != log_p.shape:
+                    raise KdlibError(f"the teacher scores {log_q.shape[1]} token ids but the student "
+                                     f"{log_p.shape[1]}: fidelity compares their distributions token by "
+                                     "token; give a teacher with the student's vocabulary")
                 sums[1].add(log_q, targets, buckets)
                 sums[0].agree += (top == log_q.argmax(dim=1)).sum()
                 q = log_q.exp()

@@ -1,10 +1,11 @@
 """kdlib.results: a results folder -> one row per run and its curve; the original study's runs."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
-from results_helpers import make_run
+from results_helpers import make_run, metrics_summary
 
 from kdlib import analysis, results, stats
 
@@ -63,3 +64,77 @@ def test_the_nested_layout_runs_preset_run_is_read(tmp_path):
     assert dict(skipped).keys() == {"smoke/notes", "empty"}
     out = analysis.report(tmp_path, tmp_path / "out", log=lambda *_: None)
     assert set(out["table"].index) == {"ce", "kl", "js"} and (tmp_path / "out" / "results.md").is_file()
+
+
+# --------------------------------------------------------------------------
+# the test metrics' columns (summary["test_metrics"], kdlib.scoring)
+
+
+def test_a_summarys_test_metrics_become_the_runs_metric_columns(tmp_path):
+    make_run(tmp_path, "kl", 0, [300, 150], 160.0, test_metrics=metrics_summary(
+        agreement=0.62, kl_teacher=0.31, ece=0.04, bucket_ppl=[11.0, 22.0, None, 88.0, 176.0], teacher_ppl=33.0))
+    make_run(tmp_path, "ce", 0, [300, 200], 210.0)  # from before test metrics: no columns, no skipped line
+    runs, _, skipped = results.load_runs(tmp_path)
+    assert skipped == []
+    kl, ce = (runs.set_index("exp").loc[e] for e in ("kl", "ce"))
+    assert (kl["agreement"], kl["kl_teacher"], kl["ece"], kl["test_ppl"]) == (0.62, 0.31, 0.04, 160.0)
+    assert [kl[f"ppl_bucket{k}"] for k in (1, 2, 4, 5)] == [11.0, 22.0, 88.0, 176.0]
+    assert math.isnan(kl["ppl_bucket3"])  # a bucket with no scored token
+    assert (kl["teacher_test_ppl"], kl["teacher_ece"]) == (33.0, 0.02)
+    assert [kl[f"teacher_ppl_bucket{k}"] for k in (1, 2, 4, 5)] == [5.5, 11.0, 44.0, 88.0]
+    assert list(results.METRIC_COLUMNS) == ["agreement", "kl_teacher", "ece"] + [f"ppl_bucket{k}" for k in range(1, 6)]
+    assert all(math.isnan(ce[c]) for c in results.METRIC_COLUMNS + results.TEACHER_COLUMNS)
+    assert ce["test_ppl"] == 210.0
+    assert all(runs[c].dtype == float for c in results.METRIC_COLUMNS + results.TEACHER_COLUMNS)
+    # The figures' reliability bins and bucket boundaries: only the run that has them.
+    got = results.read_test_metrics(tmp_path, runs)
+    assert list(got) == ["kl-seed0"] and got["kl-seed0"]["student"]["reliability"]["count"][4] == 100
+
+
+def _broken(path, value):
+    """metrics_summary() with the field at ``path`` (keys) set to ``value``."""
+    m = metrics_summary()
+    part = m
+    for key in path[:-1]:
+        part = part[key]
+    part[path[-1]] = value
+    return m
+
+
+@pytest.mark.parametrize("test_metrics, why", [
+    ("agreement 0.5", "it is str, not an object"),
+    ({"student": metrics_summary()["student"]}, "its teacher is None, not an object"),
+    (_broken(("student", "bucket_ppl"), [10.0, 20.0, 40.0]),
+     "student.bucket_ppl is [10.0, 20.0, 40.0], not a list of 5"),
+    (_broken(("teacher", "bucket_ppl"), [1.0, 2.0, 3.0, 4.0, "5"]), "teacher.bucket_ppl is '5', not a number"),
+    (_broken(("student", "agreement"), float("nan")), "student.agreement is nan, not a finite number"),
+    (_broken(("student", "kl_teacher"), "0.3"), "student.kl_teacher is '0.3', not a number"),
+    (_broken(("teacher", "ece"), True), "teacher.ece is True, not a number"),
+    (_broken(("student", "reliability", "count"), [1.5] * 15), "student.reliability.count is 1.5, not a whole number"),
+])
+def test_malformed_test_metrics_leave_the_run_reported_without_them(tmp_path, test_metrics, why):
+    make_run(tmp_path, "kl", 0, [300, 150], 160.0, test_metrics=test_metrics)
+    runs, curves, skipped = results.load_runs(tmp_path)
+    assert list(runs["run"]) == ["kl-seed0"] and runs.loc[0, "test_ppl"] == 160.0 and list(curves) == ["kl-seed0"]
+    assert all(math.isnan(runs.loc[0, c]) for c in results.METRIC_COLUMNS + results.TEACHER_COLUMNS)
+    assert skipped == [("kl-seed0", f"unreadable test_metrics in summary.json ({why}); reported without them")]
+    assert results.read_test_metrics(tmp_path, runs) == {}
+
+
+def test_experiment_table_averages_the_metrics_over_seeds_with_their_intervals(tmp_path):
+    for seed, (agreement, kl, ece) in enumerate([(0.60, 0.30, 0.05), (0.70, 0.20, 0.02)]):
+        make_run(tmp_path, "kl", seed, [300, 150], 160.0 + seed, test_metrics=metrics_summary(
+            agreement=agreement, kl_teacher=kl, ece=ece, bucket_ppl=[10.0 + seed, 20.0, 40.0, 80.0, 160.0 + 2 * seed]))
+    make_run(tmp_path, "ce", 0, [300, 200], 210.0, test_metrics=metrics_summary(agreement=0.4))
+    runs, _, skipped = results.load_runs(tmp_path)
+    assert skipped == []
+    table = stats.experiment_table(runs)
+    kl = table.loc["kl"]
+    t = 12.706204736174707  # Student's t, 97.5th percentile, 1 degree of freedom
+    for col, (a, b) in (("agreement", (0.60, 0.70)), ("kl_teacher", (0.30, 0.20)), ("ece", (0.05, 0.02))):
+        sd = abs(a - b) / math.sqrt(2)  # the sample standard deviation of two values
+        assert kl[col] == pytest.approx((a + b) / 2, rel=1e-12)
+        assert kl[f"{col}_ci95"] == pytest.approx(t * sd / math.sqrt(2), rel=1e-9)
+    assert [kl[f"ppl_bucket{k}"] for k in range(1, 6)] == pytest.approx([10.5, 20.0, 40.0, 80.0, 161.0])
+    assert kl["teacher_test_ppl"] == 30.0 and kl["teacher_ppl_bucket5"] == pytest.approx(80.5)
+    assert table.loc["ce", "agreement"] == 0.4 and math.isnan(table.loc["ce", "agreement_ci95"])  # one seed

@@ -45,7 +45,7 @@ def frequency_buckets(train_ids, vocab_size: int, n_buckets: int = FREQUENCY_BUC
     (0-based), "types", "min_count", "max_count", "train_share"}`` (per bucket; a bucket with no type
     has counts None), the boundaries a report states.
     """
-    if not isinstance(n_buckets, int) or n_buckets < 1:
+    if not isinstance(n_buckets, int) or isinstance(n_buckets, bool) or n_buckets < 1:
         raise KdlibError(f"n_buckets must be a whole number >= 1, got {n_buckets!r}")
     ids = np.asarray(train_ids)
     if ids.size == 0:
@@ -145,11 +145,13 @@ def _ppl(total_nll: float, n: float) -> float:
 
 @torch.no_grad()
 def test_metrics(student: nn.Module, ids, block_size: int, stride: Optional[int] = None, *,
-                 teacher: Optional[nn.Module] = None, bucket_of=None, batch_size: int = 8) -> dict:
+                 teacher: Optional[nn.Module] = None, bucket_of=None, n_buckets: Optional[int] = None,
+                 batch_size: int = 8) -> dict:
     """The student's (and the teacher's) metrics on ``ids`` under the sliding-window protocol.
 
     ``bucket_of``: each token id's frequency bucket (``frequency_buckets(...)["bucket_of"]``;
-    None: one bucket). Returns ``{"student": {...}, "teacher": {...} or None}``, each with ``ppl``,
+    None: one bucket), of ``n_buckets`` (default: the highest in ``bucket_of``, + 1; give it, so
+    that a last bucket with no type still has its entry). Returns ``{"student": {...}, "teacher": {...} or None}``, each with ``ppl``,
     ``ece``, ``tokens``, ``bucket_ppl``, ``bucket_tokens`` and ``reliability``; the student's also
     ``agreement`` and ``kl_teacher`` when a teacher is given. The teacher runs on the student's
     device, in its own dtype; its logits are scored in float32 like the student's.
@@ -163,8 +165,12 @@ def test_metrics(student: nn.Module, ids, block_size: int, stride: Optional[int]
     if len(bucket_of) <= int(ids.max()):
         raise KdlibError(f"bucket_of covers ids 0..{len(bucket_of) - 1}, but the ids to score reach "
                          f"{int(ids.max())}: build the buckets with the model's vocabulary size")
+    highest = int(bucket_of.max())
+    n_buckets = highest + 1 if n_buckets is None else n_buckets
+    if highest >= n_buckets or int(bucket_of.min()) < 0:
+        raise KdlibError(f"bucket_of holds buckets {int(bucket_of.min())}..{highest}, not 0..{n_buckets - 1}: "
+                         "give the n_buckets it was built with (frequency_buckets)")
     bucket_of = bucket_of.to(device)
-    n_buckets = int(bucket_of.max()) + 1
     models = [m for m in (student, teacher) if m is not None]
     modes = [m.training for m in models]
     sums = [_Sums(n_buckets, device) for _ in models]

@@ -40,7 +40,7 @@ def run_metrics(cfg: ExperimentConfig, student: nn.Module, splits: dict, teacher
     block, stride = cfg.data.block_size, cfg.data.block_size // 2
     test = splits["test"]
     scores = test_metrics(student, test.tokens(), block, stride, teacher=teacher, bucket_of=buckets["bucket_of"],
-                          batch_size=cfg.train.eval_batch_size)
+                          n_buckets=FREQUENCY_BUCKETS, batch_size=cfg.train.eval_batch_size)
     dtype = str(next(teacher.parameters()).dtype).replace("torch.", "")
     key = {"teacher": asdict(cfg.teacher), "dtype": dtype, "split": test.manifest["split"],
            "data_sha256": test.manifest["sha256"], "train_sha256": splits["train"].manifest["sha256"],

@@ -343,3 +343,21 @@ def test_a_runs_summary_has_test_metrics_matching_its_test_perplexities(two_runs
     assert ce["test_metrics"]["teacher"] == {**kl["test_metrics"]["teacher"], "mark": "stored by the kl run"}
     assert ce["test_metrics"]["buckets"] == kl["test_metrics"]["buckets"]
     assert ce["test_metrics"]["student"]["tokens"] == kl["test_metrics"]["student"]["tokens"]
+
+
+def test_a_last_bucket_without_a_type_keeps_its_entry_and_true_is_not_a_bucket_count():
+    """Four equally frequent types in five buckets: bucket 5 has no type, and its entry is None, not
+    missing (a summary's bucket list always has FREQUENCY_BUCKETS entries)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    buckets = frequency_buckets(np.arange(400) % 4, 4)
+    assert buckets["types"] == [1, 1, 1, 1, 0]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=4, n_positions=16, n_embd=8, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    got = measure(model, np.arange(40) % 4, 8, 4, bucket_of=buckets["bucket_of"], n_buckets=5)["student"]
+    assert len(got["bucket_ppl"]) == 5 and got["bucket_ppl"][4] is None and got["bucket_tokens"][4] == 0
+    with pytest.raises(KdlibError, match="n_buckets it was built with"):
+        measure(model, np.arange(40) % 4, 8, 4, bucket_of=buckets["bucket_of"], n_buckets=2)
+    with pytest.raises(KdlibError, match="n_buckets must be a whole number"):
+        frequency_buckets(np.arange(10) % 4, 4, n_buckets=True)

@@ -21,6 +21,8 @@
 #   plan        `kdlib plan` measured on this GPU for colab-a100 (3 seeds), colab-t4 (1 seed)
 #               and study: the sweeps' hours from kdlib's own step here, next to the estimates
 #   precision   benchmarks/teacher_precision.py on the GPU: fp16 / bf16 teacher vs fp32
+#   metrics     benchmarks/metrics_cost.py at the study's shapes: the test-metrics pass against the
+#               student's and the teacher's perplexity passes (docs/protocol.md)
 set -uo pipefail
 out="${OUT:-bench-gpu}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -60,8 +62,10 @@ for s in "${stages[@]}"; do
             done ;;
         precision)
             stage precision 300 "$py" benchmarks/teacher_precision.py --out "$out/precision" ;;
+        metrics)
+            stage metrics 120 "$py" benchmarks/metrics_cost.py --shapes study --windows 512 --out "$out/metrics.json" ;;
         *)
-            echo "unknown stage $s; stages: checks plan divergence train reference compile precision" >&2
+            echo "unknown stage $s; stages: checks plan divergence train reference compile precision metrics" >&2
             exit 2 ;;
     esac
 done

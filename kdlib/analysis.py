@@ -2,8 +2,10 @@
 
 ``report`` reads the runs (``kdlib.results``), splits them by protocol and computes the tables
 (``kdlib.stats``), then writes per protocol group ``results.csv``/``results.md`` (the .md opens
-with the protocol statement and ends with which rows differ from ``kl`` and ``ce``), ``runs.csv``,
-``cosine_effect.csv``, ``js_early_late.csv``, ``significance.csv`` and the figures (``kdlib.plots``).
+with the protocol statement, then its table, the test metrics beside perplexity: fidelity,
+calibration, frequency buckets (``metrics_section``), and ends with which rows differ from ``kl``
+and ``ce`` (``significance_section``)), ``runs.csv``, ``cosine_effect.csv``, ``js_early_late.csv``,
+``significance.csv`` and the figures (``kdlib.plots``).
 """
 
 from __future__ import annotations
@@ -192,8 +194,8 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
     table = experiment_table(runs)
     table = table.join(significance_marks(sig, table.index))  # new columns at the end: results.csv keeps its own
     statement = protocol_statement(runs)
-    files = list(write_tables(table, folder, "results", header=statement,
-                              footer=metrics_section(table, runs, metrics) + "\n" + significance_section(sig)))
+    sections = metrics_section(table, runs, metrics) + "\n" + significance_section(sig)
+    files = list(write_tables(table, folder, "results", header=statement, footer=sections))
     files.append(folder / "significance.csv")
     atomic_write_text(files[-1], sig.to_csv(index=False, float_format="%.6g"))
     files.append(folder / "runs.csv")
@@ -224,7 +226,7 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
     if ref is not None:
         figures += plots.save(plots.with_reference(runs, curves, *ref), folder, "curves_with_study")
     return {"name": name, "folder": folder, "statement": statement, "table": table, "runs": runs,
-            "significance": sig, "figures": figures, "files": files}
+            "significance": sig, "sections": sections, "figures": figures, "files": files}
 
 
 def _index_md(groups: list, results_dir) -> str:
@@ -255,14 +257,14 @@ def report(results_dir, out_dir, reference: bool = False, log: Callable[[str], N
 
     Runs are grouped by protocol (``protocol_groups``); runs of two protocols are never averaged
     together. Per group: ``results.csv``/``results.md`` (per experiment, marked ``vs_kl``/``vs_ce``;
-    the .md opens with the protocol and ends with which rows differ), ``runs.csv`` (per run),
+    the .md opens with the protocol, then the test metrics' section, and ends with which rows differ), ``runs.csv`` (per run),
     ``cosine_effect.csv``, ``js_early_late.csv``, ``significance.csv`` and the figures (PNG + PDF).
     With one group they go into ``out_dir``; with several, into ``out_dir/<preset>`` (plus a hash
     when two share a preset), and ``out_dir/results.md`` lists the groups. The original study's
     files go into ``out_dir``.
 
-    Returns {'groups': [{'name', 'folder', 'statement', 'table', 'runs', 'significance', 'figures',
-    'files'}, ...],
+    Returns {'groups': [{'name', 'folder', 'statement', 'table', 'runs', 'significance', 'sections'
+    (results.md's Markdown after its table), 'figures', 'files'}, ...],
     'table' (the one group's; empty with several), 'runs' (all), 'figures' (all), 'files' (all),
     'skipped'}.
     """

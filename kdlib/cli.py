@@ -193,8 +193,9 @@ def _add_result_commands(sub, shared: dict) -> None:
 
     p = _command(sub, "report", "tables and figures from a results folder",
                  "Read every run in a results folder (finished or not), write the per-experiment table (mean and "
-                 "95% CI over seeds, change against no KD) as CSV and Markdown, per-run and effect tables, and the "
-                 "figures (PNG and PDF). Runs it cannot read are listed with the reason and skipped.")
+                 "95% CI over seeds, change against no KD; fidelity to the teacher, calibration, perplexity by "
+                 "frequency bucket; which rows differ from kl and ce, Holm-corrected) as CSV and Markdown, per-run "
+                 "and effect tables, and the figures (PNG and PDF). Runs it cannot read are listed with the reason and skipped.")
     p.add_argument("runs", nargs="?", default="runs", help="results folder (default: runs)")
     p.add_argument("--figures", default="figures", help="output folder (default: figures)")
     p.add_argument("--reference", action="store_true",

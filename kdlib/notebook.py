@@ -298,8 +298,9 @@ def show_val_ppl(run_dir: PathLike) -> None:
 
 
 def show_report(result: dict) -> None:
-    """Display what ``kdlib.analysis.report`` returned: per protocol group, its protocol, its table
-    and its PNG figures; then the original study's figures and the files written.
+    """Display what ``kdlib.analysis.report`` returned: per protocol group, its protocol, its table,
+    its sections on the test metrics and on which rows differ, and its PNG figures; then the
+    original study's figures and the files written.
 
     (``report`` itself prints the runs it skipped, with the reason.)
     """
@@ -319,6 +320,8 @@ def show_report(result: dict) -> None:
             print("no runs of ours in the table")
         else:
             display(table)
+        if group.get("sections"):  # the test metrics and which rows differ, as results.md has them
+            display(Markdown(group["sections"]))
         shown |= _show_pngs(group.get("figures", []), display, Image)
     _show_pngs([p for p in result.get("figures", []) if str(p) not in shown], display, Image)
     files = [str(p) for p in result.get("files", [])] + [str(p) for p in result.get("figures", [])]

@@ -283,9 +283,12 @@ def analysis():
 Reads every run folder in the results folder (runs it cannot read yet are listed with the reason) and \
 writes the report to the figures folder: per experiment the best and final validation and the test \
 perplexity with their mean and 95% confidence interval over seeds and the change against the no-KD \
-baseline (`results.csv`, `results.md`), one row per run (`runs.csv`), the cosine term's effect paired \
-by seed, JS's early best and later rise, and the figures as PNG and PDF; then shows the table and the \
-figures here and lists what was written where. `reference` adds the original study's table and curves \
+baseline (`results.csv`, `results.md`), the students' fidelity to the teacher (top-1 agreement, KL), \
+their calibration (ECE, reliability diagram) and their perplexity by token-frequency bucket, which rows \
+differ from `kl` and `ce` (paired by seed, Holm-corrected), one row per run (`runs.csv`), the cosine \
+term's effect paired by seed, JS's early best and later rise, and the figures as PNG and PDF; then shows \
+the tables and the figures here, lists what was written where, and ends with a few prompts continued by \
+the teacher, `ce`, `kl` and the best run. `reference` adds the original study's table and curves \
 (shipped with kdlib) beside these runs.""")),
         install_cell("kdlib.analysis, kdlib.colab, kdlib.notebook"),
         params_cell(RESULTS_PARAM,

@@ -140,6 +140,9 @@ def test_notebooks_run_in_order_on_the_smoke_preset(tmp_path, monkeypatch):
     assert all(p.with_suffix(".pdf").is_file() for p in pngs)
     assert outputs(nb, "text/html"), "the table was not shown"
     assert "kl" in outputs(nb, "text/html")[0]["data"]["text/html"]
+    sections = "".join(o["data"]["text/markdown"] for o in outputs(nb, "text/markdown"))
+    assert "Fidelity, calibration" in sections and "Which rows differ" in sections
+    assert {"fidelity_vs_ppl.png", "reliability.png", "significance.png"} <= {p.name for p in pngs}
     samples = next(c for c in nb.cells if "samples_table" in c.source)
     shown_samples = "".join(o["data"]["text/html"] for o in samples.outputs if "text/html" in o.get("data", {}))
     assert "kdlib-samples" in shown_samples and "The function returns" in shown_samples

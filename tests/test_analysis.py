@@ -154,3 +154,50 @@ def test_results_md_marks_the_rows_that_differ_and_says_when_no_test_is_possible
     md = analysis.significance_section(sig)
     assert "No test is possible with one seed" in md and "### Against" not in md
     assert set(analysis.significance_marks(sig, ["ce", "kl", "js"]).stack()) == {"-"}
+
+
+def test_a_smoke_sweep_reports_fidelity_calibration_buckets_and_which_rows_differ(smoke_data, tmp_path, capsys):
+    """The issue's end-to-end check: ce, kl and a feature experiment over two seeds, trained, then one
+    run's metrics removed (a run from before them) and put back by `eval --metrics`, then the report:
+    the metric columns, the teacher's row, the significance marks and the four figures."""
+    import shutil
+
+    from helpers import run
+
+    data, runs = shutil.copytree(smoke_data[0], tmp_path / "data"), tmp_path / "runs" / "smoke"
+    for exp in ("ce", "kl", "layerwise-kl"):
+        for seed in (0, 1):
+            cfg = preset("smoke", exp)
+            cfg.seed, cfg.train.max_steps = seed, 3
+            run(cfg.validate(), runs / f"{exp}-seed{seed}", data)
+    old = runs / "kl-seed1" / "summary.json"
+    measured = json.loads(old.read_text())
+    old.write_text(json.dumps({k: v for k, v in measured.items() if k != "test_metrics"}))
+
+    out = analysis.report(tmp_path / "runs", tmp_path / "before", log=lambda _: None)
+    assert "No test metrics in 1 finished run (smoke/kl-seed1)" in (tmp_path / "before" / "results.md").read_text()
+    assert math.isnan(out["runs"].set_index("run").loc["smoke/kl-seed1", "agreement"])
+
+    assert main(["eval", str(runs / "kl-seed1"), "--metrics", "--data-dir", str(data)]) == 0
+    assert "top-1 agreement with the teacher" in capsys.readouterr().out
+    again = json.loads(old.read_text())["test_metrics"]
+    assert again["student"]["agreement"] == pytest.approx(measured["test_metrics"]["student"]["agreement"])
+    assert again["student"]["bucket_ppl"] == pytest.approx(measured["test_metrics"]["student"]["bucket_ppl"])
+
+    figures = tmp_path / "report"
+    out = analysis.report(tmp_path / "runs", figures, log=lambda _: None)
+    table = pd.read_csv(figures / "results.csv", index_col="exp")
+    for col in ("agreement", "agreement_ci95", "kl_teacher", "ece", *(f"ppl_bucket{k}" for k in range(1, 6)),
+                "teacher_ece", "vs_kl", "vs_ce"):
+        assert col in table, col
+    assert table[["agreement", "kl_teacher", "ece", "ppl_bucket1"]].notna().all().all()
+    assert set(table["vs_ce"].dropna()) <= {"lower", "higher", "no difference", "-"}
+    assert table.loc["ce", "vs_ce"] == "-" and table.loc["kl", "vs_kl"] == "-"
+    sig = pd.read_csv(figures / "significance.csv")
+    assert set(sig["pairs"]) == {2} and sig["p_holm"].notna().all()
+    md = (figures / "results.md").read_text()
+    assert "| teacher | 1 | - | 0 |" in md and "bucket 5:" in md and "### Against `kl`" in md
+    assert "No test metrics in" not in md
+    for name in ("fidelity_vs_ppl", "reliability", "bucket_change", "significance"):
+        assert (figures / f"{name}.png").stat().st_size > 0 and (figures / f"{name}.pdf").stat().st_size > 0
+    assert out["groups"][0]["sections"].startswith("## Fidelity, calibration")

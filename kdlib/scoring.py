@@ -19,6 +19,7 @@ from typing import Optional
 from torch import nn
 
 from .config import ExperimentConfig
+from .errors import KdlibError
 from .fileio import atomic_write_json, read_json
 from .metrics import ECE_BINS, FREQUENCY_BUCKETS, frequency_buckets, test_metrics
 from .models import load_teacher, resolve_teacher_dtype
@@ -56,9 +57,28 @@ def _teacher_scores(split, key: dict, measured: dict) -> dict:
     """The teacher's numbers for ``key`` as first stored in the data folder (``measured`` is stored
     when there are none yet)."""
     path = split.path.parent / "teacher_metrics.json"
-    entries = read_json(path, "teacher metrics file").get("entries", []) if path.is_file() else []
-    for entry in entries:
-        if entry.get("key") == key:
-            return entry["metrics"]
+    try:
+        entries = read_json(path, "teacher metrics file")["entries"] if path.is_file() else []
+        stored = [e["metrics"] for e in entries if e["key"] == key]
+        if stored and _like(stored[0], measured):
+            return stored[0]
+        if stored:
+            raise ValueError("not the teacher's numbers")
+    except (KdlibError, KeyError, TypeError, ValueError):
+        # Not what kdlib writes (edited, cut short, another tool's): a derived file, written afresh
+        # from this run's measurement rather than ending the run on it.
+        entries = []
     atomic_write_json(path, {"entries": entries + [{"key": key, "metrics": measured}]})
     return measured
+
+
+def _like(stored, measured) -> bool:
+    """``stored`` has ``measured``'s structure: the same keys, lists of the same lengths, a number or
+    None where it has a number or None."""
+    if isinstance(measured, dict):
+        return isinstance(stored, dict) and stored.keys() == measured.keys() \
+            and all(_like(stored[k], measured[k]) for k in measured)
+    if isinstance(measured, list):
+        return isinstance(stored, list) and len(stored) == len(measured) \
+            and all(_like(a, b) for a, b in zip(stored, measured))
+    return stored is None or (isinstance(stored, (int, float)) and not isinstance(stored, bool))

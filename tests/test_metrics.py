@@ -312,13 +312,13 @@ def smoke_cfg(exp: str):
 @pytest.fixture(scope="module")
 def two_runs(smoke_data, tmp_path_factory):
     """(kl summary, ce summary, data folder): two smoke runs in one data folder, the ce run trained
-    after the kl run's stored teacher entry was marked (so a teacher read back shows the mark)."""
+    after the kl run's stored teacher entry was marked (its ECE edited: a teacher read back shows it)."""
     root = tmp_path_factory.mktemp("metric_runs")
     data = shutil.copytree(smoke_data[0], root / "data")
     kl = run(smoke_cfg("kl"), root / "kl", data)
     path = data / "teacher_metrics.json"
     stored = json.loads(path.read_text())
-    stored["entries"][0]["metrics"]["mark"] = "stored by the kl run"
+    stored["entries"][0]["metrics"]["ece"] = 0.123456  # a mark: read back, not measured again
     path.write_text(json.dumps(stored))
     ce = run(smoke_cfg("ce"), root / "ce", data)
     return kl, ce, data
@@ -340,7 +340,7 @@ def test_a_runs_summary_has_test_metrics_matching_its_test_perplexities(two_runs
     entries = json.loads((data / "teacher_metrics.json").read_text())["entries"]
     assert len(entries) == 1
     assert ce["test_metrics"]["teacher"] == entries[0]["metrics"]
-    assert ce["test_metrics"]["teacher"] == {**kl["test_metrics"]["teacher"], "mark": "stored by the kl run"}
+    assert ce["test_metrics"]["teacher"] == {**kl["test_metrics"]["teacher"], "ece": 0.123456}
     assert ce["test_metrics"]["buckets"] == kl["test_metrics"]["buckets"]
     assert ce["test_metrics"]["student"]["tokens"] == kl["test_metrics"]["student"]["tokens"]
 
@@ -361,3 +361,21 @@ def test_a_last_bucket_without_a_type_keeps_its_entry_and_true_is_not_a_bucket_c
         measure(model, np.arange(40) % 4, 8, 4, bucket_of=buckets["bucket_of"], n_buckets=2)
     with pytest.raises(KdlibError, match="n_buckets must be a whole number"):
         frequency_buckets(np.arange(10) % 4, 4, n_buckets=True)
+
+
+@pytest.mark.parametrize("content", ["{broken", "[]", '{"entries": "all"}', "MATCHING_BUT_MALFORMED"])
+def test_an_unreadable_teacher_metrics_file_is_written_afresh_not_the_end_of_the_run(two_runs, tmp_path, content):
+    """teacher_metrics.json is derived: edited, cut short or another tool's, it is replaced by this
+    run's measurement, and the run finishes."""
+    kl, _, data = two_runs
+    folder = shutil.copytree(data, tmp_path / "data")
+    path = folder / "teacher_metrics.json"
+    if content == "MATCHING_BUT_MALFORMED":  # the right key, its numbers not kdlib's
+        stored = json.loads(path.read_text())
+        stored["entries"][0]["metrics"]["bucket_ppl"] = "many"
+        content = json.dumps(stored)
+    path.write_text(content)
+    summary = run(smoke_cfg("kl"), tmp_path / "kl", folder)
+    assert summary["test_metrics"]["teacher"]["ppl"] == pytest.approx(kl["test_metrics"]["teacher"]["ppl"], rel=1e-6)
+    entries = json.loads(path.read_text())["entries"]
+    assert len(entries) == 1 and entries[0]["metrics"] == summary["test_metrics"]["teacher"]

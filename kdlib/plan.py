@@ -305,11 +305,13 @@ def _run_plan(cfg: ExperimentConfig, data: _Data, rate: Callable[[ExperimentConf
 
     source = teacher_source_of(cfg)
     sched = schedule(cfg, data.tokens["train"])
-    train_flops, student_fwd, _ = flops(cfg, source)
+    train_flops, student_fwd, teacher_fwd = flops(cfg, source)
     # In-training evaluations: the validation split at stride = block; at the end the best
-    # student on validation and test at stride = block / 2 (twice the windows).
+    # student on validation and test at stride = block / 2 (twice the windows), then the test
+    # metrics' pass: the student and the teacher on the test windows (kdlib.scoring).
     eval_flops = student_fwd * (sched.evals * data.tokens["validation"]
-                                + 2 * (data.tokens["validation"] + data.tokens["test"]))
+                                + 2 * (data.tokens["validation"] + data.tokens["test"])) \
+        + (student_fwd + teacher_fwd) * 2 * data.tokens["test"]
     seconds = (sched.tokens * train_flops + eval_flops) / rate(cfg)
     paths = RunPaths.of(cfg, Path(results_dir or "runs") / cfg.preset / run_name(cfg))
     kept_here = paths.weights_dir is None

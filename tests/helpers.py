@@ -60,3 +60,20 @@ def fake_github(folder: Path, repo: str = "alice/kdlib", tag: str = "v-a") -> Pa
     gitconfig.write_text(f'[url "file://{folder}/github/"]\n\tinsteadOf = https://github.com/\n'
                          '[protocol "file"]\n\tallow = always\n')
     return gitconfig
+
+
+def trained_smoke_run(smoke_data, tmp_path_factory, name: str, steps: int = 4, exp: str = "kl"):
+    """(results folder, run folder, data folder): a ``steps``-step smoke run of ``exp`` in its own copy
+    of the prepared smoke data, for a module's tests to share read-only."""
+    import shutil
+
+    import kdlib.train
+    from kdlib.config import preset
+
+    base = tmp_path_factory.mktemp(name)
+    data = shutil.copytree(smoke_data[0], base / "data")
+    cfg = preset("smoke", exp)
+    cfg.train.max_steps = steps
+    folder = kdlib.train.run_dir(base / "runs", cfg)
+    run(cfg, folder, data)
+    return base / "runs", folder, data

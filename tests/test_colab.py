@@ -313,7 +313,10 @@ def test_run_all_on_colab_from_the_install_cell_with_drive_defaults(tmp_path):
     assert pngs and len(outputs(nb, "image/png")) == len(pngs)
     assert "kl" in outputs(nb, "text/html")[0]["data"]["text/html"]
     # what was written where, as this runtime sees it
-    assert str(content / "drive" / "MyDrive" / "kdlib-figures" / "results.md") in text_of(nb.cells[-1])
+    report = nb.cells[cell_with(nb, "analysis.report")]
+    assert str(content / "drive" / "MyDrive" / "kdlib-figures" / "results.md") in text_of(report)
+    samples = nb.cells[cell_with(nb, "samples_table")]  # the students read from Drive, the tokenizer too
+    assert any("kdlib-samples" in o.get("data", {}).get("text/html", "") for o in samples.outputs)
 
 
 def test_a_drive_that_will_not_mount_stops_with_this_notebooks_fix(tmp_path):

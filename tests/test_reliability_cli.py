@@ -25,9 +25,9 @@ import kdlib.data
 import kdlib.evaluate
 import kdlib.train
 from kdlib.cli import main
-from kdlib.config import ExperimentConfig, preset
+from kdlib.config import preset
 from kdlib.errors import KdlibError
-from helpers import ROOT, quiet, run
+from helpers import ROOT, trained_smoke_run
 
 DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON nesting, far past the parser's recursion limit
 
@@ -35,13 +35,7 @@ DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON nesting, far past the parser'
 @pytest.fixture(scope="module")
 def trained(smoke_data, tmp_path_factory):
     """(results folder, run folder, data folder): a 4-step smoke kl run, shared read-only."""
-    base = tmp_path_factory.mktemp("trained")
-    data = shutil.copytree(smoke_data[0], base / "data")
-    cfg = preset("smoke", "kl")
-    cfg.train.max_steps = 4
-    folder = kdlib.train.run_dir(base / "runs", cfg)
-    run(cfg, folder, data)
-    return base / "runs", folder, data
+    return trained_smoke_run(smoke_data, tmp_path_factory, "trained")
 
 
 def copy_run(trained, tmp_path: Path, name: str = "kl-seed0") -> Path:

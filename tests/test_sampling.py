@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-import kdlib.train
 from kdlib.checkpoint import load_student, save_student
 from kdlib.cli import main
 from kdlib.config import preset
@@ -20,7 +19,7 @@ from kdlib.errors import KdlibError
 from kdlib.models import TinyGPT
 from kdlib.sampling import DEFAULT_PROMPTS, generate, top_p_filter
 from conftest import build_teacher, build_tiny_config
-from helpers import run
+from helpers import trained_smoke_run
 from results_helpers import make_run
 
 
@@ -124,12 +123,7 @@ def test_bad_requests_are_refused_with_what_to_give(kw, says):
 @pytest.fixture(scope="module")
 def trained(smoke_data, tmp_path_factory):
     """(run folder, data folder): a 2-step smoke kl run, shared read-only."""
-    base = tmp_path_factory.mktemp("sampled")
-    data = shutil.copytree(smoke_data[0], base / "data")
-    cfg = preset("smoke", "kl")
-    cfg.train.max_steps = 2
-    folder = kdlib.train.run_dir(base / "runs", cfg)
-    run(cfg, folder, data)
+    _, folder, data = trained_smoke_run(smoke_data, tmp_path_factory, "sampled", steps=2)
     return folder, data
 
 

@@ -43,7 +43,10 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     probs = torch.softmax(logits.float(), dim=-1)  # [..., V]
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # [..., V] each
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [..., V]: mass of the likelier tokens
-    drop_sorted = before >= top_p  # [..., V]; the first token has 0 before it: always kept
+    drop_sorted = before >= top_p  # [..., V]
+    # The first token has 0 before it; kept explicitly, since a top_p below float32's smallest
+    # number compares as 0 (and 0 >= 0 would drop the whole row).
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # [..., V] back in id order
     return logits.masked_fill(drop, -math.inf)
 

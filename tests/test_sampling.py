@@ -38,7 +38,7 @@ def naive_nucleus(row, top_p: float) -> set[int]:
     return kept
 
 
-@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.75, 0.95, 1.0])
+@pytest.mark.parametrize("top_p", [1e-300, 1e-6, 0.3, 0.75, 0.95, 1.0])
 def test_top_p_filter_keeps_the_nucleus_of_each_row(top_p):
     logits = torch.randn(3, 4, 11, generator=torch.Generator().manual_seed(1)) * 2  # [3, 4, V]
     logits[0, 0] = torch.tensor([2.0, 2.0] + [0.0] * 9)  # a tie at the top: the lower id first

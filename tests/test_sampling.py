@@ -110,6 +110,7 @@ def test_vocab_size_restricts_a_hugging_face_model_to_the_tokenizers_ids():
     ({"temperature": -1.0}, "temperature -1.0"), ({"n_tokens": 0}, "n_tokens 0 is not"),
     ({"prompt_ids": []}, "the prompt has no tokens"), ({"vocab_size": 98}, "vocab_size 98 must be"),
     ({"vocab_size": 0}, "vocab_size 0"), ({"prompt_ids": [3, 97]}, "range from 3 to 97"),
+    ({"seed": 2**64}, "seed 18446744073709551616 must be"), ({"seed": 1.5}, "seed 1.5 must be"),
 ])
 def test_bad_requests_are_refused_with_what_to_give(kw, says):
     args = {"prompt_ids": [1, 2], "n_tokens": 3, **kw}

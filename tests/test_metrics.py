@@ -379,3 +379,23 @@ def test_an_unreadable_teacher_metrics_file_is_written_afresh_not_the_end_of_the
     assert summary["test_metrics"]["teacher"]["ppl"] == pytest.approx(kl["test_metrics"]["teacher"]["ppl"], rel=1e-6)
     entries = json.loads(path.read_text())["entries"]
     assert len(entries) == 1 and entries[0]["metrics"] == summary["test_metrics"]["teacher"]
+
+
+def test_a_data_folder_where_the_teacher_metrics_cannot_be_written_does_not_end_the_run(
+        two_runs, tmp_path, monkeypatch, capsys):
+    """A read-only data folder (teacher_metrics.json cannot be written): the run still writes its
+    summary, with the teacher measured by this run, and says why nothing was stored."""
+    import kdlib.scoring
+
+    kl, _, data = two_runs
+    folder = shutil.copytree(data, tmp_path / "data")
+    (folder / "teacher_metrics.json").unlink()
+
+    def refuse(path, obj):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(kdlib.scoring, "atomic_write_json", refuse)
+    summary = run(smoke_cfg("kl"), tmp_path / "kl", folder)
+    assert summary["test_metrics"]["teacher"]["ppl"] == pytest.approx(kl["test_metrics"]["teacher"]["ppl"], rel=1e-6)
+    assert (tmp_path / "kl" / "summary.json").is_file() and not (folder / "teacher_metrics.json").exists()
+    assert "not stored in" in capsys.readouterr().err

@@ -170,6 +170,9 @@ def test_sample_reads_a_prompts_file_and_refuses_a_bad_one(trained, tmp_path, ca
     assert main(["sample", str(folder), "--data-dir", str(data), "--prompts", str(prompts), "--tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "\n[1] The module\n" in out and "\n[2] A list of\n" in out and "[3]" not in out
+    prompts.write_bytes(b"\xef\xbb\xbfThe module\r\n  A list of  \r\n")  # a byte-order mark, CRLF: the same prompts
+    assert main(["sample", str(folder), "--data-dir", str(data), "--prompts", str(prompts), "--tokens", "3"]) == 0
+    assert capsys.readouterr().out == out
     cases = {"empty": (b"", 2, "has no prompts"), "blank": (b"\n  \n", 2, "has no prompts"),
              "latin1": (b"caf\xe9\n", 2, "is not UTF-8 text"), "missing": (None, 3, "does not exist")}
     for name, (content, code, says) in cases.items():

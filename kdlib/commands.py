@@ -301,7 +301,7 @@ def _read_prompts(path) -> list[str]:
     none or is not UTF-8 text. A missing file is the OSError it raises (exit code 3)."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not a prompt
     except UnicodeDecodeError as e:
         raise KdlibError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start}): give a text "
                          "file with one prompt a line") from None

@@ -215,6 +215,15 @@ def check_test_metrics(metrics) -> dict:
     checked; ``_Malformed`` names the first that is not what kdlib writes."""
     if not isinstance(metrics, dict):
         raise _Malformed(f"it is {type(metrics).__name__}, not an object")
+    for key in ("block_size", "stride", "ece_bins"):  # the report's protocol line and figure titles
+        _need(metrics.get(key), "whole number", key)
+    buckets = metrics.get("buckets")  # the boundaries results.md states and the bucket figure labels
+    if not isinstance(buckets, dict):
+        raise _Malformed(f"its buckets is {buckets!r}, not an object")
+    _need(buckets.get("by"), "string", "buckets.by")
+    for key in ("types", "min_count", "max_count"):
+        _numbers(buckets.get(key), FREQUENCY_BUCKETS, f"buckets.{key}", "whole number")
+    _numbers(buckets.get("train_share"), FREQUENCY_BUCKETS, "buckets.train_share")
     for who in ("student", "teacher"):
         part = metrics.get(who)
         if not isinstance(part, dict):

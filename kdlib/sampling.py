@@ -43,12 +43,15 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     probs = torch.softmax(logits.float(), dim=-1)  # [..., V]
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # [..., V] each
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [..., V]: mass of the likelier tokens
-    drop_sorted = before >= top_p  # [..., V]; the first token has 0 before it: always kept
+    drop_sorted = before >= top_p  # [..., V]
+    # The first token has 0 before it; kept explicitly, since a top_p below float32's smallest
+    # number compares as 0 (and 0 >= 0 would drop the whole row).
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # [..., V] back in id order
     return logits.masked_fill(drop, -math.inf)
 
 
-def _check_request(prompt_ids, n_tokens, temperature, vocab_size, model) -> list[int]:
+def _check_request(prompt_ids, n_tokens, temperature, vocab_size, model, seed) -> list[int]:
     """The prompt as a list of ids, after refusing what ``generate`` cannot do."""
     ids = [int(i) for i in (prompt_ids.tolist() if isinstance(prompt_ids, Tensor) else prompt_ids)]
     if not ids:
@@ -65,6 +68,9 @@ def _check_request(prompt_ids, n_tokens, temperature, vocab_size, model) -> list
                                    or not 1 <= vocab_size <= (model_vocab or vocab_size)):
         raise KdlibError(f"vocab_size {vocab_size!r} must be a whole number from 1 to the model's "
                          f"{model_vocab} outputs (the tokenizer's size, where the model's vocabulary is padded)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+        raise KdlibError(f"seed {seed!r} must be a whole number from -2**63 to 2**64 - 1 (what torch's "
+                         "generator takes) (sample --seed)")
     if min(ids) < 0 or (model_vocab is not None and max(ids) >= model_vocab):
         raise KdlibError(f"the prompt's token ids range from {min(ids)} to {max(ids)}, but the model has "
                          f"embeddings for {model_vocab} tokens: encode it with the tokenizer the model was "
@@ -88,10 +94,10 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], n_tokens: int, *, top_
             tokenizer's, and the padding ids decode to nothing).
     """
     _check_top_p(top_p)
-    ids = _check_request(prompt_ids, n_tokens, temperature, vocab_size, model)
+    ids = _check_request(prompt_ids, n_tokens, temperature, vocab_size, model, seed)
     context, _ = _context(model)
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     new: list[int] = []

@@ -12,6 +12,8 @@ data folder reports the same teacher. Training calls ``run_metrics`` at the end 
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import asdict
 from typing import Optional
@@ -68,17 +70,25 @@ def _teacher_scores(split, key: dict, measured: dict) -> dict:
         # Not what kdlib writes (edited, cut short, another tool's): a derived file, written afresh
         # from this run's measurement rather than ending the run on it.
         entries = []
-    atomic_write_json(path, {"entries": entries + [{"key": key, "metrics": measured}]})
+    try:
+        atomic_write_json(path, {"entries": entries + [{"key": key, "metrics": measured}]})
+    except OSError as e:
+        # A read-only data folder must not end a finished run (its summary is written after this):
+        # the run reports this measurement, and the next run measures the teacher again.
+        print(f"note: the teacher's test metrics are not stored in {path} ({e.strerror or e}); this run "
+              "reports its own measurement of them", file=sys.stderr)
     return measured
 
 
 def _like(stored, measured) -> bool:
     """``stored`` has ``measured``'s structure: the same keys, lists of the same lengths, a number or
-    None where it has a number or None."""
+    None where it has a number or None; every number finite and >= 0, as every measured one is (a
+    NaN read back would be every later run's teacher, and the report refuses it)."""
     if isinstance(measured, dict):
         return isinstance(stored, dict) and stored.keys() == measured.keys() \
             and all(_like(stored[k], measured[k]) for k in measured)
     if isinstance(measured, list):
         return isinstance(stored, list) and len(stored) == len(measured) \
             and all(_like(a, b) for a, b in zip(stored, measured))
-    return stored is None or (isinstance(stored, (int, float)) and not isinstance(stored, bool))
+    return stored is None or (isinstance(stored, (int, float)) and not isinstance(stored, bool)
+                              and math.isfinite(stored) and stored >= 0)

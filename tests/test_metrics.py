@@ -363,7 +363,8 @@ def test_a_last_bucket_without_a_type_keeps_its_entry_and_true_is_not_a_bucket_c
         frequency_buckets(np.arange(10) % 4, 4, n_buckets=True)
 
 
-@pytest.mark.parametrize("content", ["{broken", "[]", '{"entries": "all"}', "MATCHING_BUT_MALFORMED"])
+@pytest.mark.parametrize("content", ["{broken", "[]", '{"entries": "all"}', "MATCHING_BUT_MALFORMED",
+                                     "MATCHING_BUT_NAN", "MATCHING_BUT_NEGATIVE"])
 def test_an_unreadable_teacher_metrics_file_is_written_afresh_not_the_end_of_the_run(two_runs, tmp_path, content):
     """teacher_metrics.json is derived: edited, cut short or another tool's, it is replaced by this
     run's measurement, and the run finishes."""
@@ -374,8 +375,34 @@ def test_an_unreadable_teacher_metrics_file_is_written_afresh_not_the_end_of_the
         stored = json.loads(path.read_text())
         stored["entries"][0]["metrics"]["bucket_ppl"] = "many"
         content = json.dumps(stored)
+    elif content.startswith("MATCHING_BUT_"):  # the right key and structure, a number no measurement gives
+        stored = json.loads(path.read_text())
+        stored["entries"][0]["metrics"]["ece" if content.endswith("NAN") else "ppl"] = \
+            float("nan") if content.endswith("NAN") else -5.0
+        content = json.dumps(stored)
     path.write_text(content)
     summary = run(smoke_cfg("kl"), tmp_path / "kl", folder)
     assert summary["test_metrics"]["teacher"]["ppl"] == pytest.approx(kl["test_metrics"]["teacher"]["ppl"], rel=1e-6)
     entries = json.loads(path.read_text())["entries"]
     assert len(entries) == 1 and entries[0]["metrics"] == summary["test_metrics"]["teacher"]
+    assert math.isfinite(summary["test_metrics"]["teacher"]["ece"])  # json's NaN is one object: == holds
+
+
+def test_a_data_folder_where_the_teacher_metrics_cannot_be_written_does_not_end_the_run(
+        two_runs, tmp_path, monkeypatch, capsys):
+    """A read-only data folder (teacher_metrics.json cannot be written): the run still writes its
+    summary, with the teacher measured by this run, and says why nothing was stored."""
+    import kdlib.scoring
+
+    kl, _, data = two_runs
+    folder = shutil.copytree(data, tmp_path / "data")
+    (folder / "teacher_metrics.json").unlink()
+
+    def refuse(path, obj):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(kdlib.scoring, "atomic_write_json", refuse)
+    summary = run(smoke_cfg("kl"), tmp_path / "kl", folder)
+    assert summary["test_metrics"]["teacher"]["ppl"] == pytest.approx(kl["test_metrics"]["teacher"]["ppl"], rel=1e-6)
+    assert (tmp_path / "kl" / "summary.json").is_file() and not (folder / "teacher_metrics.json").exists()
+    assert "not stored in" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def _broken(path, value):
 
 @pytest.mark.parametrize("test_metrics, why", [
     ("agreement 0.5", "it is str, not an object"),
-    ({"student": metrics_summary()["student"]}, "its teacher is None, not an object"),
+    ({k: v for k, v in metrics_summary().items() if k != "teacher"}, "its teacher is None, not an object"),
     (_broken(("student", "bucket_ppl"), [10.0, 20.0, 40.0]),
      "student.bucket_ppl is [10.0, 20.0, 40.0], not a list of 5"),
     (_broken(("teacher", "bucket_ppl"), [1.0, 2.0, 3.0, 4.0, "5"]), "teacher.bucket_ppl is '5', not a number"),
@@ -111,6 +111,11 @@ def _broken(path, value):
     (_broken(("student", "kl_teacher"), "0.3"), "student.kl_teacher is '0.3', not a number"),
     (_broken(("teacher", "ece"), True), "teacher.ece is True, not a number"),
     (_broken(("student", "reliability", "count"), [1.5] * 15), "student.reliability.count is 1.5, not a whole number"),
+    ({k: v for k, v in metrics_summary().items() if k != "buckets"}, "its buckets is None, not an object"),
+    (_broken(("buckets", "types"), [1, 2]), "buckets.types is [1, 2], not a list of 5"),
+    (_broken(("buckets", "min_count"), [900, 300, 100, -30, 0]), "buckets.min_count is -30, out of range"),
+    (_broken(("buckets", "train_share"), [0.2] * 4 + [float("inf")]), "buckets.train_share is inf, not a finite number"),
+    (_broken(("stride",), None), "stride is None, not a whole number"),
 ])
 def test_malformed_test_metrics_leave_the_run_reported_without_them(tmp_path, test_metrics, why):
     make_run(tmp_path, "kl", 0, [300, 150], 160.0, test_metrics=test_metrics)

@@ -37,7 +37,7 @@ def naive_nucleus(row, top_p: float) -> set[int]:
     return kept
 
 
-@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.75, 0.95, 1.0])
+@pytest.mark.parametrize("top_p", [1e-300, 1e-6, 0.3, 0.75, 0.95, 1.0])
 def test_top_p_filter_keeps_the_nucleus_of_each_row(top_p):
     logits = torch.randn(3, 4, 11, generator=torch.Generator().manual_seed(1)) * 2  # [3, 4, V]
     logits[0, 0] = torch.tensor([2.0, 2.0] + [0.0] * 9)  # a tie at the top: the lower id first
@@ -109,6 +109,7 @@ def test_vocab_size_restricts_a_hugging_face_model_to_the_tokenizers_ids():
     ({"temperature": -1.0}, "temperature -1.0"), ({"n_tokens": 0}, "n_tokens 0 is not"),
     ({"prompt_ids": []}, "the prompt has no tokens"), ({"vocab_size": 98}, "vocab_size 98 must be"),
     ({"vocab_size": 0}, "vocab_size 0"), ({"prompt_ids": [3, 97]}, "range from 3 to 97"),
+    ({"seed": 2**64}, "seed 18446744073709551616 must be"), ({"seed": 1.5}, "seed 1.5 must be"),
 ])
 def test_bad_requests_are_refused_with_what_to_give(kw, says):
     args = {"prompt_ids": [1, 2], "n_tokens": 3, **kw}
@@ -163,6 +164,9 @@ def test_sample_reads_a_prompts_file_and_refuses_a_bad_one(trained, tmp_path, ca
     assert main(["sample", str(folder), "--data-dir", str(data), "--prompts", str(prompts), "--tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "\n[1] The module\n" in out and "\n[2] A list of\n" in out and "[3]" not in out
+    prompts.write_bytes(b"\xef\xbb\xbfThe module\r\n  A list of  \r\n")  # a byte-order mark, CRLF: the same prompts
+    assert main(["sample", str(folder), "--data-dir", str(data), "--prompts", str(prompts), "--tokens", "3"]) == 0
+    assert capsys.readouterr().out == out
     cases = {"empty": (b"", 2, "has no prompts"), "blank": (b"\n  \n", 2, "has no prompts"),
              "latin1": (b"caf\xe9\n", 2, "is not UTF-8 text"), "missing": (None, 3, "does not exist")}
     for name, (content, code, says) in cases.items():

@@ -131,7 +131,14 @@ def metrics_section(table: pd.DataFrame, runs: pd.DataFrame, metrics: dict) -> s
     lines += [markdown(shown), ""]
     if missing:
         lines += [f"No test metrics in {_count(len(missing), 'finished run')} ({', '.join(missing)}): {advice}.", ""]
+    if not _has_buckets(table, "ce"):
+        lines += ["No `ce` run with test metrics: the `bucket_change` figure (the change against no KD per bucket) "
+                  "needs one.", ""]
     return "\n".join(lines)
+
+
+def _has_buckets(table: pd.DataFrame, label: str) -> bool:
+    return label in table.index and bool(table.loc[label, BUCKET_COLUMNS].notna().any())
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -220,7 +227,7 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
     if metrics:
         figures += plots.save(plots.fidelity_vs_ppl(runs), folder, "fidelity_vs_ppl")
         figures += plots.save(plots.reliability_diagram(runs, metrics), folder, "reliability")
-        if "ce" in table.index and table.loc["ce", BUCKET_COLUMNS].notna().any():
+        if _has_buckets(table, "ce"):
             buckets = next(iter(metrics.values()))["buckets"]
             figures += plots.save(plots.bucket_change(table, buckets), folder, "bucket_change")
     if ref is not None:

@@ -260,6 +260,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise KdlibError(f"--metrics measures the test protocol (--split test, block {cfg.data.block_size}, stride "
                          f"{cfg.data.block_size // 2}), the one its numbers are compared under; leave --split, "
                          "--block-size and --stride out")
+    summary = _summary_for_metrics(paths) if args.metrics else None
     split = checked_split(data_dir, args.split, cfg.model.vocab_size)  # checksum and ids, once per process
     _check_eval_data(run, cfg, split)
     model = model.to(device)
@@ -270,14 +271,29 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{run.name}: {args.split} perplexity {ppl:.3f} (block {block}, stride {stride})")
     if args.metrics:
         _eval_metrics(paths, cfg, model, {"test": split, "train": checked_split(data_dir, "train",
-                                                                               cfg.model.vocab_size)})
+                                                                               cfg.model.vocab_size)}, summary)
     return 0
 
 
-def _eval_metrics(paths, cfg, model, splits: dict) -> None:
+def _summary_for_metrics(paths):
+    """The summary ``eval --metrics`` will write into (None: an unfinished run), read before any work:
+    an unreadable one is refused before minutes of scoring, and never replaced."""
+    from .fileio import read_json
+
+    if not paths.summary.is_file():
+        return None
+    try:
+        return read_json(paths.summary, "summary")
+    except KdlibError:
+        raise KdlibError(f"{paths.summary} is unreadable or corrupt, and --metrics writes into it: it holds the "
+                         "run's results (do not delete it), so restore it (on Colab, from Drive's version history) "
+                         "and run this again; eval without --metrics scores the student without it") from None
+
+
+def _eval_metrics(paths, cfg, model, splits: dict, summary) -> None:
     """``eval --metrics``: the run's test metrics printed, and written into its summary.json (a
-    finished run's; an unfinished one gets them at the end of its training)."""
-    from .fileio import atomic_write_json, read_json
+    finished run's; ``summary`` None: an unfinished one gets them at the end of its training)."""
+    from .fileio import atomic_write_json
     from .scoring import run_metrics
 
     metrics = run_metrics(cfg, model, splits)
@@ -286,11 +302,10 @@ def _eval_metrics(paths, cfg, model, splits: dict) -> None:
     print(f"{paths.root.name}: top-1 agreement with the teacher {student['agreement']:.3f}, KL(teacher || student) "
           f"{student['kl_teacher']:.4f} nats/token, ECE {student['ece']:.4f} (teacher {teacher['ece']:.4f}); "
           f"perplexity by frequency bucket (most frequent first): {buckets}")
-    if not paths.summary.is_file():
+    if summary is None:
         print(f"note: {paths.root.name} is not finished (no summary.json): nothing written; its training writes "
               "them at its end", file=sys.stderr)
         return
-    summary = read_json(paths.summary, "summary")
     summary["test_metrics"] = metrics
     atomic_write_json(paths.summary, summary)
     print(f"written into {paths.summary} (the report reads them from there)")

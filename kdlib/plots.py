@@ -299,7 +299,7 @@ def bucket_change(table: pd.DataFrame, buckets: dict, baseline: str = "ce"):
     ax.set_xlabel("frequency bucket (1: the most frequent tokens; training-split count of the token to predict)")
     ax.set_ylabel(f"test perplexity vs {baseline} (%)")
     ax.set_title("Where distillation helps: perplexity change against no KD by token frequency (below 0: better)")
-    ax.legend(fontsize=6, frameon=False, ncol=3)
+    ax.legend(fontsize=6, frameon=False, ncol=3, loc="best")
     ax.grid(alpha=0.3)
     return fig
 

@@ -186,8 +186,9 @@ def _compare(exp: pd.Series, base: pd.Series, metric: str, alpha: float) -> dict
         note = f"{exp.name if exp.empty else base.name} has no {metric}"
     elif len(seeds) == 0:
         note = "no common seeds"
-    elif len(seeds) == 1:
-        note = "1 seed: no test possible"
+    elif len(seeds) == 1:  # one seed each, or more that the two do not share
+        note = "1 seed: no test possible" if len(exp) == len(base) == 1 else \
+            f"1 common seed ({seeds[0]}): no test possible"
     else:
         diff = exp.loc[seeds] - base.loc[seeds]
         # equal differences on every seed give se = 0: t is undefined, not infinite

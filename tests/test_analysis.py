@@ -201,3 +201,13 @@ def test_a_smoke_sweep_reports_fidelity_calibration_buckets_and_which_rows_diffe
     for name in ("fidelity_vs_ppl", "reliability", "bucket_change", "significance"):
         assert (figures / f"{name}.png").stat().st_size > 0 and (figures / f"{name}.pdf").stat().st_size > 0
     assert out["groups"][0]["sections"].startswith("## Fidelity, calibration")
+
+
+def test_without_a_ce_run_the_metrics_section_says_why_there_is_no_bucket_figure(tmp_path):
+    from results_helpers import metrics_summary
+
+    make_run(tmp_path / "runs", "kl", 0, [300, 200], 190.0, test_metrics=metrics_summary())
+    out = analysis.report(tmp_path / "runs", tmp_path / "report", log=lambda _: None)
+    assert "No `ce` run with test metrics" in (tmp_path / "report" / "results.md").read_text()
+    assert (tmp_path / "report" / "fidelity_vs_ppl.png").is_file()
+    assert not (tmp_path / "report" / "bucket_change.png").exists() and out["figures"]

@@ -606,3 +606,15 @@ def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(trained, tmp_path, c
     os.mkfifo(data / "test.json")
     assert main(["eval", str(copy_run(trained, tmp_path, "kl2-seed0")), "--data-dir", str(data)]) == 2
     assert "is not a regular file" in one_error_line(capsys.readouterr().err)
+
+
+def test_eval_metrics_refuses_an_unreadable_summary_before_any_work_and_keeps_it(trained, tmp_path, capsys):
+    """--metrics writes into summary.json: a corrupt one is said at once (not after the pass), with
+    advice that does not lose the run's results, and left as it was."""
+    _, folder, data = trained
+    run_dir = shutil.copytree(folder, tmp_path / folder.name)
+    (run_dir / "summary.json").write_text("{cut short")
+    assert main(["eval", str(run_dir), "--metrics", "--data-dir", str(data)]) == 2
+    err = capsys.readouterr()
+    assert "do not delete it" in err.err and "restore it" in err.err and "perplexity" not in err.out
+    assert (run_dir / "summary.json").read_text() == "{cut short"

@@ -221,3 +221,16 @@ def test_significance_refuses_runs_of_two_protocols_and_unknown_metrics(tmp_path
         stats.significance(runs)
     with pytest.raises(KdlibError, match="no column 'bleu'"):
         stats.significance(runs[runs["exp"] == "kl"], metric="bleu")
+
+
+def test_one_common_seed_of_several_is_said_as_such(tmp_path):
+    """Seeds 0, 1 against a baseline's 1, 2: one pair, and the note says it is one common seed, not one seed."""
+    for seed, val in ((0, 200.0), (1, 210.0)):
+        make_run(tmp_path, "kl", seed, [300, val], val - 5)
+    for seed, val in ((1, 190.0), (2, 195.0)):
+        make_run(tmp_path, "layerwise-kl", seed, [300, val], val - 5)
+    runs, _, _ = results.load_runs(tmp_path)
+    sig = stats.significance(runs, baselines=("kl",))
+    row = sig.set_index("label").loc["layerwise-kl"]
+    assert row["verdict"] == "not testable" and row["note"] == "1 common seed (1): no test possible"
+    assert math.isnan(row["mean_diff"])

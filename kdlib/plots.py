@@ -211,11 +211,12 @@ def _colours(labels) -> dict:
 
 def fidelity_vs_ppl(runs: pd.DataFrame):
     """Top-1 agreement with the teacher and KL(teacher ‖ student) against test perplexity, one point
-    per run, the teacher marked (agreement 1, KL 0, its own perplexity): a student can gain
-    perplexity without matching its teacher better, and the reverse (Stanton et al. 2021)."""
+    per run, the teacher's perplexity marked (a dashed line: its agreement is 1 and its KL 0, off the
+    students' scale): a student can gain perplexity without matching its teacher better, and the
+    reverse (Stanton et al. 2021)."""
     plt = _plt()
     shown = runs.dropna(subset=["agreement", "kl_teacher", "test_ppl"])
-    fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 3.4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 3.6), sharey=True)
     colours = _colours(list(dict.fromkeys(shown["label"])))
     for label, group in shown.groupby("label", sort=False):
         for ax, col in zip(axes, ("agreement", "kl_teacher")):
@@ -223,35 +224,42 @@ def fidelity_vs_ppl(runs: pd.DataFrame):
                        marker="s" if label in BASELINES else "o")
     teacher = shown["teacher_test_ppl"].dropna()
     if len(teacher):
-        for ax, x in zip(axes, (1.0, 0.0)):
-            ax.scatter([x], [teacher.iloc[0]], marker="*", s=90, color="C3", zorder=4, label="teacher")
+        for ax in axes:
+            ax.axhline(teacher.iloc[0], color="C3", ls="--", lw=1,
+                       label=f"teacher: ppl {teacher.iloc[0]:.1f} (agreement 1, KL 0)")
     axes[0].set_xlabel("top-1 agreement with the teacher")
     axes[1].set_xlabel("KL(teacher ‖ student), nats/token")
     axes[0].set_ylabel("test perplexity" + eval_protocol(runs, "test"))
     for ax in axes:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=6, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle("Fidelity to the teacher against test perplexity (one point per run; star: the teacher)")
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * (len(labels) // 4), 1, 1))
+    rows = -(-len(labels) // 4)
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=6)
+    axes[0].set_title("Fidelity to the teacher against test perplexity, one point per run", loc="left")
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 1))
     return fig
 
 
+MIN_BIN_TOKENS = 30  # a reliability bin with fewer tokens is not drawn: its accuracy is noise
+
+
 def _pooled_bins(bins: list) -> tuple[list, list, int]:
-    """(mean confidence, accuracy) per non-empty bin over several runs' reliability bins, and the tokens."""
+    """(mean confidence, accuracy) per bin of at least MIN_BIN_TOKENS tokens over several runs'
+    reliability bins, pooled by token count, and the tokens in all."""
     count = [sum(b["count"][i] for b in bins) for i in range(len(bins[0]["count"]))]
     conf, acc = [], []
     for i, n in enumerate(count):
-        if n:
+        if n >= MIN_BIN_TOKENS:
             conf.append(sum(b["count"][i] * (b["confidence"][i] or 0) for b in bins) / n)
             acc.append(sum(b["count"][i] * (b["accuracy"][i] or 0) for b in bins) / n)
     return conf, acc, sum(count)
 
 
 def reliability_diagram(runs: pd.DataFrame, metrics: dict):
-    """Accuracy against confidence of the next-token prediction per confidence bin, each experiment's
-    seeds pooled, and the teacher (black); the diagonal is perfect calibration. ``metrics``: {run:
-    its summary's test_metrics} (``results.read_test_metrics``); the legend gives each curve's ECE."""
+    """Accuracy against confidence of the next-token prediction per confidence bin (bins of at least
+    MIN_BIN_TOKENS tokens), each experiment's seeds pooled, and the teacher (black); the diagonal is
+    perfect calibration. ``metrics``: {run: its summary's test_metrics} (``results.read_test_metrics``);
+    the legend gives each curve's ECE (over every bin)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(WIDTH, 4.2))
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":", label="perfect calibration")
@@ -259,18 +267,19 @@ def reliability_diagram(runs: pd.DataFrame, metrics: dict):
     colours = _colours(list(dict.fromkeys(shown["label"])))
     for label, group in shown.groupby("label", sort=False):
         conf, acc, _ = _pooled_bins([metrics[r]["student"]["reliability"] for r in group["run"]])
-        ax.plot(conf, acc, marker="o", ms=2.5, lw=1, color=colours[label],
-                ls="--" if label in BASELINES else "-", label=f"{label} (ECE {group['ece'].mean():.3f})")
+        base = label in BASELINES
+        ax.plot(conf, acc, marker="o", ms=2.5, lw=1.3 if base else 0.9, alpha=1 if base else 0.75,
+                color=colours[label], ls="--" if base else "-", label=f"{label} (ECE {group['ece'].mean():.3f})")
     if len(shown):
         teacher = metrics[shown["run"].iloc[0]]["teacher"]
         conf, acc, _ = _pooled_bins([teacher["reliability"]])
         ax.plot(conf, acc, marker="*", ms=5, lw=1.8, color="k", label=f"teacher (ECE {teacher['ece']:.3f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (the top token's probability), bin mean")
+    ax.set_xlabel(f"confidence (the top token's probability), bin mean; bins of >= {MIN_BIN_TOKENS} tokens")
     ax.set_ylabel("accuracy (the top token is the next token)")
     ax.set_title(f"Reliability of the next-token distribution on the test split{eval_protocol(runs, 'test')}")
-    ax.legend(fontsize=6, frameon=False, ncol=2, loc="upper left")
+    ax.legend(fontsize=6, frameon=False, ncol=2, loc="lower right")
     ax.grid(alpha=0.3)
     return fig
 

@@ -85,3 +85,60 @@ def test_the_significance_figure_with_one_seed_says_no_test_is_possible(tmp_path
     said = " ".join(t.get_text() for t in fig.axes[0].texts).replace("\n", " ")
     assert "No test is possible with one seed" in said and "needs at least 2" in said
     matplotlib.pyplot.close("all")
+
+
+def _metric_runs(tmp_path):
+    """ce and kl over seeds 0 and 1, each with test metrics (results_helpers.metrics_summary)."""
+    from results_helpers import metrics_summary
+
+    values = {("ce", 0): (0.40, 0.60, (10, 20, 40, 80, 160)), ("ce", 1): (0.42, 0.58, (12, 22, 44, 88, 176)),
+              ("kl", 0): (0.50, 0.40, (9, 18, 30, 60, 100)), ("kl", 1): (0.52, 0.38, (11, 20, 34, 64, 120))}
+    for (exp, seed), (agreement, kl, buckets) in values.items():
+        make_run(tmp_path, exp, seed, [300, 200], 150.0 + seed + (exp == "ce") * 20,
+                 test_metrics=metrics_summary(agreement=agreement, kl_teacher=kl, bucket_ppl=buckets))
+    runs, _, _ = results.load_runs(tmp_path)
+    return runs, values
+
+
+def test_the_fidelity_figure_has_a_point_per_run_at_its_numbers_and_the_teachers_line(tmp_path):
+    runs, values = _metric_runs(tmp_path)
+    fig = plots.fidelity_vs_ppl(runs)
+    agreement_ax, kl_ax = fig.axes[:2]
+    points = {tuple(p) for c in agreement_ax.collections for p in c.get_offsets().tolist()}
+    expected = {(a, 150.0 + s + (e == "ce") * 20) for (e, s), (a, _, _) in values.items()}
+    assert points == expected
+    kl_points = {tuple(p) for c in kl_ax.collections for p in c.get_offsets().tolist()}
+    assert {x for x, _ in kl_points} == {k for _, k, _ in values.values()}
+    teacher = [line for line in agreement_ax.lines if line.get_label().startswith("teacher")]
+    assert len(teacher) == 1 and teacher[0].get_ydata()[0] == 30.0  # metrics_summary's teacher ppl
+    matplotlib.pyplot.close("all")
+
+
+def test_the_bucket_figure_draws_each_experiments_change_against_ce_per_bucket(tmp_path):
+    runs, values = _metric_runs(tmp_path)
+    table = stats.experiment_table(runs)
+    fig = plots.bucket_change(table, {"min_count": [900, 300, 100, 30, 0], "max_count": [900, 400, 200, 90, 29]})
+    lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].lines}
+    ce = np.mean([values[("ce", 0)][2], values[("ce", 1)][2]], axis=0)
+    kl = np.mean([values[("kl", 0)][2], values[("kl", 1)][2]], axis=0)
+    assert np.allclose(lines["kl"], 100 * (kl / ce - 1))
+    assert np.allclose(lines["teacher"], 100 * ((kl + ce) / 4 / ce - 1))  # the teacher's buckets: half each run's
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks[0] == "1\n900" and ticks[4] == "5\n0-29"
+    matplotlib.pyplot.close("all")
+
+
+def test_the_reliability_diagram_pools_seeds_by_tokens_and_leaves_out_thin_bins(tmp_path):
+    runs, _ = _metric_runs(tmp_path)
+    bins = {r: results.read_test_metrics(tmp_path, runs)[r] for r in runs["run"]}
+    first, second = (bins[r]["student"]["reliability"] for r in ("kl-seed0", "kl-seed1"))
+    first.update(count=[10] + first["count"][1:], confidence=[0.05] + first["confidence"][1:],
+                 accuracy=[0.5] + first["accuracy"][1:])  # a bin of 10 tokens: under MIN_BIN_TOKENS
+    second.update(count=second["count"][:4] + [300] + second["count"][5:],
+                  accuracy=second["accuracy"][:4] + [0.1] + second["accuracy"][5:])
+    fig = plots.reliability_diagram(runs, bins)
+    kl = next(line for line in fig.axes[0].lines if line.get_label().startswith("kl "))
+    # bin 5: 100 tokens at accuracy 0.25 (ece 0.05 below 0.3) and 300 at 0.1, pooled by count
+    assert kl.get_xdata().tolist() == [0.3] and np.allclose(kl.get_ydata(), [(100 * 0.25 + 300 * 0.1) / 400])
+    assert any(line.get_label().startswith("teacher (ECE 0.020)") for line in fig.axes[0].lines)
+    matplotlib.pyplot.close("all")

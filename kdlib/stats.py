@@ -171,10 +171,11 @@ def paired_t(diff, alpha: float = 0.05) -> dict:
 def _against(label: str, baseline: str, labels: list) -> Optional[str]:
     """The row ``label`` is tested against for ``baseline``: the baseline trained from the same
     teacher cache where the grid has it (a cached run's objective differs), else the baseline
-    itself; None for the baseline's own row, or when the grid has no run of it."""
+    itself; the cached baseline's own row against the online baseline (what the cache costs); None
+    for the baseline's own row, or when the grid has no run of it."""
     suffix = _CACHE_SUFFIX.search(label)
     same = baseline + suffix.group(0) if suffix else baseline
-    against = same if same in labels else baseline
+    against = same if same in labels and same != label else baseline
     return None if against not in labels or against == label else against
 
 
@@ -216,7 +217,8 @@ def significance(runs: pd.DataFrame, baselines=("kl", "ce"), metric: Optional[st
     numbers are NaN.
 
     A row trained from the teacher's top-k cache is tested against the baseline from the same cache
-    where the grid has one (``against``), else against the online baseline; ``ce`` has no teacher,
+    where the grid has one (``against``), else against the online baseline, and that cached baseline
+    against the online one (what the cache costs); ``ce`` has no teacher,
     so every row is tested against ``ce``. A baseline's own row, and a baseline with no run, give no
     row. Two runs of one label and seed (two folders) count as their mean. Runs of several
     protocols are refused, as ``experiment_table`` refuses them.

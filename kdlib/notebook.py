@@ -230,6 +230,7 @@ def summary_text(summary: dict) -> str:
             ("final validation perplexity", num("final_val_ppl")),
             ("test perplexity", f"{num('test_ppl')} (block {get('eval_block_size')}, stride "
                                 f"{get('eval_stride')}); teacher {num('teacher_test_ppl')}"),
+            *_metrics_rows(summary.get("test_metrics")),
             ("steps / tokens", f"{get('steps')} / {num('tokens', '{:,}')} of a budget of "
                                f"{num('budget_tokens', '{:,}')}" + (" (stopped early)" if summary.get("stopped_early") else "")),
             ("training time", f"{num('train_wall_s', '{:.1f}' if (summary.get('train_wall_s') or 0) < 100 else '{:.0f}')}"
@@ -237,6 +238,19 @@ def summary_text(summary: dict) -> str:
                               f"({num('tokens_per_s', '{:,.0f}')} tokens/s)"),
             ("student", str(get("student_path")))]
     return "\n".join(f"{k:<28} {v}" for k, v in rows)
+
+
+def _metrics_rows(metrics) -> list[tuple[str, str]]:
+    """summary_text's lines for a summary's test_metrics (none for an older run's, or a malformed one)."""
+    try:
+        student, teacher = metrics["student"], metrics["teacher"]
+        return [("fidelity to the teacher", f"top-1 agreement {student['agreement']:.3f}, KL(teacher || student) "
+                                            f"{student['kl_teacher']:.3f} nats/token"),
+                ("calibration (ECE)", f"{student['ece']:.4f}; teacher {teacher['ece']:.4f}"),
+                ("ppl by frequency bucket", ", ".join(number_text(v, "{:.1f}") for v in student["bucket_ppl"])
+                 + " (most frequent first)")]
+    except (KeyError, TypeError, ValueError):
+        return []
 
 
 # --------------------------------------------------------------------------

@@ -87,6 +87,13 @@ def test_summary_text_and_decoded_sample(tmp_path, smoke_data, capsys):
     assert "123.46 at step 8" in shown and "125.00 (block 32, stride 16); teacher 80.00" in shown
     assert "2,560 of a budget of 5,120 (stopped early)" in shown and "3.2 s on cpu" in shown
     assert kdlib.notebook.summary_text({"stopped_at": 5}).startswith("stopped at step 5")
+    assert "agreement" not in shown  # a summary from before the test metrics: no line for them
+    from results_helpers import metrics_summary
+
+    shown = kdlib.notebook.summary_text({**summary, "test_metrics": metrics_summary(bucket_ppl=(10, 20, 40, 80, None))})
+    assert "top-1 agreement 0.500, KL(teacher || student) 0.400 nats/token" in shown
+    assert "0.0500; teacher 0.0200" in shown and "10.0, 20.0, 40.0, 80.0, - (most frequent first)" in shown
+    assert "agreement" not in kdlib.notebook.summary_text({**summary, "test_metrics": {"student": "?"}})
 
 
 def test_cache_plan_counts_only_what_is_left_to_build(tmp_path, cache_data, monkeypatch, capsys):

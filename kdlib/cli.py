@@ -72,6 +72,10 @@ def _shared() -> dict:
                                          "minute or two of compiling)")
     groups["sweep"].add_argument("--exps", nargs="+", metavar="NAME", help="experiments (default: the 14 of the grid)")
     groups["sweep"].add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's)")
+    groups["sweep"].add_argument("--set", dest="sets", action="append", metavar="KEY=V1,V2,...",
+                                 help="a sensitivity sweep over a numeric loss or train field (loss.temperature, "
+                                      "loss.w_div, loss.w_feat, loss.w_cos, train.lr, ...): every run once per "
+                                      "value, in its own folder (kl+temperature=1-seed0); repeated, their product")
     return groups
 
 

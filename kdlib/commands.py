@@ -107,10 +107,12 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _choices(args: argparse.Namespace) -> RunChoices:
-    """The run options of train, sweep and plan (plan has no --cache-dir or --compile)."""
+    """The run options of train, sweep and plan (plan has no --cache-dir or --compile, train no --set)."""
+    from .config.sweep import parse_sets
+
     return RunChoices(feature=args.feature, teacher_source=args.teacher_source, max_steps=args.max_steps,
                       compile=getattr(args, "compile", False), weights=args.weights, weights_dir=args.weights_dir,
-                      resume_dir=args.resume_dir)
+                      resume_dir=args.resume_dir, sweep=parse_sets(getattr(args, "sets", None) or ()) or None)
 
 
 def _folders(args: argparse.Namespace) -> RunFolders:

@@ -33,6 +33,9 @@ class RunChoices:
     weights: Optional[str] = None  # "run" or "best": where the students are kept
     weights_dir: Optional[str] = None  # the local folder for the students with weights = "best"
     resume_dir: Optional[str] = None  # the resume state's folder; "" = the run folder
+    # A sensitivity sweep: {"loss.temperature": (1, 2), "train.lr": (3e-4, 6e-4)}, every run of the sweep
+    # once per point of their product (kdlib.config.sweep; the CLI's --set); None = no sweep.
+    sweep: Optional[dict] = None
 
     def apply(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """``cfg`` with these choices set (in place), the teacher source aside: it depends on the experiment."""
@@ -53,15 +56,16 @@ class RunChoices:
 
 def run_configs(preset: str, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
                 choices: Optional[RunChoices] = None, log: Callable[[str], None] = print) -> list[ExperimentConfig]:
-    """The validated configs of ``exps`` x ``seeds`` under ``preset`` with ``choices`` (defaults: the 14
-    of the grid, the preset's seeds); a bad experiment name is refused before any config is built."""
+    """The validated configs of ``exps`` x ``seeds`` (x the points of ``choices.sweep``) under ``preset``
+    with ``choices`` (defaults: the 14 of the grid, the preset's seeds); a bad experiment name is
+    refused before any config is built."""
     from .plan import sweep_configs
 
     choices = choices or RunChoices()
     base = choices.apply(make_preset(preset))
     for exp in exps or ():
         base.with_experiment(exp)  # refuses a bad name before any work
-    return sweep_configs(base, exps, seeds, choices.teacher_source, log=log)
+    return sweep_configs(base, exps, seeds, choices.teacher_source, log=log, sweep=choices.sweep)
 
 
 def run_config(preset: str, exp: str, seed: Optional[int] = None, choices: Optional[RunChoices] = None,

@@ -50,6 +50,7 @@ class RunPlan:
     other_bytes: int  # what it leaves elsewhere (its student in weights_dir)
     resume_bytes: int  # its resume state while it runs (deleted when it finishes)
     resume_in_results: bool
+    sweep: str = ""  # the run's sweep point ("temperature=1"; kdlib.config.sweep.point_label), "" for none
 
 
 @dataclass
@@ -113,12 +114,15 @@ class Plan:
     def to_text(self) -> str:
         exps = sorted({r.exp for r in self.runs}, key=lambda e: (_rank(e), e))
         seeds = sorted({r.seed for r in self.runs})
+        points = len({r.sweep for r in self.runs})
+        swept = f" x {points} sweep point(s)" if points > 1 or self.runs[0].sweep else ""
+        width = max([30] + [len(r.name) + 2 for r in self.runs])
         lines = [f"plan: preset {self.preset}, {len(exps)} experiment(s) x {len(seeds)} seed(s) "
-                 f"({', '.join(map(str, seeds))}) = {len(self.runs)} run(s); time {self.time_source}",
-                 f"{'run':<30}{'tokens':>14}{'steps':>9}{'epochs':>8}{'evals':>7}{'time':>10}"
+                 f"({', '.join(map(str, seeds))}){swept} = {len(self.runs)} run(s); time {self.time_source}",
+                 f"{'run':<{width}}{'tokens':>14}{'steps':>9}{'epochs':>8}{'evals':>7}{'time':>10}"
                  f"{'results':>11}{'elsewhere':>11}"]
         for r in self.runs:
-            lines.append(f"{r.name:<30}{r.tokens:>14,}{r.steps:>9,}{r.epochs:>8.2f}{r.evals:>7}"
+            lines.append(f"{r.name:<{width}}{r.tokens:>14,}{r.steps:>9,}{r.epochs:>8.2f}{r.evals:>7}"
                          f"{_duration(r.hours):>10}{_size(r.results_bytes):>11}{_size(r.other_bytes):>11}")
         where = f"{self.results_dir} " if self.results_dir else ""
         verdict = "fits" if self.fits else "DOES NOT FIT"
@@ -164,34 +168,39 @@ def _size(n: float) -> str:
 
 def sweep_configs(base: ExperimentConfig, exps: Optional[Sequence[str]] = None,
                   seeds: Optional[Sequence[int]] = None, teacher_source: Optional[str] = None,
-                  log: Callable[[str], None] = print) -> list[ExperimentConfig]:
-    """The validated configs of ``exps`` x ``seeds`` (defaults: the 14 of the grid, the preset's seeds).
+                  log: Callable[[str], None] = print, sweep: Optional[dict] = None) -> list[ExperimentConfig]:
+    """The validated configs of ``exps`` x ``seeds`` x the points of ``sweep`` (defaults: the 14 of the
+    grid, the preset's seeds, no sweep).
 
     ``teacher_source="cache"`` gives the top-k cache to the output-only experiments; the others
     need the full teacher and stay online (said once, and every cached run is labelled).
+    ``sweep``: ``{"loss.temperature": (1, 2), ...}`` (``kdlib.config.sweep.sweep_axes``); each run
+    gets one point of their product, set in its config and recorded in ``cfg.sweep``.
     """
     import copy
+
+    from .config.sweep import apply_point, sweep_axes, sweep_points
 
     exps = list(dict.fromkeys(parse(e, base.loss.feature).name for e in (exps or EXPERIMENTS)))  # once each
     seeds = list(dict.fromkeys(preset_seeds(base.preset) if seeds is None else seeds))
     if not seeds:
         raise KdlibError("no seeds given; give at least one (the preset's: "
                          f"{', '.join(map(str, preset_seeds(base.preset)))})")
+    points = sweep_points(sweep_axes(sweep or {}))
     online_only = []
     cfgs = []
-    for seed in seeds:
-        for exp in exps:
-            cfg = copy.deepcopy(base).with_experiment(exp)
-            cfg.seed = seed
-            if teacher_source is not None:
-                spec = cfg.spec
-                if teacher_source == "cache" and not spec.output_only:
-                    if spec.needs_teacher and cfg.exp not in online_only:
-                        online_only.append(cfg.exp)
-                    cfg.train.teacher_source = "online"
-                else:
-                    cfg.train.teacher_source = teacher_source
-            cfgs.append(cfg.validate())
+    for seed, exp, point in ((s, e, p) for s in seeds for e in exps for p in points):
+        cfg = apply_point(copy.deepcopy(base).with_experiment(exp), point)
+        cfg.seed = seed
+        if teacher_source is not None:
+            spec = cfg.spec
+            if teacher_source == "cache" and not spec.output_only:
+                if spec.needs_teacher and cfg.exp not in online_only:
+                    online_only.append(cfg.exp)
+                cfg.train.teacher_source = "online"
+            else:
+                cfg.train.teacher_source = teacher_source
+        cfgs.append(cfg.validate())
     if online_only:
         log(f"note: {', '.join(online_only)} need the teacher's full outputs (features or cosine) and run "
             "online; the output-only experiments use the top-k cache, labelled '[top-k cache]' in the report")
@@ -300,6 +309,7 @@ def _run_plan(cfg: ExperimentConfig, data: _Data, rate: Callable[[ExperimentConf
               student_bytes: int) -> RunPlan:
     """One run's tokens, steps, evaluations, time (at ``rate`` FLOP/s) and bytes."""
     from .optim import schedule
+    from .config.sweep import point_label
     from .runs import RunPaths, run_name, teacher_source_of
     from .storage import estimate_run_bytes, small_files_bytes
 
@@ -322,7 +332,7 @@ def _run_plan(cfg: ExperimentConfig, data: _Data, rate: Callable[[ExperimentConf
         other_bytes=0 if kept_here else student_bytes,
         # weights and AdamW moments of student and projectors, and the file's header
         resume_bytes=estimate_run_bytes(cfg, True, with_student=False, small_bytes=0),
-        resume_in_results=cfg.train.resume_dir is None)
+        resume_in_results=cfg.train.resume_dir is None, sweep=point_label(cfg.sweep))
 
 
 def _existing_bytes(results_dir, cfgs: Sequence[ExperimentConfig]) -> int:

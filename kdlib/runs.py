@@ -30,6 +30,7 @@ from torch import nn
 
 from .cache import TopKCache, cache_identity
 from .config import ExperimentConfig
+from .config.sweep import point_label
 from .data import SPLITS, check_prepared_for, check_tokenizer_fits, load_split, verify_split
 from .errors import KdlibError
 from .evaluate import perplexity
@@ -136,11 +137,13 @@ class RunPaths:
 
 
 def run_name(cfg: ExperimentConfig) -> str:
-    """The run folder's name: experiment and seed, the feature kind when it is attention maps, and
-    ``-topK`` when the teacher's outputs come from the top-k cache (``kl-top32-seed0``)."""
+    """The run folder's name: experiment and seed, the feature kind when it is attention maps,
+    ``-topK`` when the teacher's outputs come from the top-k cache (``kl-top32-seed0``), and a
+    sweep's values (``kl+temperature=1-seed0``: two points of a sweep never share a folder)."""
     spec = cfg.spec
     cached = f"-top{cfg.cache.top_k}" if teacher_source_of(cfg) == "cache" else ""
-    return f"{spec.name}{'-attn' if spec.needs_attentions else ''}{cached}-seed{cfg.seed}"
+    swept = "+" + point_label(cfg.sweep, sep="+") if cfg.sweep else ""
+    return f"{spec.name}{'-attn' if spec.needs_attentions else ''}{cached}{swept}-seed{cfg.seed}"
 
 
 def run_dir(results_dir, cfg: ExperimentConfig) -> Path:
@@ -174,6 +177,8 @@ def config_digest(cfg: ExperimentConfig, components_in_loss: bool = False) -> st
     ``components_in_loss``: the digest of the same config as kdlib wrote it before, with the
     experiment's components repeated under "loss", so that a run interrupted then still continues."""
     d = cfg.to_dict()
+    if not d["sweep"]:  # a config.json written before sweeps had none: its resume state still continues
+        del d["sweep"]
     for k in SPEED_ONLY:
         d["train"].pop(k, None)
     if components_in_loss:
@@ -193,7 +198,7 @@ def check_config(paths: RunPaths, cfg: ExperimentConfig) -> None:
             setattr(saved.train, k, getattr(cfg.train, k))
         if saved != cfg:
             diff = []
-            for k in ("preset", "exp", "seed", "model", "teacher", "loss", "data", "cache", "train"):
+            for k in ("preset", "exp", "seed", "model", "teacher", "loss", "data", "cache", "train", "sweep"):
                 a, b = getattr(saved, k), getattr(cfg, k)
                 if a == b:
                     continue

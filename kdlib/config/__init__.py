@@ -5,6 +5,7 @@
                    loss components), JSON save and strict load
     presets.py     smoke, demo, study, colab-a100, colab-t4; their sweeps' seeds
     strict.py      range checks that name the field; the dict -> dataclass loader
+    sweep.py       sensitivity sweeps: --set KEY=V1,V2 parsed and checked, their points applied
 
 Every name is importable from ``kdlib.config`` as before the split.
 """

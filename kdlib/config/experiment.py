@@ -20,6 +20,7 @@ from ..errors import KdlibError
 from ..grid import ExperimentSpec, parse
 from .sections import CacheConfig, DataConfig, LossConfig, LossTerms, TeacherConfig, TinyGPTConfig, TrainConfig
 from .strict import build, check_value
+from .sweep import check_sweep
 
 MAX_SEED = 2**63  # torch.manual_seed takes a 64-bit seed; kdlib's seeds stay below its signed range
 
@@ -42,6 +43,9 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The sensitivity sweep's values this run was given ({"loss.temperature": 1.0}; kdlib.config.sweep):
+    # already set in the sections above, recorded here for the run's name and the report. {} = no sweep.
+    sweep: dict = field(default_factory=dict)
 
     @property
     def spec(self) -> ExperimentSpec:
@@ -99,6 +103,7 @@ class ExperimentConfig:
         if self.data.block_size > self.model.block_size:
             raise KdlibError(f"data.block_size ({self.data.block_size}) exceeds the model's "
                              f"block_size ({self.model.block_size})")
+        check_sweep(self)
         return self
 
     def to_dict(self) -> dict:

@@ -5,7 +5,8 @@
 with the protocol statement, then its table, the test metrics beside perplexity: fidelity,
 calibration, frequency buckets (``metrics_section``), and ends with which rows differ from ``kl``
 and ``ce`` (``significance_section``)), ``runs.csv``, ``cosine_effect.csv``, ``js_early_late.csv``,
-``significance.csv`` and the figures (``kdlib.plots``).
+``significance.csv`` and the figures (``kdlib.plots``); for a sensitivity sweep, ``sweep.csv``, a
+"Sensitivity" section and a ``sweep_KEY`` figure per swept key.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .fileio import atomic_write_text
 from .results import (BUCKET_COLUMNS, PROTOCOL_COLUMNS, TEACHER_COLUMNS, load_runs,
                       read_test_metrics, reference_runs)
 from .stats import (experiment_table, js_early_late, paired_differences, protocol_groups, significance,
-                    significance_method, why_untestable)
+                    significance_method, sweep_table, why_untestable)
 
 def _values(series, fmt=str) -> str:
     values = [v for v in dict.fromkeys(series) if pd.notna(v)]
@@ -192,6 +193,20 @@ def significance_section(sig: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def sensitivity_section(sweep: pd.DataFrame) -> str:
+    """results.md's section on a sensitivity sweep: per swept key, perplexity against its values per
+    experiment (``stats.sweep_table``), and the figures that draw it."""
+    metric = sweep["metric"].iloc[0]
+    lines = ["## Sensitivity", "",
+             f"Runs of a sweep (`--set KEY=V1,V2,...`): `{metric}` per experiment and swept value, mean and 95% CI "
+             "over seeds (`-` with one seed); an experiment of a product sweep names the other keys' values. "
+             "Figures `sweep_KEY`; the numbers in `sweep.csv`.", ""]
+    for key, rows in sweep.groupby("key", sort=False):
+        shown = rows.set_index("experiment")[["value", "seeds", "ppl", "ci95"]]
+        lines += [f"### `{key}`", "", markdown(shown), ""]
+    return "\n".join(lines)
+
+
 def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref=None, metrics=None) -> dict:
     """One protocol group's tables and figures in ``folder``; ``metrics``: {run: its test_metrics}."""
     from . import plots
@@ -202,6 +217,9 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
     table = table.join(significance_marks(sig, table.index))  # new columns at the end: results.csv keeps its own
     statement = protocol_statement(runs)
     sections = metrics_section(table, runs, metrics) + "\n" + significance_section(sig)
+    sweep = sweep_table(runs)
+    if not sweep.empty:
+        sections += "\n" + sensitivity_section(sweep)
     files = list(write_tables(table, folder, "results", header=statement, footer=sections))
     files.append(folder / "significance.csv")
     atomic_write_text(files[-1], sig.to_csv(index=False, float_format="%.6g"))
@@ -232,6 +250,11 @@ def _report_group(runs: pd.DataFrame, curves: dict, folder: Path, name: str, ref
             figures += plots.save(plots.bucket_change(table, buckets), folder, "bucket_change")
     if ref is not None:
         figures += plots.save(plots.with_reference(runs, curves, *ref), folder, "curves_with_study")
+    if not sweep.empty:
+        files.append(folder / "sweep.csv")
+        atomic_write_text(files[-1], sweep.to_csv(index=False, float_format="%.6g"))
+        for key, fig in plots.sweep_curves(sweep, runs).items():
+            figures += plots.save(fig, folder, f"sweep_{key}")
     return {"name": name, "folder": folder, "statement": statement, "table": table, "runs": runs,
             "significance": sig, "sections": sections, "figures": figures, "files": files}
 

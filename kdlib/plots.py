@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config.sweep import format_value
 from .errors import KdlibError
 from .fileio import atomic_write_bytes
 
@@ -377,3 +378,36 @@ def significance_table(sig: pd.DataFrame):
         "than the baseline, better; red: higher)."
     ax.text(0, -0.02, textwrap.fill(caption, 115), va="top", fontsize=6.5, transform=ax.transAxes)
     return fig
+
+
+def sweep_curves(table: pd.DataFrame, runs=None) -> dict:
+    """{swept key: Figure}: perplexity against the key's values (``stats.sweep_table``), one line per
+    experiment, 95% CI bars where several seeds ran; a log x-axis where the values span more than 10x.
+    ``runs``: the protocol, for the axis label."""
+    plt = _plt()
+    figures = {}
+    for key, rows in table.groupby("key", sort=False):
+        fig, ax = plt.subplots(figsize=(WIDTH, 3.4))
+        colours = _colours(list(dict.fromkeys(rows["experiment"])))
+        for exp, line in rows.groupby("experiment", sort=False):
+            line = line.sort_values("value")  # (values,) along the x-axis
+            ci = line["ci95"] if line["ci95"].notna().any() else None
+            ax.errorbar(line["value"], line["ppl"], yerr=None if ci is None else ci.fillna(0), marker="o",
+                        capsize=3, label=exp, color=colours.get(exp))
+        low, high = rows["value"].min(), rows["value"].max()
+        if low > 0 and high / low > 10:
+            ax.set_xscale("log")
+        values = sorted(set(rows["value"]))
+        ax.set_xticks(values, [format_value(v) for v in values])
+        ax.minorticks_off()
+        ax.ticklabel_format(axis="y", useOffset=False)
+        metric = rows["metric"].iloc[0]
+        ax.set_xlabel(key)
+        ax.set_ylabel(("test perplexity" + eval_protocol(runs, "test")) if metric == "test_ppl"
+                      else "best validation perplexity" + eval_protocol(runs))
+        seeds = rows["seeds"].max()
+        ax.set_title(f"Sensitivity to {key} " + ("(mean over seeds, 95% CI)" if seeds > 1 else "(1 seed)"))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+        figures[key] = fig
+    return figures

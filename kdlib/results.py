@@ -21,6 +21,7 @@ from typing import Optional
 
 import pandas as pd
 
+from .config.sweep import point_label
 from .errors import KdlibError
 from .fileio import read_json, read_jsonl
 from .grid import parse
@@ -36,7 +37,7 @@ PROTOCOL_COLUMNS = ["preset", "block_size", "test_stride", "val_stride", "budget
 BUCKET_COLUMNS = [f"ppl_bucket{k}" for k in range(1, FREQUENCY_BUCKETS + 1)]
 METRIC_COLUMNS = ["agreement", "kl_teacher", "ece", *BUCKET_COLUMNS]
 TEACHER_COLUMNS = ["teacher_test_ppl", "teacher_ece", *(f"teacher_{c}" for c in BUCKET_COLUMNS)]
-RUN_COLUMNS = ["run", "source", "exp", "label", "seed", "feature", "divergence", "feature_map", "cosine", "finished",
+RUN_COLUMNS = ["run", "source", "exp", "label", "sweep", "seed", "feature", "divergence", "feature_map", "cosine", "finished",
                "best_val_ppl", "final_val_ppl", "test_ppl", "best_step", "best_epoch", "steps", "tokens",
                "train_wall_s", "tokens_per_s", "teacher_source", "cache_top_k", "teacher", *PROTOCOL_COLUMNS,
                "budget", "dataset", "protocol", *METRIC_COLUMNS, *TEACHER_COLUMNS]
@@ -57,10 +58,12 @@ def _components(exp: str, feature: str) -> dict:
             "cosine": spec.cosine}
 
 
-def run_label(exp: str, feature: str, teacher_source: str = "online", cache_top_k=None) -> str:
+def run_label(exp: str, feature: str, teacher_source: str = "online", cache_top_k=None, sweep: str = "") -> str:
     """An experiment's row key: ``kl``; ``layerwise-kl [attn]`` (attention-map features);
-    ``kl [top-32 cache]`` (the teacher's outputs from its top-k cache, a different objective)."""
+    ``kl [temperature=1]`` (a point of a sensitivity sweep, ``sweep`` its values: two points are two
+    rows); ``kl [top-32 cache]`` (the teacher's outputs from its top-k cache, a different objective)."""
     name = exp if feature == "hidden" or parse(exp, feature).feature_map is None else f"{exp} [attn]"
+    name += f" [{sweep}]" if sweep else ""
     if teacher_source != "cache":
         return name
     return f"{name} [top-{int(cache_top_k)} cache]" if pd.notna(cache_top_k) else f"{name} [cache]"
@@ -279,12 +282,23 @@ def _config_fields(config: dict, summary: dict) -> dict:
         _need(top_k, "whole number", "cache.top_k")
     test_stride = summary.get("eval_stride", block // 2)
     val_stride = summary.get("in_training_eval_stride", block)
-    return {"exp": exp, "label": run_label(exp, feature, source, top_k), "seed": seed, "feature": feature,
+    sweep = _sweep(config.get("sweep") or {})
+    return {"exp": exp, "label": run_label(exp, feature, source, top_k, sweep), "sweep": sweep, "seed": seed,
+            "feature": feature,
             **_components(exp, feature), "teacher_source": source, "cache_top_k": top_k,
             "teacher": _teacher(config) if source != "none" else None, "preset": config.get("preset"),
             "block_size": block, "test_stride": test_stride, "val_stride": val_stride,
             "budget_tokens": budget_tokens, "budget": budget, "dataset": _dataset(config["data"]),
             "protocol": _digest({**protocol_key(config), "test_stride": test_stride, "val_stride": val_stride})}
+
+
+def _sweep(point) -> str:
+    """A config's sweep point as the report writes it (``temperature=1, w_div=0.5``), "" for none."""
+    if not isinstance(point, dict):
+        raise _Malformed(f"its sweep is {point!r}, not an object")
+    for key, value in point.items():
+        _need(value, "number", f"sweep {key}")
+    return point_label(point)
 
 
 def load_runs(results_dir) -> tuple[pd.DataFrame, dict, list]:
@@ -374,6 +388,7 @@ def reference_runs() -> tuple[pd.DataFrame, dict]:
         curves[name] = curve
         source = "online" if parse(exp, "attention").needs_teacher else "none"
         rows.append({"run": name, "source": "original study", "exp": exp, "label": run_label(exp, "attention"),
+                     "sweep": "",
                      "seed": 42, "feature": "attention", **_components(exp, "attention"), "finished": True,
                      "best_val_ppl": ppl.min(), "final_val_ppl": ppl.iloc[-1], "best_step": int(ppl.idxmin()) + 1,
                      "best_epoch": int(ppl.idxmin()) + 1, "steps": len(ppl), "tokens": len(ppl) * STUDY_EPOCH_TOKENS,

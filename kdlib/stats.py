@@ -7,7 +7,7 @@ and the change against the no-KD baseline; ``paired_differences`` measures an ef
 term) seed by seed; ``js_early_late`` tests the original study's second finding (JS perplexity
 falls fast, then rises); ``significance`` says which experiments differ from ``kl`` and ``ce``
 (paired t-tests by seed, Holm-corrected). ``protocol_groups`` splits runs by protocol: nothing here averages runs
-of two protocols.
+of two protocols. ``sweep_table`` gives a sensitivity sweep's perplexity against each swept value.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from .config.sweep import format_value
 from .errors import KdlibError
 from .grid import EXPERIMENTS
 from .results import BUCKET_COLUMNS, PROTOCOL_COLUMNS, TEACHER_COLUMNS
@@ -272,3 +273,39 @@ def why_untestable(sig: pd.DataFrame) -> str:
                 "t-test needs at least 2 (3 or more for an interval of use: with 2, the t quantile is 12.7). Train "
                 "more seeds (python -m kdlib sweep --seeds 0 1 2) and report again.")
     return "No comparison can be tested: " + "; ".join(f"{n} x {note}" for note, n in notes.items()) + "."
+
+
+SWEEP_COLUMNS = ["experiment", "key", "value", "seeds", "ppl", "ci95", "metric"]
+
+
+def _point(sweep: str) -> dict:
+    """``"temperature=1, w_div=0.5"`` (a runs table's ``sweep``, ``config.sweep.point_label``) -> {name: value}."""
+    return {k: float(v) for k, _, v in (part.partition("=") for part in sweep.split(", "))}
+
+
+def sweep_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """A sensitivity sweep's perplexity per experiment, swept key and value: seeds, mean and 95% CI.
+
+    ``experiment`` is the run's label without the swept key's value (with the other keys' values of
+    a product sweep: ``kl [w_div=0.5]`` along ``temperature``), so no mean mixes two points. The
+    score is test perplexity where any swept run has one, else best validation perplexity (never the
+    two mixed; ``metric`` says which); runs without it do not count. Empty without swept runs.
+    """
+    swept = runs[runs["sweep"].fillna("").astype(str) != ""] if "sweep" in runs else runs.iloc[0:0]
+    metric = "test_ppl" if swept["test_ppl"].notna().any() else "best_val_ppl"
+    swept = swept.dropna(subset=[metric])
+    rows = []
+    for _, run in swept.iterrows():
+        point = _point(run["sweep"])
+        base = run["label"].replace(f" [{run['sweep']}]", "", 1)
+        for key, value in point.items():
+            others = ", ".join(f"{k}={format_value(v)}" for k, v in point.items() if k != key)
+            rows.append({"experiment": base + (f" [{others}]" if others else ""), "key": key, "value": value,
+                         "seed": run["seed"], "score": run[metric]})
+    if not rows:
+        return pd.DataFrame(columns=SWEEP_COLUMNS)
+    g = pd.DataFrame(rows).groupby(["experiment", "key", "value"], sort=False)
+    table = pd.DataFrame({"seeds": g["seed"].nunique(), "ppl": g["score"].mean(), "ci95": g["score"].apply(ci95)})
+    table = table.reset_index().sort_values(["key", "experiment", "value"], kind="stable", ignore_index=True)
+    table["metric"] = metric
+    return table[SWEEP_COLUMNS]

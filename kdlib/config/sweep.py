@@ -46,7 +46,8 @@ def _field_type(key: str) -> type:
     numeric = numeric_fields(section)
     if name not in numeric:
         all_fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
-        what = "is not a number (a sweep sets numbers)" if name in all_fields else "is not a field of it"
+        what = ("changes how often a run saves, not what it learns" if name in NOT_SWEPT
+                else "is not a number (a sweep sets numbers)" if name in all_fields else "is not a field of it")
         raise KdlibError(f"--set {key}: {section}.{name} {what}; the numeric fields of {section} are: "
                          f"{choices(numeric)}")
     return numeric[name]

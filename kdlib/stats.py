@@ -304,7 +304,7 @@ def sweep_table(runs: pd.DataFrame) -> pd.DataFrame:
                          "seed": run["seed"], "score": run[metric]})
     if not rows:
         return pd.DataFrame(columns=SWEEP_COLUMNS)
-    g = pd.DataFrame(rows).groupby(["experiment", "key", "value"], sort=False)
+    g = pd.DataFrame(rows).astype({"value": float, "score": float}).groupby(["experiment", "key", "value"], sort=False)
     table = pd.DataFrame({"seeds": g["seed"].nunique(), "ppl": g["score"].mean(), "ci95": g["score"].apply(ci95)})
     table = table.reset_index().sort_values(["key", "experiment", "value"], kind="stable", ignore_index=True)
     table["metric"] = metric

@@ -177,8 +177,6 @@ def config_digest(cfg: ExperimentConfig, components_in_loss: bool = False) -> st
     ``components_in_loss``: the digest of the same config as kdlib wrote it before, with the
     experiment's components repeated under "loss", so that a run interrupted then still continues."""
     d = cfg.to_dict()
-    if not d["sweep"]:  # a config.json written before sweeps had none: its resume state still continues
-        del d["sweep"]
     for k in SPEED_ONLY:
         d["train"].pop(k, None)
     if components_in_loss:

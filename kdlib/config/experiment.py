@@ -44,7 +44,8 @@ class ExperimentConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # The sensitivity sweep's values this run was given ({"loss.temperature": 1.0}; kdlib.config.sweep):
-    # already set in the sections above, recorded here for the run's name and the report. {} = no sweep.
+    # already set in the sections above, recorded here for the run's name and the report. {} = no sweep
+    # (then left out of config.json, as kdlib wrote it before sweeps).
     sweep: dict = field(default_factory=dict)
 
     @property
@@ -107,7 +108,12 @@ class ExperimentConfig:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as JSON-able dicts; ``sweep`` only where it has values, so that the config.json
+        of a run outside any sweep is what kdlib wrote before sweeps (its resume state's digest too)."""
+        d = dataclasses.asdict(self)
+        if not d["sweep"]:
+            del d["sweep"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -77,6 +77,8 @@ def sweep_axes(axes: Mapping[str, Sequence]) -> dict:
     at least one value and none twice; the values as tuples of that type."""
     out = {}
     for key, values in axes.items():
+        if not isinstance(values, (list, tuple)):
+            raise KdlibError(f"sweep {key}: give its values as a list ([1, 2]), got {values!r}")
         values = [_value(key, v) for v in values]
         if not values:
             raise KdlibError(f"--set {key}: no values; give one or more, e.g. --set {key}=1,2")

@@ -49,6 +49,12 @@ def test_each_bad_set_is_refused_in_one_line(sets, says):
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_notebooks_sweep_gives_lists_of_values():
+    assert run_configs("smoke", ["kl"], [0], RunChoices(sweep={"loss.w_cos": (0.1,)}), log=print)[0].loss.w_cos == 0.1
+    with pytest.raises(KdlibError, match=r"give its values as a list \(\[1, 2\]\), got 2"):
+        run_configs("smoke", ["kl"], [0], RunChoices(sweep={"loss.temperature": 2}))
+
+
 def test_plan_refuses_a_bad_set_before_anything_starts(capsys, tmp_path):
     assert cli_main(["plan", "--preset", "smoke", "--exps", "kl", "--seeds", "0", "--set", "loss.w_feat=x",
                      "--runs", str(tmp_path / "runs")]) == 2
@@ -113,7 +119,7 @@ def test_the_point_is_saved_and_loaded_strictly_and_an_older_config_still_loads(
         with pytest.raises(KdlibError, match=says):
             ExperimentConfig.from_dict({**d, "sweep": bad})
     old = preset("smoke", "kl").validate().to_dict()
-    del old["sweep"]  # a config.json written before sweeps
+    assert "sweep" not in old  # outside a sweep, config.json is what kdlib wrote before sweeps
     loaded = ExperimentConfig.from_dict(old)
     assert loaded.sweep == {} and loaded == preset("smoke", "kl").validate()
     # its resume state is bound to the digest of that older file, written as kdlib wrote it then

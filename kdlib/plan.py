@@ -179,7 +179,7 @@ def sweep_configs(base: ExperimentConfig, exps: Optional[Sequence[str]] = None,
     """
     import copy
 
-    from .config.sweep import apply_point, sweep_axes, sweep_points
+    from .config.sweep import acts_on, apply_point, sweep_axes, sweep_points
 
     exps = list(dict.fromkeys(parse(e, base.loss.feature).name for e in (exps or EXPERIMENTS)))  # once each
     seeds = list(dict.fromkeys(preset_seeds(base.preset) if seeds is None else seeds))
@@ -201,6 +201,11 @@ def sweep_configs(base: ExperimentConfig, exps: Optional[Sequence[str]] = None,
             else:
                 cfg.train.teacher_source = teacher_source
         cfgs.append(cfg.validate())
+    inert = [f"{key} on {exp}" for key in (sweep or {}) for exp in exps
+             if not acts_on(key, parse(exp, base.loss.feature))]
+    if inert and len(points) > 1:
+        log(f"note: swept values that act on no term of the experiment: {', '.join(inert)}; points that differ "
+            "only in them train the same student (drop the experiment from --exps, or sweep it apart)")
     if online_only:
         log(f"note: {', '.join(online_only)} need the teacher's full outputs (features or cosine) and run "
             "online; the output-only experiments use the top-k cache, labelled '[top-k cache]' in the report")

@@ -129,6 +129,17 @@ def apply_point(cfg, point: Mapping[str, Any]):
     return cfg
 
 
+# The loss values that act only with a component of the experiment (its spec's field); the others always act.
+ACTS_WITH = {"temperature": "divergence", "w_div": "divergence", "w_feat": "feature_map", "w_cos": "cosine"}
+
+
+def acts_on(key: str, spec) -> bool:
+    """Whether swept ``key`` changes the run of experiment ``spec`` (``loss.temperature`` does not act on
+    ``ce``, which has no divergence; every train field acts)."""
+    section, _, name = key.partition(".")
+    return section != "loss" or name not in ACTS_WITH or bool(getattr(spec, ACTS_WITH[name]))
+
+
 def check_sweep(cfg) -> None:
     """A config's ``sweep`` record agrees with its values: each key sweepable, each value the one the
     run uses (``loss_terms`` for a loss value: a per-divergence override would hide it)."""

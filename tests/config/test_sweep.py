@@ -74,6 +74,15 @@ def test_the_product_gives_every_point_its_config_and_folder():
     assert "kl+temperature=2+w_div=0.25-seed0" in {run_name(c) for c in cfgs}
 
 
+def test_a_swept_value_no_term_of_the_experiment_weighs_is_said():
+    notes = []
+    run_configs("smoke", ["ce", "kl", "layerwise-kl-cos"], [0],
+                RunChoices(sweep={"loss.temperature": [1, 2], "loss.w_cos": [0.1], "train.lr": [1e-3]}), log=notes.append)
+    assert notes == ["note: swept values that act on no term of the experiment: loss.temperature on ce, loss.w_cos on "
+                     "ce, loss.w_cos on kl; points that differ only in them train the same student (drop the "
+                     "experiment from --exps, or sweep it apart)"]
+
+
 def test_the_plan_shows_the_sweeps_total(capsys, tmp_path, monkeypatch):
     import kdlib.plan
 

@@ -194,6 +194,9 @@ def _add_result_commands(sub, shared: dict) -> None:
                  "on 2 CPU cores; finished steps are reused when run again.")
     p.add_argument("--dir", default="demo", help="output folder (default: demo)")
     p.add_argument("--quick", action="store_true", help="a few steps per run (for CI): checks the pipeline")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="instead of the grid: the sensitivity sweeps of docs/protocol.md (feature, cosine and "
+                        "divergence weights, temperature) on the demo's data and teacher, into DIR/sensitivity")
 
     p = _command(sub, "report", "tables and figures from a results folder",
                  "Read every run in a results folder (finished or not), write the per-experiment table (mean and "

@@ -366,9 +366,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, run_sensitivity
 
-    run_demo(args.dir, quick=args.quick)
+    (run_sensitivity if args.sensitivity else run_demo)(args.dir, quick=args.quick)
     return 0
 
 

@@ -37,6 +37,14 @@ from .objective import LossOutput
 from .prep import prepare
 
 TEACHER_STEPS, TEACHER_LR, TEACHER_BATCH = 500, 2e-3, 16
+# The sensitivity sweeps of docs/protocol.md ("A sensitivity study"), at demo scale: (experiments,
+# swept values, the original study's finding they test). One seed: a curve per weight, not a test.
+SENSITIVITY = (
+    (("layerwise-kl",), {"loss.w_feat": (0.05, 0.5, 5.0)}, "finding 1: the feature term at a weight where it acts"),
+    (("layerwise-js",), {"loss.temperature": (1.0, 2.0, 4.0)}, "finding 2: JS at other temperatures"),
+    (("layerwise-js",), {"loss.w_div": (0.25, 0.75)}, "finding 2: JS at other divergence weights"),
+    (("layerwise-kl-cos",), {"loss.w_cos": (0.05, 0.5, 5.0)}, "finding 3: the cosine term at a weight where it acts"),
+)
 
 
 class _LanguageModelLoss(nn.Module):
@@ -112,6 +120,37 @@ def _teacher_step(model: nn.Module, cfg: ExperimentConfig, steps: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, steps // 20, 0.1))
     trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
     return TrainStep(accelerator, trainee, optimizer, scheduler, lambda idx, ids: None, train_cfg, FiniteGuard())
+
+
+def run_sensitivity(root="demo", quick: bool = False, log: Callable[[str], None] = print,
+                    progress: bool = True) -> dict:
+    """The sensitivity sweeps (``SENSITIVITY``) at demo scale on the demo's data and teacher (made
+    first when missing, reused otherwise), into ``root/sensitivity/runs``, then their report in
+    ``root/sensitivity/results`` (its "Sensitivity" section and ``sweep_*`` figures)."""
+    from . import analysis
+    from .models import load_teacher
+    from .plan import sweep_configs
+    from .runs import run_dir
+    from .storage import StorageBudget
+    from .train import train
+
+    root = Path(root)
+    data_dir, runs_dir = root / "data", root / "sensitivity" / "runs"
+    base = preset("demo")
+    if quick:
+        base.train.max_steps, base.train.eval_every = 12, 6
+    prepare(base, data_dir, log=log)
+    base.teacher.name = str(train_teacher(base, data_dir, root / "teacher", steps=40 if quick else TEACHER_STEPS,
+                                          log=log, progress=progress).resolve())
+    teacher = load_teacher(base.teacher, student_vocab_size=base.model.vocab_size)
+    budget = StorageBudget(runs_dir, 100 * 2**20)
+    for exps, axes, why in SENSITIVITY:
+        cfgs = sweep_configs(base, exps, [base.seed], "online", log=log, sweep=axes)
+        log(f"== {why}: {', '.join(exps)} x {', '.join(axes)} ({len(cfgs)} runs)")
+        for cfg in cfgs:
+            train(cfg, run_dir(runs_dir, cfg), data_dir, teacher=teacher, teacher_source="online", budget=budget,
+                  progress=progress, log=log)
+    return analysis.report(runs_dir, root / "sensitivity" / "results", log=log)
 
 
 def run_demo(root="demo", quick: bool = False, log: Callable[[str], None] = print, progress: bool = True) -> dict:

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import __version__, faults
 from .checkpoint import load_resume, load_student, save_resume, save_student
-from .compute import train_flops_per_token
+from .compute import cache_build_flops, train_flops_per_token
 from .config import TEACHER_SOURCES, ExperimentConfig
 from .data import WindowSampler
 from .errors import KdlibError
@@ -387,6 +387,8 @@ class Run:
             "budget_steps": plan.steps, "stopped_early": self.stopped_early,
             # kdlib's FLOPs model (kdlib.compute): the teacher's forward included when it ran online
             "flops_per_token": per_token, "train_flops": state["tokens"] * per_token,
+            # a cached run's teacher pass: the cache's one-off build, shared by every run that reads it
+            "cache_build_flops": cache_build_flops(cfg, self.splits["train"].n_tokens) if source == "cache" else None,
             "train_wall_s": state["wall"], "tokens_per_s": state["tokens"] / max(state["wall"], 1e-9),
             "eval_wall_s": state.get("eval_wall", 0.0),
             "device": device_name(), "params_student": sum(p.numel() for p in self.student.parameters()),

@@ -1,49 +1,27 @@
 """kdlib.compute: the FLOPs model per run and the equal-compute budget of ``ce@EXP``.
 
-The expected FLOPs are computed here from parameter counts of models built on the meta device
-(kdlib's TinyGPT, transformers' GPT2LMHeadModel for the teacher) with the textbook formulas
-(student 6N + 12·L·d·T per trained token, teacher forward 2N + 4·L·d·T; embeddings of positions
-not counted), not with kdlib's own FLOPs code.
+The expected FLOPs come from ``helpers.student_flops`` / ``teacher_forward_flops``: parameter
+counts of the models themselves with the textbook formulas, not kdlib's own FLOPs code.
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from helpers import student_flops, teacher_forward_flops
 
 from kdlib import speed
 from kdlib.compute import cache_build_flops, compute_ratio, flops, teacher_dims, train_flops_per_token
 from kdlib.config import preset
-from kdlib.models import TinyGPT
 from kdlib.optim import schedule
 
 TRAIN_TOKENS = 3_000_000  # a training split's size for the epochs budgets (the study's)
 
 
-def _student_flops(cfg) -> float:
-    m, block = cfg.model, cfg.data.block_size
-    with torch.device("meta"):
-        model = TinyGPT(m)
-    n = sum(p.numel() for p in model.parameters()) - (m.block_size * m.n_embd if m.positions == "learned" else 0)
-    return 6 * n + 12 * m.n_layer * m.n_embd * block
-
-
-def _teacher_forward_flops(cfg) -> float:
-    r = cfg.teacher.random_init or {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024}
-    config = GPT2Config(n_layer=r["n_layer"], n_embd=r["n_embd"], n_head=r["n_head"],
-                        n_positions=r["n_positions"], vocab_size=cfg.model.vocab_size)
-    with torch.device("meta"):
-        teacher = GPT2LMHeadModel(config)
-    n = sum(p.numel() for p in teacher.parameters()) - r["n_positions"] * r["n_embd"]  # tied head once, no wpe
-    return 2 * n + 4 * r["n_layer"] * r["n_embd"] * cfg.data.block_size
-
-
 @pytest.mark.parametrize("name", ["smoke", "colab-a100", "study"])
 def test_ce_at_kl_spends_the_flops_of_kl_within_2_percent(name):
     ce, kl, equal = preset(name, "ce"), preset(name, "kl"), preset(name, "ce@kl")
-    f_ce = _student_flops(ce)
-    f_kl = f_ce + _teacher_forward_flops(kl)
+    f_ce = student_flops(ce)
+    f_kl = f_ce + teacher_forward_flops(kl)
     kl_steps, equal_steps = schedule(kl, TRAIN_TOKENS).steps, schedule(equal, TRAIN_TOKENS).steps
     assert schedule(ce, TRAIN_TOKENS).steps == kl_steps  # every other run: the preset's budget
     per_step = schedule(ce, TRAIN_TOKENS).tokens_per_step
@@ -57,7 +35,7 @@ def test_ce_at_kl_spends_the_flops_of_kl_within_2_percent(name):
 
 
 def test_at_the_study_shapes_the_student_alone_trains_about_1_8x_the_tokens():
-    ratio = (_student_flops(preset("study")) + _teacher_forward_flops(preset("study"))) / _student_flops(preset("study"))
+    ratio = (student_flops(preset("study")) + teacher_forward_flops(preset("study"))) / student_flops(preset("study"))
     assert 1.75 < ratio < 1.85
     assert schedule(preset("study", "ce@kl"), TRAIN_TOKENS).tokens / schedule(preset("study"), TRAIN_TOKENS).tokens \
         == pytest.approx(ratio, rel=1e-4)
@@ -66,8 +44,8 @@ def test_at_the_study_shapes_the_student_alone_trains_about_1_8x_the_tokens():
 def test_a_step_cap_is_scaled_like_the_token_budget():
     cfg = preset("smoke", "ce@kl")
     cfg.train.max_steps = 7
-    f_ce = _student_flops(cfg)
-    assert schedule(cfg, TRAIN_TOKENS).steps == round(7 * (f_ce + _teacher_forward_flops(cfg)) / f_ce)
+    f_ce = student_flops(cfg)
+    assert schedule(cfg, TRAIN_TOKENS).steps == round(7 * (f_ce + teacher_forward_flops(cfg)) / f_ce)
 
 
 def test_ce_at_a_feature_experiment_counts_its_projectors():
@@ -77,8 +55,8 @@ def test_ce_at_a_feature_experiment_counts_its_projectors():
     equal.loss.feature = "hidden"
     m, r = equal.model, equal.teacher.random_init
     projectors = m.n_layer * (m.n_embd * r["n_embd"] + r["n_embd"])
-    f_ce = _student_flops(equal)
-    assert compute_ratio(equal) == pytest.approx((f_ce + _teacher_forward_flops(equal) + 6 * projectors) / f_ce,
+    f_ce = student_flops(equal)
+    assert compute_ratio(equal) == pytest.approx((f_ce + teacher_forward_flops(equal) + 6 * projectors) / f_ce,
                                                  rel=1e-9)
     assert compute_ratio(equal) > compute_ratio(preset("smoke", "ce@kl"))
 
@@ -86,10 +64,10 @@ def test_ce_at_a_feature_experiment_counts_its_projectors():
 def test_cached_runs_pay_no_teacher_per_token_and_the_cache_once():
     kl = preset("smoke", "kl")
     kl.train.teacher_source = "cache"
-    assert train_flops_per_token(kl) == pytest.approx(_student_flops(kl), rel=1e-9)
+    assert train_flops_per_token(kl) == pytest.approx(student_flops(kl), rel=1e-9)
     block = kl.data.block_size
     windows = (10_000 - 1) // block  # non-overlapping windows with their next token
-    assert cache_build_flops(kl, 10_000) == pytest.approx(_teacher_forward_flops(kl) * windows * block, rel=1e-9)
+    assert cache_build_flops(kl, 10_000) == pytest.approx(teacher_forward_flops(kl) * windows * block, rel=1e-9)
 
 
 def test_speed_still_exports_the_flops_model():

@@ -179,13 +179,15 @@ def cost_vs_ppl(table: pd.DataFrame, runs=None):
     score, _, ylabel = _score(table, runs)
     fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 3.6), sharey=True)
     for ax, col, xlabel in ((axes[0], "train_wall_s", "training wall time per run (s)"),
-                            (axes[1], "train_pflop", "training compute per run (PFLOP, kdlib's FLOPs model)")):
+                            (axes[1], "train_pflop", "training PFLOP per run (kdlib's FLOPs model)")):
         shown = score.notna() & table[col].notna()  # unfinished runs have no score
         ys, xs = score[shown], table.loc[shown, col]
         ax.scatter(xs, ys, color=["0.5" if _is_baseline(e) else "C0" for e in ys.index])
         for name, x, y in zip(ys.index, xs, ys):
             ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xlabel(xlabel, fontsize=8)
+        ax.margins(x=0.15)  # room for the names of the outermost points
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))  # no offset over the label
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
     fig.suptitle("Cost against quality")

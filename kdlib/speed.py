@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from .compute import flops, teacher_dims  # noqa: F401 (kdlib.speed.flops, kdlib.speed.teacher_dims)
+from .compute import flops, teacher_dims  # their home is compute (the training layer); kdlib.speed.flops stays
 from .config import ExperimentConfig
 from .errors import KdlibError, choices
 

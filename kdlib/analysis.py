@@ -48,9 +48,12 @@ def protocol_lines(runs: pd.DataFrame) -> list[str]:
                      f"are empty (test protocol: block {block}, stride {test_stride}).")
     lines.append(f"- Validation (`best_val_ppl`, `final_val_ppl`, `vs_no_kd_val_pct`): the whole validation "
                  f"split, block {block}, stride {val_stride}, during training.")
-    budget = runs["budget_tokens"].dropna()
+    equal = runs["exp"].astype(str).str.startswith("ce@")  # ce@EXP: the budget of EXP's compute, stated apart
+    budget = runs.loc[~equal, "budget_tokens"].dropna()
     stated = (f"{_values(budget, lambda v: f'{int(v):,}')} (the budget)" if len(budget)
               else f"{_values(runs['budget'])} of the training split")
+    for exp, group in runs[equal].groupby("exp"):
+        stated += f"; `{exp}`: {_values(group['budget_tokens'].dropna(), lambda v: f'{int(v):,}')} ({exp[3:]}'s FLOPs)"
     trained = runs["tokens"]
     done = f"{int(trained.min()):,}" if trained.min() == trained.max() \
         else f"{int(trained.min()):,} to {int(trained.max()):,}"

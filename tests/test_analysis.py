@@ -240,3 +240,6 @@ def test_results_md_states_the_compute_of_every_row_and_the_cache_once(tmp_path)
     assert statement.count("4.25 PFLOP") == 1 and "4.25 PFLOP, shared by its 2 runs, counted once" in statement
     assert "`ce@kl` is the no-KD student trained for the FLOPs of `kl`" in statement
     assert statement.count("- Compute (`train_pflop`") == 1
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
+    assert f"- Tokens per run: {20 * per_step:,} (the budget); `ce@kl`: " \
+           f"{round(20 * (f_ce + f_teacher) / f_ce) * per_step:,} (kl's FLOPs); trained" in statement

@@ -49,13 +49,16 @@ def protocol_lines(runs: pd.DataFrame) -> list[str]:
                      f"are empty (test protocol: block {block}, stride {test_stride}).")
     lines.append(f"- Validation (`best_val_ppl`, `final_val_ppl`, `vs_no_kd_val_pct`): the whole validation "
                  f"split, block {block}, stride {val_stride}, during training.")
-    budget = runs["budget_tokens"].dropna()
+    equal = runs["exp"].astype(str).str.startswith("ce@")  # ce@EXP: the budget of EXP's compute, stated apart
+    budget = runs.loc[~equal, "budget_tokens"].dropna()
     stated = (f"{_values(budget, lambda v: f'{int(v):,}')} (the budget)" if len(budget)
               else f"{_values(runs['budget'])} of the training split")
+    for exp, group in runs[equal].groupby("exp"):
+        stated += f"; `{exp}`: {_values(group['budget_tokens'].dropna(), lambda v: f'{int(v):,}')} ({exp[3:]}'s FLOPs)"
     trained = runs["tokens"]
     done = f"{int(trained.min()):,}" if trained.min() == trained.max() \
         else f"{int(trained.min()):,} to {int(trained.max()):,}"
-    short = len(budget) and trained.min() < budget.max()
+    short = (runs["tokens"] < runs["budget_tokens"]).fillna(False).any()  # each run against its own budget
     lines.append(f"- Tokens per run: {stated}; trained: {done}"
                  + (" (early stopping and unfinished runs stop sooner)." if short else "."))
     kd = runs[runs["teacher_source"] != "none"]
@@ -69,8 +72,30 @@ def protocol_lines(runs: pd.DataFrame) -> list[str]:
                      + (f"; no teacher: {_count(n - len(kd), 'run')} "
                         f"({_values(runs.loc[runs['teacher_source'] == 'none', 'label'])})" if n > len(kd) else "")
                      + ".")
+    lines += compute_lines(runs)
     lines.append("- Mean and 95% CI over seeds (Student t); `-`: no value.")
     return lines
+
+
+def compute_lines(runs: pd.DataFrame) -> list[str]:
+    """The protocol's compute: each row's ``train_pflop`` by kdlib's FLOPs model, what ``ce@EXP`` is, and
+    each top-k cache's one-off build, stated once (it is in no row: its runs share it)."""
+    pflop = runs["train_pflop"].dropna()
+    if pflop.empty:
+        return []
+    span = f"{pflop.min():.4g}" if pflop.min() == pflop.max() else f"{pflop.min():.4g} to {pflop.max():.4g}"
+    line = (f"- Compute (`train_pflop`, kdlib's FLOPs model: tokens trained x training FLOPs per token, the "
+            f"teacher's forward included when it ran online): {span} PFLOP per run")
+    equal = sorted({e for e in runs["exp"] if str(e).startswith("ce@")})
+    if equal:
+        line += "; " + ", ".join(f"`{e}` is the no-KD student trained for the FLOPs of `{e[3:]}`" for e in equal)
+    cached = runs[runs["teacher_source"] == "cache"]
+    for top_k, group in cached.groupby(cached["cache_top_k"].fillna(0)):
+        cost = group["cache_pflop"].dropna()
+        what = f"the top-{int(top_k)} cache's one-off build" if top_k else "the top-k cache's one-off build"
+        line += (f"; {what}, {cost.iloc[0]:.4g} PFLOP, shared by its {_count(len(group), 'run')}, counted once"
+                 if len(cost) else f"; {what}: not recorded (summaries before kdlib counted it)")
+    return [line + "."]
 
 
 def protocol_statement(runs: pd.DataFrame) -> str:

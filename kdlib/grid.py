@@ -4,6 +4,9 @@ An experiment name joins with ``-`` an optional feature layer map, an optional
 output divergence and an optional ``cos``; ``ce`` alone is the no-KD baseline.
 The study's 14 names are ``EXPERIMENTS``; the same grammar reads names beyond
 the grid (``js``, ``kl-cos``, ``rkl``, ``gjsd0.3``, ``last2all-tvd-cos``).
+``ce@EXP`` is the no-KD student trained for the compute of the KD experiment
+``EXP`` (``ce@kl``): a step of ``EXP`` also pays a teacher forward pass, so at
+equal FLOPs the student alone trains on more tokens (``optim.schedule``).
 Whether the feature loss uses hidden states or attention maps is not part of
 the name: it is ``LossConfig.feature`` (``parse(name, feature=...)``), so the
 14 names stay the same across presets.
@@ -42,19 +45,21 @@ _PARAM_RE = re.compile(r"^(%s)(\d+(?:\.\d+)?|\.\d+)?$" % "|".join(PARAMETRIC))
 _DIV_PARTS = tuple(f"{d}<w>" if d in PARAMETRIC else d for d in DIVERGENCES)
 _GRAMMAR = (f"an experiment name joins with '-' an optional layer map ({choices(MAPS)}), an optional "
             f"divergence ({choices(_DIV_PARTS)}; <w> a weight in [0, 1], e.g. gjsd0.3) and an optional "
-            f"'cos', or is 'ce' alone (no KD). The study's 14: {choices(EXPERIMENTS)}")
+            f"'cos', or is 'ce' alone (no KD), or 'ce@EXP' (no KD, trained for the FLOPs of the KD "
+            f"experiment EXP, e.g. ce@kl). The study's 14: {choices(EXPERIMENTS)}")
 
 
 @dataclass(frozen=True)
 class ExperimentSpec:
     """The loss components of one experiment, and what running it needs."""
 
-    name: str  # canonical: map-divergence-cos
+    name: str  # canonical: map-divergence-cos, or ce@ + EXP's canonical name
     divergence: Optional[str] = None
     divergence_param: Optional[float] = None
     feature_map: Optional[str] = None
     feature: str = "hidden"
     cosine: bool = False
+    compute_of: Optional[str] = None  # ce@EXP: the canonical name of the KD experiment whose FLOPs it trains for
 
     @property
     def in_grid(self) -> bool:
@@ -96,6 +101,8 @@ def parse(name: str, feature: str = "hidden") -> ExperimentSpec:
         return ExperimentSpec("ce", feature=feature)
     if not text:
         raise KdlibError(f"the experiment name is empty; {_GRAMMAR}")
+    if "@" in text:
+        return _parse_compute_of(name, text, feature)
     fmap = div = param = None
     cos = False
     for part in text.split("-"):
@@ -133,6 +140,26 @@ def parse(name: str, feature: str = "hidden") -> ExperimentSpec:
         fmap, None if div is None else div + ("" if param is None else _format_weight(param)),
         "cos" if cos else None) if p)
     return ExperimentSpec(canonical, div, param, fmap, feature, cos)
+
+
+def _parse_compute_of(name: str, text: str, feature: str) -> ExperimentSpec:
+    """``ce@EXP``: the no-KD student at the FLOPs of the KD experiment ``EXP`` (see ``parse``)."""
+    head, _, exp = text.partition("@")
+    if "@" in exp:
+        raise KdlibError(f"experiment name {name!r} has more than one '@'; write ce@EXP, e.g. ce@kl")
+    if head != "ce":
+        raise KdlibError(f"experiment name {name!r}: only 'ce' (no KD) can train at another experiment's "
+                         f"compute, got {head or 'nothing'!r} before '@'; write ce@EXP, e.g. ce@kl")
+    if not exp:
+        raise KdlibError(f"experiment name {name!r} names no experiment after '@'; write ce@EXP, e.g. ce@kl")
+    try:
+        target = parse(exp, feature)
+    except KdlibError as e:
+        raise KdlibError(f"in experiment name {name!r}, after '@': {e}") from None
+    if not target.needs_teacher:
+        raise KdlibError(f"experiment name {name!r}: {target.name!r} is not a KD experiment, so ce@{target.name} "
+                         "would be 'ce' itself; name a KD experiment after '@', e.g. ce@kl")
+    return ExperimentSpec(f"ce@{target.name}", feature=feature, compute_of=target.name)
 
 
 def specs(feature: str = "hidden") -> list[ExperimentSpec]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .compute import equal_compute_steps
 from .config import ExperimentConfig, TrainConfig
 from .data import n_windows
 from .errors import KdlibError
@@ -48,6 +49,12 @@ def schedule(cfg: ExperimentConfig, train_tokens: int) -> Schedule:
     The budget is ``train.max_tokens`` (rounded down to whole steps), else ``train.epochs`` passes;
     ``train.max_steps`` cuts it. Evaluations every ``eval_every`` steps, else every
     ``eval_every_tokens`` tokens, else once per epoch, and at the last step.
+
+    ``ce@EXP`` (the no-KD student at the compute of the KD experiment ``EXP``) then takes
+    ``compute.compute_ratio`` times those steps, whole steps: a KD step also pays a teacher forward
+    pass, so at equal FLOPs (kdlib's model) the student alone trains on that many more tokens. The
+    token or epoch budget and the step cap are scaled alike, so ``ce@EXP`` spends what ``EXP`` spends
+    under the same config, and a resumed run keeps the same budget.
     """
     train_cfg, block = cfg.train, cfg.data.block_size
     batch = train_cfg.batch_size * train_cfg.grad_accum  # windows per optimizer step
@@ -65,6 +72,7 @@ def schedule(cfg: ExperimentConfig, train_tokens: int) -> Schedule:
         total = per_epoch * train_cfg.epochs
     if train_cfg.max_steps is not None:
         total = min(total, train_cfg.max_steps)
+    total = equal_compute_steps(cfg, total)
     if train_cfg.eval_every is not None:
         every = train_cfg.eval_every
     elif train_cfg.eval_every_tokens is not None:

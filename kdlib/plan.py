@@ -296,8 +296,9 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
     students = [2 * student_parameters(cfg) + STUDENT_HEADER_BYTES for cfg in cfgs]  # fp16 weights, header
     runs = [_run_plan(cfg, data, time.rate, where.results_dir, student) for cfg, student in zip(cfgs, students)]
     notes = list(time.notes)
-    if len({r.tokens for r in runs}) > 1:
+    if len({r.tokens for r, cfg in zip(runs, cfgs) if cfg.spec.compute_of is None}) > 1:
         notes.append("the runs' token budgets differ (their configs differ): they do not compare like with like")
+    notes += _equal_compute_notes(cfgs)
     first = cfgs[0]
     uses_cache = any(r.teacher_source == "cache" for r in runs)
     cache_bytes = bytes_per_token(first.cache.top_k, first.model.vocab_size) * data.tokens["train"] if uses_cache else 0
@@ -308,6 +309,15 @@ def plan(base, exps: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
                 kept_student_bytes=max(students) if first.train.weights == "best" else 0,
                 data_bytes=data.bytes, cache_bytes=cache_bytes, data_note=data.note, weights=first.train.weights,
                 weights_dir=first.train.weights_dir, resume_dir=first.train.resume_dir, notes=notes)
+
+
+def _equal_compute_notes(cfgs: Sequence[ExperimentConfig]) -> list[str]:
+    """One line per ``ce@EXP`` experiment: how many times the tokens of its named KD experiment it trains."""
+    from .compute import compute_ratio
+
+    ratios = {cfg.exp: (cfg.spec.compute_of, compute_ratio(cfg)) for cfg in cfgs if cfg.spec.compute_of}
+    return [f"{exp} is the no-KD student at the compute of {target}: {ratio:.2f}x its tokens, the same training "
+            f"FLOPs by kdlib's FLOPs model (its teacher forward included)" for exp, (target, ratio) in ratios.items()]
 
 
 def _run_plan(cfg: ExperimentConfig, data: _Data, rate: Callable[[ExperimentConfig], float], results_dir,

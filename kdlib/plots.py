@@ -172,20 +172,33 @@ def js_early_late(js: pd.DataFrame):
 
 
 def cost_vs_ppl(table: pd.DataFrame, runs=None):
-    """Training wall time against perplexity per experiment (finding 1: is the richer loss worth it?)."""
+    """Training wall time (left) and training compute (right: PFLOP by kdlib's FLOPs model, the teacher's
+    forward included, a top-k cache's one-off build not) against perplexity per experiment (finding 1: is
+    the richer loss worth it? and: is distillation worth its teacher, beside ``ce@EXP``, the no-KD
+    student trained for EXP's FLOPs?). Baselines grey."""
     plt = _plt()
     score, _, ylabel = _score(table, runs)
-    shown = score.notna() & table["train_wall_s"].notna()  # unfinished runs have neither
-    score, wall = score[shown], table.loc[shown, "train_wall_s"]
-    fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
-    ax.scatter(wall, score, color=["0.5" if e in BASELINES else "C0" for e in score.index])
-    for name, x, y in zip(score.index, wall, score):
-        ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    ax.set_xlabel("training wall time per run (s)")
-    ax.set_ylabel(ylabel)
-    ax.set_title("Cost against quality")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 3.6), sharey=True)
+    for ax, col, xlabel in ((axes[0], "train_wall_s", "training wall time per run (s)"),
+                            (axes[1], "train_pflop", "training PFLOP per run (kdlib's FLOPs model)")):
+        shown = score.notna() & table[col].notna()  # unfinished runs have no score
+        ys, xs = score[shown], table.loc[shown, col]
+        ax.scatter(xs, ys, color=["0.5" if _is_baseline(e) else "C0" for e in ys.index])
+        for name, x, y in zip(ys.index, xs, ys):
+            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.margins(x=0.15)  # room for the names of the outermost points
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))  # no offset over the label
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle("Cost against quality")
     return fig
+
+
+def _is_baseline(label: str) -> bool:
+    """``ce``, ``kl`` and ``ce@EXP`` (no KD at EXP's compute) are the baselines a KD row is read against."""
+    name = str(label).split(" ")[0]
+    return name in BASELINES or name.startswith("ce@")
 
 
 def with_reference(runs, curves, ref_runs, ref_curves):

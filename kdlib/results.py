@@ -37,10 +37,14 @@ PROTOCOL_COLUMNS = ["preset", "block_size", "test_stride", "val_stride", "budget
 BUCKET_COLUMNS = [f"ppl_bucket{k}" for k in range(1, FREQUENCY_BUCKETS + 1)]
 METRIC_COLUMNS = ["agreement", "kl_teacher", "ece", *BUCKET_COLUMNS]
 TEACHER_COLUMNS = ["teacher_test_ppl", "teacher_ece", *(f"teacher_{c}" for c in BUCKET_COLUMNS)]
+# Compute by kdlib's FLOPs model (kdlib.compute): a run's training PFLOP (tokens trained x FLOPs per token, the
+# teacher's forward included when it ran online), and for a cached run the one-off PFLOP of the cache it read
+# (shared by every run that read it: stated once in results.md, never added to a row's train_pflop).
+COMPUTE_COLUMNS = ["train_pflop", "cache_pflop"]
 RUN_COLUMNS = ["run", "source", "exp", "label", "sweep", "seed", "feature", "divergence", "feature_map", "cosine", "finished",
                "best_val_ppl", "final_val_ppl", "test_ppl", "best_step", "best_epoch", "steps", "tokens",
                "train_wall_s", "tokens_per_s", "teacher_source", "cache_top_k", "teacher", *PROTOCOL_COLUMNS,
-               "budget", "dataset", "protocol", *METRIC_COLUMNS, *TEACHER_COLUMNS]
+               "budget", "dataset", "protocol", *METRIC_COLUMNS, *TEACHER_COLUMNS, *COMPUTE_COLUMNS]
 _INT_COLUMNS = ["cache_top_k", "block_size", "test_stride", "val_stride", "budget_tokens"]
 # The train fields that set a run's token budget (older configs lack max_tokens).
 BUDGET_FIELDS = ("max_tokens", "max_steps", "epochs", "batch_size", "grad_accum")
@@ -98,6 +102,11 @@ def _budget(config: dict, summary: dict) -> tuple[Optional[int], str]:
     if max_tokens is None:
         return None, how
     steps = max_tokens // per_step if max_steps is None else min(max_tokens // per_step, max_steps)
+    if parse(config["exp"], config["loss"]["feature"]).compute_of is not None:  # ce@EXP: EXP's FLOPs (optim.schedule)
+        from .compute import equal_compute_steps
+        from .config import ExperimentConfig
+
+        steps = equal_compute_steps(ExperimentConfig.from_dict(config), steps)
     return steps * per_step, how
 
 
@@ -165,7 +174,7 @@ _KINDS = {"number": (int, float), "whole number": (int,), "string": (str,)}
 SUMMARY_FIELDS = {"test_ppl": "number", "teacher_test_ppl": "number", "train_wall_s": "number", "tokens_per_s": "number",
                   "budget_tokens": "whole number", "eval_stride": "whole number",
                   "in_training_eval_stride": "whole number", "cache_top_k": "whole number",
-                  "teacher_source": "string"}
+                  "teacher_source": "string", "flops_per_token": "number", "cache_build_flops": "number"}
 METRIC_FIELDS = {"step": "whole number", "tokens": "whole number", "epoch": "number", "val_ppl": "number"}
 
 
@@ -301,6 +310,22 @@ def _sweep(point) -> str:
     return point_label(point)
 
 
+def compute_fields(config: dict, summary: dict, tokens: int) -> dict:
+    """A run's ``COMPUTE_COLUMNS`` from its config and the tokens it trained, by kdlib's FLOPs model (older
+    summaries have no FLOPs); the summary's FLOPs per token where the config no longer loads. NaN where
+    neither says (a cached run whose summary predates ``cache_build_flops``: its cache's cost is unknown)."""
+    from .compute import train_flops_per_token
+    from .config import ExperimentConfig
+
+    try:
+        per_token = train_flops_per_token(ExperimentConfig.from_dict(config))
+    except _UNREADABLE:
+        per_token = summary.get("flops_per_token")
+    cache = summary.get("cache_build_flops")
+    return {"train_pflop": math.nan if per_token is None else tokens * per_token / 1e15,
+            "cache_pflop": math.nan if cache is None else cache / 1e15}
+
+
 def load_runs(results_dir) -> tuple[pd.DataFrame, dict, list]:
     """(one row per run, {run: validation curve [step, tokens, epoch, val_ppl]}, [(folder, why skipped)]).
 
@@ -319,7 +344,8 @@ def load_runs(results_dir) -> tuple[pd.DataFrame, dict, list]:
         name = run.relative_to(folder).as_posix()
         summary, unreadable = _read_summary(run, name)
         try:
-            fields = _config_fields(read_json(run / "config.json", "run config"), summary)
+            config = read_json(run / "config.json", "run config")
+            fields = _config_fields(config, summary)
         except _UNREADABLE as e:
             skipped.append((name, f"no readable kdlib config ({_why(e)})"))
             continue
@@ -341,6 +367,7 @@ def load_runs(results_dir) -> tuple[pd.DataFrame, dict, list]:
                "steps": int(metrics["step"].max()), "tokens": int(metrics["tokens"].max())}
         for key in ("test_ppl", "train_wall_s", "tokens_per_s", "teacher_test_ppl"):
             row[key] = summary.get(key)
+        row.update(compute_fields(config, summary, row["tokens"]))
         row.update(summary.get("test_metric_fields", {}))
         rows.append(row)
         curves[name] = curve
@@ -365,7 +392,7 @@ def _frame(rows: list) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     for col in _INT_COLUMNS:  # whole numbers with gaps: written as integers, not 5.12e+03
         df[col] = pd.to_numeric(df[col]).astype("Int64")
-    for col in ("test_ppl", "train_wall_s", "tokens_per_s", *METRIC_COLUMNS, *TEACHER_COLUMNS):
+    for col in ("test_ppl", "train_wall_s", "tokens_per_s", *METRIC_COLUMNS, *TEACHER_COLUMNS, *COMPUTE_COLUMNS):
         df[col] = pd.to_numeric(df[col]).astype(float)
     return df
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .cache import TopKCache, cache_identity
+from .compute import teacher_source_of  # its home is compute; kdlib.runs.teacher_source_of stays importable
 from .config import ExperimentConfig
 from .config.sweep import point_label
 from .data import SPLITS, check_prepared_for, check_tokenizer_fits, load_split, verify_split
@@ -149,14 +150,6 @@ def run_name(cfg: ExperimentConfig) -> str:
 def run_dir(results_dir, cfg: ExperimentConfig) -> Path:
     """A run's folder in a results folder: ``RESULTS/PRESET/RUN_NAME``, so presets never collide."""
     return Path(results_dir) / cfg.preset / run_name(cfg)
-
-
-def teacher_source_of(cfg: ExperimentConfig) -> str:
-    """Where this run's teacher outputs come from: "none" (no KD term), "online" or "cache"."""
-    if not cfg.spec.needs_teacher:
-        return "none"
-    return cfg.train.teacher_source
-
 
 
 # --------------------------------------------------------------------------

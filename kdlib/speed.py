@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .compute import flops, teacher_dims  # their home is compute (the training layer); kdlib.speed.flops stays
 from .config import ExperimentConfig
 from .errors import KdlibError, choices
 
@@ -32,48 +32,6 @@ STATED_MFU = {"A100": 0.35, "H100": 0.35, "H200": 0.35, "L40S": 0.30, "L40": 0.3
 # Dense float32 peaks (TFLOP/s, no TF32: PyTorch's default for matmuls), for fp32 runs.
 FP32_PEAK = {"A100": 19.5, "H100": 67.0, "H200": 67.0, "L40S": 91.6, "L40": 90.5, "L4": 30.3, "V100": 15.7,
              "T4": 8.1}
-
-
-def teacher_dims(cfg: ExperimentConfig) -> dict:
-    """GPT-2-architecture dimensions of the configured teacher (GPT-2 small's for a hub name; the
-    demo's own teacher, which it trains first, for the demo preset). Its vocabulary is the student's."""
-    from .models import DEMO_TEACHER_SHAPE
-
-    r = cfg.teacher.random_init
-    if r is None and cfg.preset == "demo" and cfg.teacher.name == "gpt2":
-        r = {**DEMO_TEACHER_SHAPE, "vocab_size": cfg.model.vocab_size, "n_positions": cfg.model.block_size}
-    if r is not None:
-        return {"n_layer": r["n_layer"], "n_embd": r["n_embd"], "n_head": r["n_head"],
-                "vocab_size": r["vocab_size"], "n_positions": r["n_positions"], "n_inner": r.get("n_inner")}
-    config = Path(cfg.teacher.name) / "config.json"
-    if config.is_file():
-        from .fileio import read_json
-
-        c = read_json(config, "teacher config")
-        return {"n_layer": c.get("n_layer", 12), "n_embd": c.get("n_embd", 768), "n_head": c.get("n_head", 12),
-                "vocab_size": c.get("vocab_size", 50257), "n_positions": c.get("n_positions", 1024),
-                "n_inner": c.get("n_inner")}
-    return {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": cfg.model.vocab_size, "n_positions": 1024,
-            "n_inner": None}
-
-
-def flops(cfg: ExperimentConfig, source: str) -> tuple[float, float, float]:
-    """(training FLOPs per token, student forward FLOPs per token, teacher forward FLOPs per token)."""
-    from .perf import flops_per_token
-    from .storage import projector_parameters, student_parameters
-
-    m, block = cfg.model, cfg.data.block_size
-    n_student = student_parameters(cfg) - (m.block_size * m.n_embd if m.positions == "learned" else 0)
-    teacher = teacher_dims(cfg)
-    d_ff = teacher["n_inner"] or 4 * teacher["n_embd"]
-    n_teacher = teacher["vocab_size"] * teacher["n_embd"] + teacher["n_layer"] * (
-        4 * teacher["n_embd"] ** 2 + 2 * teacher["n_embd"] * d_ff + 9 * teacher["n_embd"] + d_ff) + 2 * teacher["n_embd"]
-    student_fwd = 2 * n_student + 4 * m.n_layer * m.n_embd * block
-    teacher_fwd = 2 * n_teacher + 4 * teacher["n_layer"] * teacher["n_embd"] * block
-    train = flops_per_token(n_student, m.n_layer, m.n_embd, block,
-                            *((n_teacher, teacher["n_layer"], teacher["n_embd"]) if source == "online" else ()))
-    train += 6 * projector_parameters(cfg, (teacher["n_layer"], teacher["n_embd"]))
-    return float(train), float(student_fwd), float(teacher_fwd)
 
 
 def gpu_key(name: str) -> Optional[str]:

@@ -59,6 +59,7 @@ def experiment_table(runs: pd.DataFrame, order: Optional[list] = None, baseline:
         "test_ppl": g["test_ppl"].mean(), "test_ci95": g["test_ppl"].apply(ci95),
         "best_step": g["best_step"].mean(), "best_epoch": g["best_epoch"].mean(), "tokens": g["tokens"].mean(),
         "train_wall_s": g["train_wall_s"].mean(), "tokens_per_s": g["tokens_per_s"].mean(),
+        "train_pflop": g["train_pflop"].mean(),  # kdlib's FLOPs model, teacher included; a cache's build apart
     })
     table.index.name = "exp"
     has_base = baseline in table.index
@@ -74,9 +75,15 @@ def experiment_table(runs: pd.DataFrame, order: Optional[list] = None, baseline:
         table[col] = g[col].first()
     order = order or list(EXPERIMENTS)
     rank = {e: i for i, e in enumerate(order)}
-    table = table.iloc[sorted(range(len(table)),
-                              key=lambda i: (rank.get(table.index[i].split(" ")[0], len(rank)), table.index[i]))]
+    table = table.iloc[sorted(range(len(table)), key=lambda i: _row_rank(table.index[i], rank))]
     return table
+
+
+def _row_rank(label: str, rank: dict) -> tuple:
+    """A row's place: ``order``'s, unknown names after; ``ce@EXP`` (no KD at EXP's compute) right after ``ce``."""
+    name = label.split(" ")[0]
+    at_compute = name.startswith("ce@")
+    return rank.get("ce" if at_compute else name, len(rank)), at_compute, label
 
 
 def paired_differences(runs: pd.DataFrame, metric: str = "test_ppl") -> pd.DataFrame:

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import __version__, faults
 from .checkpoint import load_resume, load_student, save_resume, save_student
+from .compute import cache_build_flops, train_flops_per_token
 from .config import TEACHER_SOURCES, ExperimentConfig
 from .data import WindowSampler
 from .errors import KdlibError
@@ -375,6 +376,7 @@ class Run:
         cfg, paths, state, plan, source = self.cfg, self.paths, self.state, self.plan, self.source
         block, stride = cfg.data.block_size, cfg.data.block_size // 2
         evals = [m for m in self.metrics if "val_ppl" in m]
+        per_token = train_flops_per_token(cfg)
         summary = {
             "exp": cfg.exp, "preset": cfg.preset, "seed": cfg.seed, "feature": cfg.loss.feature,
             "teacher_source": source, "cache_top_k": cfg.cache.top_k if source == "cache" else None,
@@ -383,6 +385,10 @@ class Run:
             "final_val_ppl": evals[-1]["val_ppl"] if evals else None,
             "steps": state["step"], "tokens": state["tokens"], "budget_tokens": plan.tokens,
             "budget_steps": plan.steps, "stopped_early": self.stopped_early,
+            # kdlib's FLOPs model (kdlib.compute): the teacher's forward included when it ran online
+            "flops_per_token": per_token, "train_flops": state["tokens"] * per_token,
+            # a cached run's teacher pass: the cache's one-off build, shared by every run that reads it
+            "cache_build_flops": cache_build_flops(cfg, self.splits["train"].n_tokens) if source == "cache" else None,
             "train_wall_s": state["wall"], "tokens_per_s": state["tokens"] / max(state["wall"], 1e-9),
             "eval_wall_s": state.get("eval_wall", 0.0),
             "device": device_name(), "params_student": sum(p.numel() for p in self.student.parameters()),

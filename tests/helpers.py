@@ -17,6 +17,35 @@ def run(cfg, run_dir, data_dir, **kw) -> dict:
     return train(cfg, run_dir, data_dir, progress=False, log=quiet, **kw)
 
 
+def student_flops(cfg) -> float:
+    """Training FLOPs per token of ``cfg``'s student, independently of kdlib's FLOPs code: 6N + 12·L·d·T,
+    N the parameters of TinyGPT built on the meta device, learned position embeddings not counted."""
+    import torch
+
+    from kdlib.models import TinyGPT
+
+    m, block = cfg.model, cfg.data.block_size
+    with torch.device("meta"):
+        model = TinyGPT(m)
+    n = sum(p.numel() for p in model.parameters()) - (m.block_size * m.n_embd if m.positions == "learned" else 0)
+    return 6 * n + 12 * m.n_layer * m.n_embd * block
+
+
+def teacher_forward_flops(cfg) -> float:
+    """Forward FLOPs per token of ``cfg``'s teacher (GPT-2 small unless it is a random one): 2N + 4·L·d·T, N
+    the parameters of transformers' GPT2LMHeadModel on the meta device (tied head once, no position table)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    r = cfg.teacher.random_init or {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024}
+    config = GPT2Config(n_layer=r["n_layer"], n_embd=r["n_embd"], n_head=r["n_head"],
+                        n_positions=r["n_positions"], vocab_size=cfg.model.vocab_size, bos_token_id=0, eos_token_id=0)
+    with torch.device("meta"):
+        teacher = GPT2LMHeadModel(config)
+    n = sum(p.numel() for p in teacher.parameters()) - r["n_positions"] * r["n_embd"]
+    return 2 * n + 4 * r["n_layer"] * r["n_embd"] * cfg.data.block_size
+
+
 def metric_rows(run_dir: Path) -> list[dict]:
     """A run's metrics.jsonl without the timing fields (they differ between any two runs)."""
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -5,6 +5,7 @@ import math
 
 import pandas as pd
 import pytest
+from helpers import student_flops, teacher_forward_flops
 from results_helpers import budget_of, make_run
 
 from kdlib import analysis, stats
@@ -214,3 +215,31 @@ def test_without_a_ce_run_the_metrics_section_says_why_there_is_no_bucket_figure
     assert "No `ce` run with test metrics" in (tmp_path / "report" / "results.md").read_text()
     assert (tmp_path / "report" / "fidelity_vs_ppl.png").is_file()
     assert not (tmp_path / "report" / "bucket_change.png").exists() and out["figures"]
+
+
+def test_results_md_states_the_compute_of_every_row_and_the_cache_once(tmp_path):
+    """ce@kl sits right after ce; each row's train_pflop is its runs' mean; the top-k cache's build is one
+    line, shared by its runs and in none of their rows."""
+    cfg = preset("smoke")
+    for seed in (0, 1):
+        make_run(tmp_path, "kl", seed, [250, 150 + seed], 160.0 + seed)
+        make_run(tmp_path, "ce@kl", seed, [300, 180, 170 + seed], 175.0 + seed)
+        make_run(tmp_path, "ce", seed, [300, 200 + seed], 210.0 + seed)
+        cached = make_run(tmp_path, "kl", seed, [250, 150 + seed], 161.0 + seed, cache=True)
+        summary = json.loads((cached / "summary.json").read_text())
+        (cached / "summary.json").write_text(json.dumps({**summary, "cache_build_flops": 4.25e15}))
+    runs, _, _ = load_runs(tmp_path)
+    table = stats.experiment_table(runs)
+    cached_label = f"kl [top-{cfg.cache.top_k} cache]"
+    assert list(table.index) == ["ce", "ce@kl", "kl", cached_label]
+    f_ce, f_teacher = student_flops(cfg), teacher_forward_flops(cfg)
+    expected = {"ce": 2000 * f_ce, "ce@kl": 3000 * f_ce, "kl": 2000 * (f_ce + f_teacher), cached_label: 2000 * f_ce}
+    for label, value in expected.items():
+        assert table.loc[label, "train_pflop"] == pytest.approx(value / 1e15, rel=1e-9), label
+    statement = analysis.protocol_statement(runs)
+    assert statement.count("4.25 PFLOP") == 1 and "4.25 PFLOP, shared by its 2 runs, counted once" in statement
+    assert "`ce@kl` is the no-KD student trained for the FLOPs of `kl`" in statement
+    assert statement.count("- Compute (`train_pflop`") == 1
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
+    assert f"- Tokens per run: {20 * per_step:,} (the budget); `ce@kl`: " \
+           f"{round(20 * (f_ce + f_teacher) / f_ce) * per_step:,} (kl's FLOPs); trained" in statement

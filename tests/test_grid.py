@@ -151,6 +151,47 @@ def test_bad_names_raise_with_valid_parts(name, needles):
         assert needle in message, (needle, message)
 
 
+@pytest.mark.parametrize("name, canonical, target", [
+    ("ce@kl", "ce@kl", "kl"),
+    ("CE@Layerwise-KL-COS", "ce@layerwise-kl-cos", "layerwise-kl-cos"),
+    (" ce@cos-kl-last2all ", "ce@last2all-kl-cos", "last2all-kl-cos"),
+    ("ce@gjsd.30", "ce@gjsd0.3", "gjsd0.3"),
+    ("ce@cos", "ce@cos", "cos"),
+])
+def test_equal_compute_names_parse(name, canonical, target):
+    """ce@EXP: the no-KD student (no teacher, no KD component) at the compute of EXP, by EXP's canonical name."""
+    spec = parse(name, feature="attention")
+    assert (spec.name, spec.compute_of, spec.feature) == (canonical, target, "attention")
+    assert (spec.divergence, spec.divergence_param, spec.feature_map, spec.cosine) == (None, None, None, False)
+    assert not spec.needs_teacher and not spec.needs_attentions and not spec.output_only and not spec.in_grid
+    assert parse(canonical, feature="attention") == spec
+    assert parse("ce").compute_of is None and parse("kl").compute_of is None
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("ce@ce", ["'ce'", "not a KD experiment", "ce@kl"]),
+    ("ce@", ["no experiment after '@'", "ce@kl"]),
+    ("kl@ce", ["only 'ce'", "'kl'", "ce@kl"]),
+    ("layerwise-kl@kl", ["only 'ce'", "'layerwise-kl'"]),
+    ("@kl", ["only 'ce'", "nothing"]),
+    ("ce@kl@js", ["more than one '@'"]),
+    ("ce@@kl", ["more than one '@'"]),
+    ("ce@foo", ["after '@'", "'foo'", "layerwise"]),
+    ("ce@kl-js", ["after '@'", "two divergences"]),
+])
+def test_bad_equal_compute_names_raise(name, needles):
+    with pytest.raises(KdlibError) as e:
+        parse(name)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_the_grammar_states_equal_compute():
+    with pytest.raises(KdlibError) as e:
+        parse("foo")
+    assert "ce@EXP" in str(e.value)
+
+
 @pytest.mark.parametrize("value", [3, None, 1.5, b"kl", ["kl"]])
 def test_non_string_names_raise(value):
     with pytest.raises(KdlibError, match="string") as e:

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import student_flops, teacher_forward_flops
 from plan_helpers import plan_json
 from plan_helpers import no_gpu, own_folder  # noqa: F401 (fixtures)
 
@@ -58,6 +59,27 @@ def test_colab_a100_plan_fits_its_targets(capsys, no_gpu):
     assert all(r["other_bytes"] > 90 * MiB and r["results_bytes"] < MiB for r in runs)
     assert max(r["epochs"] for r in runs) <= 1, "no window of WikiText-103's train split is seen twice"
     assert min(r["evals"] for r in runs) >= 20
+
+
+def test_the_plan_shows_the_equal_compute_run_with_the_tokens_of_kls_flops(capsys, no_gpu):
+    """colab-a100's ce@kl: kl's token budget x kl's FLOPs per token over the student's (from parameter
+    counts), whole steps; about kl's time at the same FLOP rate; the number docs/protocol.md states."""
+    p = plan_json(capsys, "--preset", "colab-a100", "--exps", "ce", "ce@kl", "kl", "--seeds", "0")
+    runs = {r["exp"]: r for r in p["runs"]}
+    cfg = preset("colab-a100")
+    f_ce = student_flops(cfg)
+    ratio = (f_ce + teacher_forward_flops(cfg)) / f_ce
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
+    assert runs["ce"]["tokens"] == runs["kl"]["tokens"]
+    assert runs["ce@kl"]["steps"] == round(runs["kl"]["steps"] * ratio)
+    assert runs["ce@kl"]["tokens"] == runs["ce@kl"]["steps"] * per_step
+    assert runs["ce@kl"]["hours"] == pytest.approx(runs["kl"]["hours"], rel=0.05)
+    assert not any("budgets differ" in n for n in p["notes"])
+    assert any(n.startswith(f"ce@kl is the no-KD student at the compute of kl: {ratio:.2f}x") for n in p["notes"])
+    protocol = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    assert f"ce@kl: {runs['ce@kl']['tokens']:,} tokens" in protocol
+    assert cli_main(["plan", "--preset", "colab-a100", "--exps", "ce@kl", "--seeds", "0"]) == 0
+    assert f"ce@kl-seed0{runs['ce@kl']['tokens']:>{44 - len('ce@kl-seed0')},}" in capsys.readouterr().out
 
 
 def test_colab_t4_plan_fits_its_targets(capsys, no_gpu):

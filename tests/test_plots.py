@@ -142,3 +142,19 @@ def test_the_reliability_diagram_pools_seeds_by_tokens_and_leaves_out_thin_bins(
     assert kl.get_xdata().tolist() == [0.3] and np.allclose(kl.get_ydata(), [(100 * 0.25 + 300 * 0.1) / 400])
     assert any(line.get_label().startswith("teacher (ECE 0.020)") for line in fig.axes[0].lines)
     matplotlib.pyplot.close("all")
+
+
+def test_the_cost_figure_plots_each_rows_training_pflop_with_ce_at_exp_as_a_baseline(tmp_path):
+    for exp, test in (("ce", 210.0), ("ce@kl", 190.0), ("kl", 160.0), ("js", 175.0)):
+        make_run(tmp_path, exp, 0, [300, test + 5], test)
+    runs, _, _ = results.load_runs(tmp_path)
+    table = stats.experiment_table(runs)
+    fig = plots.cost_vs_ppl(table, runs=runs)
+    points = fig.axes[1].collections[0]
+    xy = points.get_offsets()
+    assert [tuple(p) for p in np.asarray(xy)] == list(zip(table["train_pflop"], table["test_ppl"]))
+    grey = matplotlib.colors.to_rgba("0.5")
+    colours = [tuple(c) for c in points.get_facecolors()]
+    assert [c == grey for c in colours] == [e in ("ce", "ce@kl", "kl") for e in table.index]
+    assert "PFLOP" in fig.axes[1].get_xlabel()
+    matplotlib.pyplot.close("all")

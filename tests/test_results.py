@@ -5,9 +5,11 @@ import math
 
 import pandas as pd
 import pytest
+from helpers import student_flops, teacher_forward_flops
 from results_helpers import make_run, metrics_summary
 
 from kdlib import analysis, results, stats
+from kdlib.config import preset
 
 
 # reference/original_study.md, "Its results (best validation perplexity / epoch)".
@@ -143,3 +145,32 @@ def test_experiment_table_averages_the_metrics_over_seeds_with_their_intervals(t
     assert [kl[f"ppl_bucket{k}"] for k in range(1, 6)] == pytest.approx([10.5, 20.0, 40.0, 80.0, 161.0])
     assert kl["teacher_test_ppl"] == 30.0 and kl["teacher_ppl_bucket5"] == pytest.approx(80.5)
     assert table.loc["ce", "agreement"] == 0.4 and math.isnan(table.loc["ce", "agreement_ci95"])  # one seed
+
+
+def test_every_run_gets_its_training_pflop_from_its_config_and_the_tokens_it_trained(tmp_path):
+    """Summaries before kdlib counted FLOPs have none: train_pflop comes from the config (parameter counts
+    here, 6N + 12·L·d·T and 2N + 4·L·d·T), the teacher's forward only where it ran online; a cached run's
+    cache_pflop is its summary's one-off build, never in its train_pflop."""
+    make_run(tmp_path, "ce", 0, [300, 200], 210.0)
+    make_run(tmp_path, "kl", 0, [300, 150, 140], 160.0)
+    make_run(tmp_path, "ce@kl", 0, [300, 180], None, finished=False)
+    cached = make_run(tmp_path, "kl", 0, [300, 150], 161.0, cache=True)
+    summary = json.loads((cached / "summary.json").read_text())
+    (cached / "summary.json").write_text(json.dumps({**summary, "cache_build_flops": 3.5e12}))
+    runs, _, skipped = results.load_runs(tmp_path)
+    assert skipped == []
+    cfg = preset("smoke")
+    f_ce, f_teacher = student_flops(cfg), teacher_forward_flops(cfg)
+    pflop = dict(zip(runs["run"], runs["train_pflop"]))
+    assert pflop["ce-seed0"] == pytest.approx(2000 * f_ce / 1e15, rel=1e-9)
+    assert pflop["kl-seed0"] == pytest.approx(3000 * (f_ce + f_teacher) / 1e15, rel=1e-9)
+    assert pflop["ce@kl-seed0"] == pytest.approx(2000 * f_ce / 1e15, rel=1e-9)
+    assert pflop[f"kl-top{cfg.cache.top_k}-seed0"] == pytest.approx(2000 * f_ce / 1e15, rel=1e-9)
+    cache = dict(zip(runs["run"], runs["cache_pflop"]))
+    assert cache[f"kl-top{cfg.cache.top_k}-seed0"] == pytest.approx(3.5e-3)
+    assert all(math.isnan(cache[r]) for r in ("ce-seed0", "kl-seed0", "ce@kl-seed0"))
+    # the unfinished ce@kl's budget (no summary): the preset's 20 steps x its FLOPs ratio, whole steps
+    budget = dict(zip(runs["run"], runs["budget_tokens"]))
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
+    assert budget["ce-seed0"] == 20 * per_step
+    assert budget["ce@kl-seed0"] == round(20 * (f_ce + f_teacher) / f_ce) * per_step

@@ -542,6 +542,41 @@ def test_summary_contents(golden_run):
         assert 1 < summary[key] < cfg.model.vocab_size * 2, key
 
 
+def test_ce_at_kl_trains_the_flops_of_kl_from_the_cli_and_resumes_to_the_same_budget(golden_run, tmp_path,
+                                                                                     data_dir, capsys):
+    """``train --exp ce@kl``: the golden kl run's config, more tokens than ce's 20 steps, the same training
+    FLOPs as kl within 2% (student 6N + 12·L·d·T, teacher forward 2N + 4·L·d·T, from the models' own
+    parameter counts); and a run stopped halfway continues to the same budget and numbers."""
+    _, _, kl = golden_run
+    runs = tmp_path / "runs"
+    argv = ["train", "--preset", "smoke", "--exp", "ce@kl", "--seed", "0", "--max-steps", "20", "--runs", str(runs),
+            "--data-dir", str(data_dir)]
+    assert cli_main(argv) == 0
+    assert "ce@kl-seed0" in capsys.readouterr().out  # the plan's table names it
+    folder = runs / "smoke" / "ce@kl-seed0"
+    done = json.loads((folder / "summary.json").read_text())
+    cfg = ExperimentConfig.load(folder / "config.json")
+    assert cfg.exp == "ce@kl" and done["exp"] == "ce@kl" and done["teacher_source"] == "none"
+    teacher = load_teacher(preset("smoke").teacher, student_vocab_size=cfg.model.vocab_size)
+    block, m, r = cfg.data.block_size, cfg.model, cfg.teacher.random_init
+    n_student = done["params_student"] - (m.block_size * m.n_embd if m.positions == "learned" else 0)
+    n_teacher = sum(p.numel() for p in teacher.parameters()) - r["n_positions"] * r["n_embd"]
+    f_ce = 6 * n_student + 12 * m.n_layer * m.n_embd * block
+    f_kl = f_ce + 2 * n_teacher + 4 * r["n_layer"] * r["n_embd"] * block
+    assert done["steps"] == done["budget_steps"] == round(20 * f_kl / f_ce) > 20
+    assert done["tokens"] > 20 * 8 * block == kl["tokens"]
+    assert done["flops_per_token"] == pytest.approx(f_ce, rel=1e-9)
+    assert kl["flops_per_token"] == pytest.approx(f_kl, rel=1e-9)
+    assert done["train_flops"] == pytest.approx(done["tokens"] * f_ce, rel=1e-9)
+    assert done["train_flops"] == pytest.approx(kl["train_flops"], rel=0.02)
+    # stopped after 10 steps, then continued: the budget is kept, and so are the numbers
+    again = tmp_path / "again" / "ce@kl-seed0"
+    assert run(cfg, again, data_dir, stop_after=10) == {"stopped_at": 10}
+    resumed = run(cfg, again, data_dir)
+    for key in ("steps", "budget_steps", "tokens", "train_flops", "best_val_ppl", "test_ppl"):
+        assert resumed[key] == done[key], key
+
+
 # --------------------------------------------------------------------------
 # 9. two-process DDP on the CPU
 

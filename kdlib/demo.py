@@ -40,6 +40,7 @@ TEACHER_STEPS, TEACHER_LR, TEACHER_BATCH = 500, 2e-3, 16
 # The sensitivity sweeps of docs/protocol.md ("A sensitivity study"), at demo scale: (experiments,
 # swept values, the original study's finding they test). One seed: a curve per weight, not a test.
 SENSITIVITY = (
+    (("ce", "ce@kl", "kl"), {}, "is distillation worth its teacher? no KD at kl's compute"),
     (("layerwise-kl",), {"loss.w_feat": (0.05, 0.5, 5.0)}, "finding 1: the feature term at a weight where it acts"),
     (("layerwise-js",), {"loss.temperature": (1.0, 2.0, 4.0)}, "finding 2: JS at other temperatures"),
     (("layerwise-js",), {"loss.w_div": (0.25, 0.75)}, "finding 2: JS at other divergence weights"),

@@ -143,6 +143,22 @@ def _ppl(total_nll: float, n: float) -> float:
     return math.exp(mean) if mean < 700 else math.inf
 
 
+def _checked_buckets(bucket_of, n_buckets: Optional[int], highest_id: int) -> tuple[Tensor, int]:
+    """(``bucket_of`` as an int64 tensor, the number of buckets), refused unless it covers every id
+    to score with buckets 0..n_buckets-1; None: every id in one bucket."""
+    bucket_of = torch.zeros(highest_id + 1, dtype=torch.int64) if bucket_of is None \
+        else torch.as_tensor(np.asarray(bucket_of, dtype=np.int64))
+    if len(bucket_of) <= highest_id:
+        raise KdlibError(f"bucket_of covers ids 0..{len(bucket_of) - 1}, but the ids to score reach "
+                         f"{highest_id}: build the buckets with the model's vocabulary size")
+    highest = int(bucket_of.max())
+    n_buckets = highest + 1 if n_buckets is None else n_buckets
+    if highest >= n_buckets or int(bucket_of.min()) < 0:
+        raise KdlibError(f"bucket_of holds buckets {int(bucket_of.min())}..{highest}, not 0..{n_buckets - 1}: "
+                         "give the n_buckets it was built with (frequency_buckets)")
+    return bucket_of, n_buckets
+
+
 @torch.no_grad()
 def test_metrics(student: nn.Module, ids, block_size: int, stride: Optional[int] = None, *,
                  teacher: Optional[nn.Module] = None, bucket_of=None, n_buckets: Optional[int] = None,
@@ -151,8 +167,9 @@ def test_metrics(student: nn.Module, ids, block_size: int, stride: Optional[int]
 
     ``bucket_of``: each token id's frequency bucket (``frequency_buckets(...)["bucket_of"]``;
     None: one bucket), of ``n_buckets`` (default: the highest in ``bucket_of``, + 1; give it, so
-    that a last bucket with no type still has its entry). Returns ``{"student": {...}, "teacher": {...} or None}``, each with ``ppl``,
-    ``ece``, ``tokens``, ``bucket_ppl``, ``bucket_tokens`` and ``reliability``; the student's also
+    that a last bucket with no type still has its entry). Returns ``{"student": {...}, "teacher":
+    {...} or None}``, each with ``ppl``, ``ece``, ``tokens``, ``bucket_ppl``, ``bucket_tokens`` and
+    ``reliability``; the student's also
     ``agreement`` and ``kl_teacher`` when a teacher is given. The teacher runs on the student's
     device, in its own dtype; its logits are scored in float32 like the student's.
     """
@@ -160,16 +177,7 @@ def test_metrics(student: nn.Module, ids, block_size: int, stride: Optional[int]
     if teacher is not None:
         checked_ids(teacher, ids, block_size, stride, batch_size)
     device = next(student.parameters()).device
-    bucket_of = torch.zeros(int(ids.max()) + 1, dtype=torch.int64) if bucket_of is None \
-        else torch.as_tensor(np.asarray(bucket_of, dtype=np.int64))
-    if len(bucket_of) <= int(ids.max()):
-        raise KdlibError(f"bucket_of covers ids 0..{len(bucket_of) - 1}, but the ids to score reach "
-                         f"{int(ids.max())}: build the buckets with the model's vocabulary size")
-    highest = int(bucket_of.max())
-    n_buckets = highest + 1 if n_buckets is None else n_buckets
-    if highest >= n_buckets or int(bucket_of.min()) < 0:
-        raise KdlibError(f"bucket_of holds buckets {int(bucket_of.min())}..{highest}, not 0..{n_buckets - 1}: "
-                         "give the n_buckets it was built with (frequency_buckets)")
+    bucket_of, n_buckets = _checked_buckets(bucket_of, n_buckets, int(ids.max()))
     bucket_of = bucket_of.to(device)
     models = [m for m in (student, teacher) if m is not None]
     modes = [m.training for m in models]

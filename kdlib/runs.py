@@ -21,6 +21,7 @@ import platform
 import re
 import secrets
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -314,7 +315,12 @@ def teacher_perplexity(cfg: ExperimentConfig, split, teacher: Optional[nn.Module
     if teacher is None:
         teacher = load_teacher(cfg.teacher, device=device, dtype=dtype, student_vocab_size=cfg.model.vocab_size)
     ppl = perplexity(teacher, split.tokens(), cfg.data.block_size, stride, cfg.train.eval_batch_size)
-    atomic_write_json(path, {"entries": entries + [{"key": key, "ppl": ppl}]})
+    try:
+        atomic_write_json(path, {"entries": entries + [{"key": key, "ppl": ppl}]})
+    except OSError as e:
+        # A read-only data folder must not end a finished run (its summary is written after this).
+        print(f"note: the teacher's perplexity is not stored in {path} ({e.strerror or e}); this run reports "
+              "its own measurement of it", file=sys.stderr)
     return ppl
 
 

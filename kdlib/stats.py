@@ -83,7 +83,14 @@ def _row_rank(label: str, rank: dict) -> tuple:
     """A row's place: ``order``'s, unknown names after; ``ce@EXP`` (no KD at EXP's compute) right after ``ce``."""
     name = label.split(" ")[0]
     at_compute = name.startswith("ce@")
-    return rank.get("ce" if at_compute else name, len(rank)), at_compute, label
+    return rank.get("ce" if at_compute else name, len(rank)), at_compute, _natural(label)
+
+
+def _natural(label: str) -> tuple:
+    """``label`` as a sort key whose numbers compare as numbers: ``kl [temperature=2]`` before
+    ``kl [temperature=10]``, as a sweep's points go."""
+    parts = re.split(r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?)", label)
+    return tuple((1, float(p), "") if i % 2 else (0, 0.0, p) for i, p in enumerate(parts))
 
 
 def paired_differences(runs: pd.DataFrame, metric: str = "test_ppl") -> pd.DataFrame:

@@ -235,3 +235,18 @@ def test_one_common_seed_of_several_is_said_as_such(tmp_path):
     row = sig.set_index("label").loc["layerwise-kl"]
     assert row["verdict"] == "not testable" and row["note"] == "1 common seed (1): no test possible"
     assert math.isnan(row["mean_diff"])
+
+
+def test_sweep_points_are_rows_in_the_order_of_their_values(tmp_path):
+    """A swept value orders its rows as a number (2 before 10), not as text."""
+    import json
+
+    for value in (10.0, 2.0, 0.5):
+        folder = make_run(tmp_path, "kl", 0, [300, 200], 150.0 + value)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["loss"]["temperature"], cfg["sweep"] = value, {"loss.temperature": value}
+        (folder / "config.json").write_text(json.dumps(cfg))
+        folder.rename(tmp_path / f"kl+temperature={value:g}-seed0")
+    runs, _, _ = results.load_runs(tmp_path)
+    table = stats.experiment_table(runs)
+    assert list(table.index) == ["kl [temperature=0.5]", "kl [temperature=2]", "kl [temperature=10]"]

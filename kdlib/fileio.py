@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import stat
 import tempfile
 import warnings
@@ -59,6 +60,20 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 def atomic_write_json(path: PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def store_derived(path: PathLike, obj, what: str) -> bool:
+    """Write ``obj`` as JSON to ``path`` atomically, where it is a file kdlib derives and can measure
+    again (the teacher's numbers beside a data folder's splits): a folder that refuses it (read-only)
+    gives a note on stderr, not an error that would end the finished work it came from. True when
+    written."""
+    try:
+        atomic_write_json(path, obj)
+        return True
+    except OSError as e:
+        print(f"note: not stored: {what} in {path} ({e.strerror or e}); this run reports its own measurement, "
+              "and the next one measures it again", file=sys.stderr)
+        return False
 
 
 def read_json(path: PathLike, what: str = "file") -> dict:

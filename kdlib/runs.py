@@ -21,7 +21,6 @@ import platform
 import re
 import secrets
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -36,7 +35,7 @@ from .config.sweep import point_label
 from .data import SPLITS, check_prepared_for, check_tokenizer_fits, load_split, verify_split
 from .errors import KdlibError
 from .evaluate import perplexity
-from .fileio import atomic_write_json, atomic_write_text, check_run_folder, read_json, read_jsonl, refuse_links
+from .fileio import atomic_write_text, check_run_folder, read_json, read_jsonl, refuse_links, store_derived
 from .prep import prepare
 from .models import load_teacher, resolve_teacher_dtype
 from .optim import Schedule
@@ -315,12 +314,8 @@ def teacher_perplexity(cfg: ExperimentConfig, split, teacher: Optional[nn.Module
     if teacher is None:
         teacher = load_teacher(cfg.teacher, device=device, dtype=dtype, student_vocab_size=cfg.model.vocab_size)
     ppl = perplexity(teacher, split.tokens(), cfg.data.block_size, stride, cfg.train.eval_batch_size)
-    try:
-        atomic_write_json(path, {"entries": entries + [{"key": key, "ppl": ppl}]})
-    except OSError as e:
-        # A read-only data folder must not end a finished run (its summary is written after this).
-        print(f"note: the teacher's perplexity is not stored in {path} ({e.strerror or e}); this run reports "
-              "its own measurement of it", file=sys.stderr)
+    # A read-only data folder must not end a finished run (its summary is written after this).
+    store_derived(path, {"entries": entries + [{"key": key, "ppl": ppl}]}, "the teacher's perplexity")
     return ppl
 
 

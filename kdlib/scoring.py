@@ -13,7 +13,6 @@ data folder reports the same teacher. Training calls ``run_metrics`` at the end 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict
 from typing import Optional
@@ -22,7 +21,7 @@ from torch import nn
 
 from .config import ExperimentConfig
 from .errors import KdlibError
-from .fileio import atomic_write_json, read_json
+from .fileio import read_json, store_derived
 from .metrics import ECE_BINS, FREQUENCY_BUCKETS, frequency_buckets, test_metrics
 from .models import load_teacher, resolve_teacher_dtype
 
@@ -70,13 +69,8 @@ def _teacher_scores(split, key: dict, measured: dict) -> dict:
         # Not what kdlib writes (edited, cut short, another tool's): a derived file, written afresh
         # from this run's measurement rather than ending the run on it.
         entries = []
-    try:
-        atomic_write_json(path, {"entries": entries + [{"key": key, "metrics": measured}]})
-    except OSError as e:
-        # A read-only data folder must not end a finished run (its summary is written after this):
-        # the run reports this measurement, and the next run measures the teacher again.
-        print(f"note: the teacher's test metrics are not stored in {path} ({e.strerror or e}); this run "
-              "reports its own measurement of them", file=sys.stderr)
+    # A read-only data folder must not end a finished run (its summary is written after this).
+    store_derived(path, {"entries": entries + [{"key": key, "metrics": measured}]}, "the teacher's test metrics")
     return measured
 
 

@@ -87,7 +87,7 @@ def _draw_curves(ax, runs: pd.DataFrame, curves: dict, x: str = "tokens", style=
     for _, run in runs.iterrows():
         c = curves[run["run"]]
         # markers: a run with a single evaluation still shows
-        kw = {"lw": 1.1, "ls": "--" if run["exp"] in BASELINES else "-", "marker": "o", "ms": 2.5, **(style or {})}
+        kw = {"lw": 1.1, "ls": "--" if _is_baseline(run["exp"]) else "-", "marker": "o", "ms": 2.5, **(style or {})}
         ax.plot(c[x] / (1e6 if x == "tokens" else 1), c["val_ppl"], label=_label(run), **kw)
     ax.set_yscale("log")
     ax.set_ylabel("validation perplexity" + eval_protocol(runs, "validation"))
@@ -127,7 +127,7 @@ def ppl_bars(table: pd.DataFrame, title: str = "Perplexity by experiment (mean o
     score, ci, ylabel = _score(table, runs)
     fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
     ax.bar(range(len(table)), score, yerr=None if ci.isna().all() else ci.fillna(0), capsize=3,
-           color=["0.6" if e in BASELINES else "C0" for e in table.index])
+           color=["0.6" if _is_baseline(e) else "C0" for e in table.index])
     ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_ylim(score.min() * 0.9, score.max() * 1.05)
@@ -215,7 +215,8 @@ def with_reference(runs, curves, ref_runs, ref_curves):
 
 
 def _colours(labels) -> dict:
-    """A colour per experiment label, in the order given (baselines grey and black)."""
+    """A colour per experiment label, in the order given (``ce`` grey, ``kl`` black; ``ce@EXP`` is drawn
+    as a baseline, dashed or square, in a colour of its own)."""
     plt = _plt()
     cmap = plt.get_cmap("tab20")
     others = [lab for lab in labels if lab not in BASELINES]
@@ -235,7 +236,7 @@ def fidelity_vs_ppl(runs: pd.DataFrame):
     for label, group in shown.groupby("label", sort=False):
         for ax, col in zip(axes, ("agreement", "kl_teacher")):
             ax.scatter(group[col], group["test_ppl"], s=14, color=colours[label], label=label,
-                       marker="s" if label in BASELINES else "o")
+                       marker="s" if _is_baseline(label) else "o")
     teacher = shown["teacher_test_ppl"].dropna()
     if len(teacher):
         for ax in axes:
@@ -281,7 +282,7 @@ def reliability_diagram(runs: pd.DataFrame, metrics: dict):
     colours = _colours(list(dict.fromkeys(shown["label"])))
     for label, group in shown.groupby("label", sort=False):
         conf, acc, _ = _pooled_bins([metrics[r]["student"]["reliability"] for r in group["run"]])
-        base = label in BASELINES
+        base = _is_baseline(label)
         ax.plot(conf, acc, marker="o", ms=2.5, lw=1.3 if base else 0.9, alpha=1 if base else 0.75,
                 color=colours[label], ls="--" if base else "-", label=f"{label} (ECE {group['ece'].mean():.3f})")
     if len(shown):
@@ -312,7 +313,7 @@ def bucket_change(table: pd.DataFrame, buckets: dict, baseline: str = "ce"):
     for label, row in table.drop(index=baseline).iterrows():
         change = 100 * (row[BUCKET_COLUMNS].astype(float) / base - 1)
         ax.plot(x, change, marker="o", ms=2.5, lw=1, color=colours.get(label, "C0"),
-                ls="--" if label in BASELINES else "-", label=label)
+                ls="--" if _is_baseline(label) else "-", label=label)
     teacher = table[[f"teacher_{c}" for c in BUCKET_COLUMNS]].astype(float).mean()
     if teacher.notna().any():
         ax.plot(x, 100 * (teacher.to_numpy() / base.to_numpy() - 1), marker="*", color="k", lw=1.8, label="teacher")
